@@ -1,0 +1,461 @@
+"""GPT-2 in one file: the model LoRA adapts, exactly the function of OpenAI's GPT-2.
+
+Module names follow GPT-2's checkpoints (wte, wpe, h.N.ln_1, h.N.attn.c_attn, h.N.attn.c_proj,
+h.N.ln_2, h.N.mlp.c_fc, h.N.mlp.c_proj, ln_f), so a checkpoint loads by name and lora.py can point
+at the matrices the paper adapts: `attn.c_attn` is W_q, W_k and W_v fused into one (C, 3C) linear
+map, `attn.c_proj` is W_o (LoRA §4.2, Table 5).
+
+Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT (forward, generate) ->
+loading and saving checkpoints. `transformers` is not used here; the tests compare against it.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # n_positions: the longest sequence the model can see
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary (tiktoken "gpt2")
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # GPT-2 was trained with 0.1; 0.0 for fine-tuning and inference
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    layer_norm_epsilon: float = 1e-5
+
+
+# The four released sizes; head size is 64 in all of them.
+PRETRAINED = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+EOT_TOKEN = 50256  # <|endoftext|>, which GPT-2 also uses as end of a generated text
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # q, k and v of all heads in one matrix: the output is [q | k | v], each n_embd wide.
+        # LoRA adapts slices of it (lora.py), by default the q and v slices (paper §4.2).
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W_o
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, S, hs): all positions so far, S >= T
+        S = k.size(2)
+        # Query t (at absolute position S - T + t) may attend to keys 0 .. S - T + t.
+        if T == S:  # no past: the usual causal mask
+            mask, is_causal = None, True
+        elif T == 1:  # one new token: it sees every cached position
+            mask, is_causal = None, False
+        else:  # a chunk after a past: causal mask aligned to the bottom-right
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one buffer pair per layer.
+
+    Generation runs the prompt once (prefill), then one token per step; each step attends to the
+    cached keys and values instead of recomputing the whole prefix.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, max_len, hs)  # (B, nh, T_max, hs)
+        self.layers = [_LayerCache(self, shape, device, dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled, the same in every layer
+
+    def reorder(self, index: torch.Tensor):
+        """Keep rows `index` of the batch (beam search keeps the best beams)."""
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[index], layer.v[index]
+
+
+class _LayerCache:
+    def __init__(self, owner: KVCache, shape, device, dtype):
+        self.owner = owner
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def append(self, k, v):
+        start, T = self.owner.length, k.size(2)
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: GPT-2 reads logits off the token embedding matrix (one tensor, two uses).
+        self.lm_head.weight = self.wte.weight
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """GPT-2's init for training from scratch: N(0, 0.02) weights, zero biases, and the two
+        projections that write into the residual stream (attn.c_proj, mlp.c_proj) scaled by
+        1/sqrt(2 * n_layer), because each block adds two of them to the stream (GPT-2 paper §2.3).
+        Loading a checkpoint overwrites all of it."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            elif name.endswith(".weight") and p.dim() == 2:  # Linear and Embedding
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:  # LayerNorm weight
+                nn.init.ones_(p)
+
+    def num_params(self) -> int:
+        """Parameters counted once (lm_head shares wte's tensor)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, *, label_smoothing=0.0, cache=None, last_only=False):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), or the mean loss if targets is given.
+
+        targets (B, T): the next token at each position, -100 where no loss is taken. Fine-tuning
+        on E2E puts -100 on the prompt, so only the target text y is learned (LoRA eq. 2).
+        cache: a KVCache; idx then continues the cached positions.
+        last_only: project only the last position to the vocabulary (all that sampling needs; the
+        vocabulary projection is the single largest matmul of a short forward).
+        """
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's "
+                             f"block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x)  # (B, T or 1, vocab_size)
+        logits = self.lm_head(x).float()  # (B, T, vocab_size); loss in fp32 under autocast
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100, label_smoothing=label_smoothing)
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+                 greedy=False, eos_token=None, use_cache=True, generator=None, stream=None):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).
+
+        With the cache (default) the prompt runs once and each step feeds only the new token;
+        use_cache=False recomputes the whole sequence every step: the slow, obvious reference.
+        A row that emits eos_token keeps emitting it; generation stops when every row has.
+        stream: optional callable given each new column of tokens (B,) as it is produced.
+        """
+        B, T = idx.size()
+        if T == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the model's block_size {self.config.block_size}")
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, T + max_new_tokens, idx.device,
+                            self.wte.weight.dtype)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        step_input = idx
+        for _ in range(max_new_tokens):
+            if cache is None:
+                step_input = idx
+            logits = self(step_input, cache=cache, last_only=True)[:, -1, :]  # (B, vocab)
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                              greedy=greedy, generator=generator)  # (B,)
+            if eos_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
+                done |= nxt == eos_token
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            step_input = nxt[:, None]
+            if stream is not None:
+                stream(nxt)
+            if eos_token is not None and bool(done.all()):
+                break
+        return idx
+
+    # ---------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, source, **overrides):
+        """Load GPT-2 weights. source is one of:
+        - a released size: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", fetched with
+          huggingface_hub into the standard HF cache (nothing is downloaded when it is there);
+        - a directory with config.json and model.safetensors (or pytorch_model.bin), as written
+          by transformers' save_pretrained or by GPT.save_pretrained;
+        - a single .safetensors or .bin file (the config is read from the tensors' shapes).
+        overrides: GPTConfig fields to set (e.g. dropout=0.1; n_head for a bare file whose head
+        size is not GPT-2's 64).
+        """
+        config_dict, path = _resolve(str(source))
+        sd = _read_state_dict(path)
+        sd = _to_our_layout(sd)
+        if config_dict is None:
+            config_dict = _infer_config(sd, path)
+        unknown = set(overrides) - {f.name for f in fields(GPTConfig)}
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        config = GPTConfig(**{**config_dict, **overrides})
+        model = cls(config)
+        model.load_state_dict_checked(sd, source=path)
+        model.name = str(source)
+        return model
+
+    @torch.no_grad()
+    def load_state_dict_checked(self, sd: dict, source="checkpoint"):
+        """Copy sd (our layout, nn.Linear orientation) into the model; every mismatch is an error
+        that names the tensors."""
+        ours = self.state_dict()
+        ours.pop("lm_head.weight")  # tied to wte.weight
+        missing = sorted(set(ours) - set(sd))
+        unexpected = sorted(set(sd) - set(ours))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors {_short_list(missing)}")
+            if unexpected:
+                parts.append(f"unexpected tensors {_short_list(unexpected)}")
+            raise ValueError(f"{source}: " + "; ".join(parts))
+        for k, v in sd.items():
+            if v.shape != ours[k].shape:
+                raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, "
+                                 f"the model expects {tuple(ours[k].shape)}")
+            ours[k].copy_(v)
+
+    def save_pretrained(self, directory):
+        """Write config.json and model.safetensors in the layout of transformers' GPT2LMHeadModel
+        (transformer. prefix, Conv1D orientation), so the model loads here and in transformers.
+        Each file is written to a temporary name and renamed, so no half-written file remains."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+            "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+            "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+            "tie_word_embeddings": True,
+        }
+        if c.vocab_size > EOT_TOKEN:  # GPT-2's vocabulary: <|endoftext|> starts and ends texts
+            hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied to wte.weight; transformers ties it back on load
+            if k.endswith(_CONV1D):
+                v = v.t()
+            sd["transformer." + k] = v.detach().contiguous().cpu()
+        _atomic_write(directory / "config.json",
+                      lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
+        meta = {"format": "pt", "gpt_config": json.dumps(asdict(c))}
+        _atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata=meta))
+
+
+def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """Pick the next token of each row from logits (B, vocab): argmax, or a sample after
+    temperature, top-k (keep the k largest) and top-p (keep the smallest set whose probability
+    reaches p)."""
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before it already >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------- checkpoint helpers
+
+# GPT-2 checkpoints store these four as Conv1D weights, (in, out); nn.Linear is (out, in).
+# They are transposed here, once, at load time (and back in save_pretrained).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _resolve(source: str):
+    """-> (config dict or None, path of the weights file)."""
+    if source in PRETRAINED:
+        return _from_hub(source)
+    p = Path(source)
+    if p.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (p / name).exists():
+                weights = p / name
+                break
+        else:
+            raise FileNotFoundError(f"{p}: no model.safetensors or pytorch_model.bin in it")
+        cfg = p / "config.json"
+        return (_config_from_json(cfg) if cfg.exists() else None), weights
+    if p.is_file():
+        return None, p
+    if os.sep in source or source.startswith(".") or p.suffix in (".safetensors", ".bin"):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    raise ValueError(f"unknown model '{source}': use one of {', '.join(PRETRAINED)}, "
+                     f"a directory with config.json + model.safetensors, or a weights file")
+
+
+def _from_hub(name: str):
+    """Fetch config.json and model.safetensors of a released size (HF cache first)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        cfg = hf_hub_download(name, "config.json")
+        weights = hf_hub_download(name, "model.safetensors")
+    except Exception as e:  # offline and not cached, hub down, ...
+        raise OSError(
+            f"could not get '{name}' from the Hugging Face hub or its cache "
+            f"({type(e).__name__}). Ways forward: download it once where online "
+            f"(it is cached), pass a local checkpoint path (--init DIR or FILE), "
+            f"or train a model here with train.py") from None
+    return _config_from_json(Path(cfg)), Path(weights)
+
+
+def _config_from_json(path: Path) -> dict:
+    try:
+        c = json.loads(path.read_text())
+        out = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                   block_size=c["n_positions"], vocab_size=c["vocab_size"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from None
+    if "layer_norm_epsilon" in c:
+        out["layer_norm_epsilon"] = c["layer_norm_epsilon"]
+    return out
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights, the file is truncated or corrupt "
+                         f"({type(e).__name__})") from None
+
+
+def _to_our_layout(sd: dict) -> dict:
+    """Both layouts in the wild -> our names: drop the `transformer.` prefix (save_pretrained) and
+    lm_head.weight (tied), skip attention-mask buffers, transpose the Conv1D weights."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers (no weights), and the tied output matrix
+        out[k] = v.t() if k.endswith(_CONV1D) else v
+    return out
+
+
+def _infer_config(sd: dict, path: Path) -> dict:
+    """Config of a bare weights file: from the safetensors metadata save_pretrained writes, else
+    from the tensor shapes (n_head from GPT-2's head size of 64)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "gpt_config" in meta:
+            return json.loads(meta["gpt_config"])
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
+    vocab_size, n_embd = sd["wte.weight"].shape
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    return dict(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd,
+                block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size)
+
+
+def _short_list(names, n=6):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _atomic_write(path: Path, write):
+    """write(tmp_path) then rename over path: readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

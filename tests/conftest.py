@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny GPT-2 checkpoints written by transformers, in the hub's HF layout.
+
+Everything runs offline on a 2-core CPU, so the models are tiny but keep GPT-2's real
+vocabulary (tiktoken ids up to 50256) where a test feeds real text.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_hf_gpt2(n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=50257, seed=0):
+    """A randomly initialised transformers GPT2LMHeadModel (the reference implementation)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                     vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """Directory of a tiny GPT-2 (2 layers, 4 heads, n_embd 32, 128 positions, full vocabulary)
+    written by transformers' save_pretrained: what `--init DIR` gets in the tests."""
+    d = tmp_path_factory.mktemp("tiny_base")
+    make_hf_gpt2().save_pretrained(d)
+    return d
