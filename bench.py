@@ -1,0 +1,663 @@
+"""Measure the paper's practical claims side by side, in one run, on this machine.
+
+1. Inference latency (LoRA Table 1, §3): one forward pass for the base model, LoRA merged
+   (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v), and
+   the two adapter baselines Table 1 compares against, Adapter^H (Houlsby et al. 2019) and
+   Adapter^L (Lin et al. 2020), built here.
+2. Decoding latency per token with the KV cache at batch size 1, same arms.
+3. Training (§4.2, "Practical Benefits and Limitations"): step time and peak memory of LoRA
+   against full fine-tuning on the same model and batch, and the FLOP/s achieved as a share of
+   this machine's matmul FLOP/s, measured in the same run.
+
+Noise: a shared machine swings a single ratio by 5-10%. So the thread count is fixed, every arm
+is warmed up, the arms run interleaved within each round (in a rotating order), and the ratio to
+base reported is the median over rounds of the paired per-round ratios. Peak training memory is
+measured for each arm in its own process.
+
+Reading order: adapter baselines -> the arms -> timing harness -> machine peaks and FLOP counts
+-> the three benchmarks -> report and main().
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from model import GPT, PRETRAINED, GPTConfig, _atomic_write
+from train import DTYPES, get_device, load_base, run_main
+
+# ---------------------------------------------------------------- adapter baselines
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter: h + up(f(down(norm(h)))), with C -> m -> C linear maps.
+
+    up is zero at init (weights and bias), so a freshly inserted adapter is the identity and the
+    adapted model starts as the base model, as in Houlsby et al. (2019) §2.1 (near-identity init).
+    Parameters: 2*C*m + m + C, plus 2*C for the LayerNorm of Adapter^L.
+    """
+
+    def __init__(self, n_embd: int, bottleneck: int, act: nn.Module, layer_norm: bool = False):
+        super().__init__()
+        self.ln = nn.LayerNorm(n_embd) if layer_norm else nn.Identity()
+        self.down = nn.Linear(n_embd, bottleneck)
+        self.act = act
+        self.up = nn.Linear(bottleneck, n_embd)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return h + self.up(self.act(self.down(self.ln(h))))  # (B, T, C)
+
+
+class Then(nn.Module):
+    """module, then adapter on its output: inserts an adapter without editing model.py."""
+
+    def __init__(self, module: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.module = module
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs):
+        return self.adapter(self.module(*args, **kwargs))
+
+
+# Per block: how many adapters, and the parameters each block has besides 2*C*m (see Adapter).
+#   H (Houlsby): two adapters, after attention's output projection and after the MLP, inside the
+#     residual branch (before the residual add), with a GELU: 2 * (2*C*m + m + C).
+#   L (Lin): one adapter with its own LayerNorm on the block's output, after the MLP, with a
+#     ReLU (the LoRA paper's description: "only after the MLP module and after a LayerNorm"):
+#     2*C*m + m + 3*C.
+ADAPTER_KINDS = ("H", "L")
+
+
+def adapter_param_count(kind: str, n_layer: int, n_embd: int, bottleneck: int) -> int:
+    """Parameters added by adapters of bottleneck m in every block of the model."""
+    C, m = n_embd, bottleneck
+    if kind == "H":
+        return n_layer * 2 * (2 * C * m + m + C)
+    if kind == "L":
+        return n_layer * (2 * C * m + m + 3 * C)
+    raise ValueError(f"unknown adapter kind {kind!r}: use one of {ADAPTER_KINDS}")
+
+
+def bottleneck_for(kind: str, n_layer: int, n_embd: int, target: int) -> int:
+    """The bottleneck m whose parameter count is nearest to target (Table 1 fixes |Θ|, 0.5M or
+    11M, and the bottleneck follows). The count is linear in m, count(m) = a*m + b, so
+    m = round((target - b) / a), at least 1."""
+    b = adapter_param_count(kind, n_layer, n_embd, 0)
+    a = adapter_param_count(kind, n_layer, n_embd, 1) - b
+    return max(1, round((target - b) / a))
+
+
+def add_adapters(model: GPT, kind: str, bottleneck: int) -> GPT:
+    """Insert Adapter^H or Adapter^L into every block of model, in place; returns model."""
+    C = model.config.n_embd
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}: use one of {ADAPTER_KINDS}")
+    like = dict(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
+    for i, block in enumerate(model.h):
+        if kind == "H":
+            for parent in (block.attn, block.mlp):
+                adapter = Adapter(C, bottleneck, nn.GELU()).to(**like)
+                parent.c_proj = Then(parent.c_proj, adapter)
+        else:
+            adapter = Adapter(C, bottleneck, nn.ReLU(), layer_norm=True).to(**like)
+            model.h[i] = Then(block, adapter)
+    return model
+
+
+def adapter_params(model: nn.Module) -> int:
+    return sum(p.numel() for m in model.modules() if isinstance(m, Adapter) for p in m.parameters())
+
+
+# ---------------------------------------------------------------- the arms
+
+ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L")
+LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the parameter tensors: arms that only add modules
+    cost no second copy of the weights (deepcopy's memo maps each parameter to itself)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
+def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0) -> GPT:
+    """One inference arm, in eval mode. The LoRA matrices get random values (B = 0 at init
+    would make merging a no-op in value, though not in time)."""
+    if arm == "base":
+        return base.eval()
+    if arm.startswith("adapter_"):
+        kind = arm.removeprefix("adapter_")
+        m = bottleneck_for(kind, base.config.n_layer, base.config.n_embd, adapter_target)
+        if m > base.config.n_embd:
+            raise ValueError(f"adapter bottleneck {m} for {adapter_target:,} parameters is wider "
+                             f"than n_embd {base.config.n_embd}: lower --adapter-params")
+        return add_adapters(shared_copy(base), kind, m).eval()
+    if arm not in ("lora_merged", "lora_unmerged"):
+        raise ValueError(f"unknown arm {arm!r}: use some of {', '.join(ARMS)}")
+    from lora import apply_lora, merge_lora
+
+    # merging writes W0 + BA into the weight, so the merged arm gets weights of its own
+    model = copy.deepcopy(base) if arm == "lora_merged" else shared_copy(base)
+    apply_lora(model, **LORA)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # apply_lora leaves only the LoRA matrices trainable
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    if arm == "lora_merged":
+        merge_lora(model)
+    return model.eval()
+
+
+def extra_params(model: GPT, arm: str) -> int:
+    """Parameters an arm evaluates beyond the base model's at inference."""
+    if arm.startswith("adapter_"):
+        return adapter_params(model)
+    if arm == "lora_unmerged":
+        from lora import count_trainable
+        return count_trainable(model)
+    return 0
+
+
+# ---------------------------------------------------------------- timing harness
+
+
+def synchronizer(device: str):
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="") -> dict:
+    """fns: name -> callable. Warm each up, then run every arm once per round, the order rotated
+    each round so none always runs first. Returns name -> seconds, one per round."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync()
+    times = {n: [] for n in names}
+    for r in tqdm(range(rounds), desc=desc, leave=False, disable=None):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: dict, base: str, per: int = 1) -> dict:
+    """mean and std in ms (per item: per=tokens per call), and the median of the per-round
+    paired ratios to base: a slow moment of the machine hits both sides of each ratio."""
+    out = {}
+    for name, ts in times.items():
+        ms = [t * 1e3 / per for t in ts]
+        ratios = [t / b for t, b in zip(ts, times[base])]
+        out[name] = dict(mean_ms=statistics.fmean(ms),
+                         std_ms=statistics.stdev(ms) if len(ms) > 1 else 0.0,
+                         median_ms=statistics.median(ms), ratio_to_base=statistics.median(ratios),
+                         trials=len(ms))
+    return out
+
+
+# ---------------------------------------------------------------- machine peaks and FLOP counts
+
+
+def matmul_flops(device: str, dtype, n: int = 2048, trials: int = 5) -> float:
+    """FLOP/s of a large square matmul on this machine now (median of trials): the ceiling the
+    model's FLOP/s is compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = synchronizer(device)
+    ts = []
+    for i in range(trials + 2):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        if i >= 2:  # two warm-ups
+            ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts)
+
+
+def read_bandwidth(device: str, nbytes: int = 256 * 2 ** 20, trials: int = 5) -> float:
+    """Bytes/s of reading one large tensor (x.sum(), far larger than any cache): the ceiling of
+    decoding, which reads every weight once per token."""
+    x = torch.ones(nbytes // 4, device=device)
+    sync = synchronizer(device)
+    ts = []
+    for i in range(trials + 2):
+        sync()
+        t0 = time.perf_counter()
+        x.sum()
+        sync()
+        if i >= 2:
+            ts.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(ts)
+
+
+def counted_params(model: GPT) -> int:
+    """N as nanoGPT's estimate_mfu counts it: every parameter once (wte, tied to lm_head, is the
+    output matmul), less the position embeddings, which are a lookup."""
+    return model.num_params() - model.wpe.weight.numel()
+
+
+def flops_per_token(config: GPTConfig, n: int, T: int, kind: str) -> int:
+    """FLOPs per token as nanoGPT's estimate_mfu: 6N + 12*L*H*Q*T for a training step (2N
+    forward and 4N backward for the weights' matmuls; 12LHQT for attention's scores and values).
+    forward: a third of it. lora_train: no weight gradients for the frozen weights, so 4N."""
+    L, H, Q = config.n_layer, config.n_head, config.n_embd // config.n_head
+    attn = 12 * L * H * Q * T
+    return {"train": 6 * n + attn, "lora_train": 4 * n + attn, "forward": 2 * n + attn // 3}[kind]
+
+
+# ---------------------------------------------------------------- model shapes
+
+MODELS = {  # random weights in these shapes unless --init gives real ones
+    "gpt2": PRETRAINED["gpt2"],
+    "gpt2-medium": PRETRAINED["gpt2-medium"],
+    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=256),  # for the tests
+}
+
+
+def build_base(args) -> GPT:
+    if args.init:
+        return load_base(args.init, args.device, args.dtype)
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(**MODELS[args.model]))
+    model.name = f"{args.model} shape, random weights"
+    return model.to(device=args.device, dtype=DTYPES[args.dtype])
+
+
+# ---------------------------------------------------------------- 1. forward latency
+
+
+@torch.inference_mode()
+def bench_forward(base: GPT, arms, B: int, T: int, args) -> dict:
+    """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1."""
+    if T > base.config.block_size:
+        raise ValueError(f"sequence length {T} is longer than the model's {base.config.block_size}")
+    target = args.adapter_params or (500_000 if (B, T) == (32, 512) else 11_000_000)  # Table 1
+    models = {a: build_arm(base, a, target, args.seed) for a in arms}
+    idx = torch.randint(0, base.config.vocab_size, (B, T), device=args.device)
+    fns = {a: (lambda m=m: m(idx)) for a, m in models.items()}
+    times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
+                             desc=f"forward {B}x{T}")
+    out = summarize(times, "base")
+    for a, m in models.items():
+        out[a]["extra_params"] = extra_params(m, a)
+    flops = B * T * flops_per_token(base.config, counted_params(base), T, "forward")
+    achieved = flops / (out["base"]["median_ms"] / 1e3)
+    return dict(batch=B, seq=T, adapter_params_target=target, arms=out,
+                base_flops_per_s=achieved, base_mfu=achieved / args.peak_flops)
+
+
+# ---------------------------------------------------------------- 2. decoding with the KV cache
+
+
+@torch.inference_mode()
+def bench_decode(base: GPT, arms, args) -> dict:
+    """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
+    (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
+    model.generate does; the cache is rewound to the prompt before each call."""
+    from model import KVCache
+
+    P, n = args.decode_prompt, args.decode_tokens
+    if P + n > base.config.block_size:
+        raise ValueError(f"--decode-prompt + --decode-tokens = {P + n} exceeds the model's "
+                         f"block_size {base.config.block_size}")
+    target = args.adapter_params or 11_000_000
+    dtype = base.wte.weight.dtype
+    prompt = torch.randint(0, base.config.vocab_size, (1, P), device=args.device)
+    tokens = torch.randint(0, base.config.vocab_size, (n, 1, 1), device=args.device)
+    models, fns = {}, {}
+    for a in arms:
+        m = models[a] = build_arm(base, a, target, args.seed)
+        cache = KVCache(m.config, 1, P + n, args.device, dtype)
+        m(prompt, cache=cache)  # prefill
+
+        def run(m=m, cache=cache):
+            cache.length = P
+            for t in tokens:
+                m(t, cache=cache, last_only=True)
+        fns[a] = run
+    times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
+                             desc="decode")
+    out = summarize(times, "base", per=n)
+    for a, m in models.items():
+        out[a]["extra_params"] = extra_params(m, a)
+    # Each token reads every weight once: the cached KV (<= P + n positions) is left out.
+    weight_bytes = counted_params(base) * base.wte.weight.element_size()
+    bw = weight_bytes / (out["base"]["median_ms"] / 1e3)
+    return dict(prompt=P, tokens=n, adapter_params_target=target, arms=out,
+                weight_bytes_per_token=weight_bytes, base_bytes_per_s=bw,
+                base_bandwidth_share=bw / args.peak_bandwidth)
+
+
+# ---------------------------------------------------------------- 3. training
+
+
+def train_arm(args, arm: str):
+    """A fresh model and its optimizer for arm 'full' (every weight trains) or 'lora'. The
+    optimizer sees only requires_grad parameters, so LoRA's frozen weights get no Adam state."""
+    model = build_base(args)
+    if arm == "lora":
+        from lora import apply_lora
+        apply_lora(model, **LORA)
+    elif arm != "full":
+        raise ValueError(f"unknown training arm {arm!r}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    return model, opt
+
+
+def train_step(model, opt, idx, targets):
+    """Forward with targets -> loss, backward, one AdamW step."""
+    loss = model(idx, targets)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def batch_for(args, config):
+    g = torch.Generator().manual_seed(args.seed)
+    B, T = args.train_batch, args.train_seq
+    if T + 1 > config.block_size:
+        raise ValueError(f"--train-seq {T} is too long for the model's {config.block_size}")
+    data = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(args.device)
+    return data[:, :-1], data[:, 1:]
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_memory_child(args) -> dict:
+    """Run in a fresh process (`bench.py --_child ARM`): the peak memory of a few training steps.
+
+    CUDA: torch.cuda.max_memory_allocated, the allocator's own peak of live tensors.
+    CPU: the peak resident set size (VmHWM) less the resident size before the model was built.
+    Why this is sound: there is no swap here, so every tensor that was written is resident, and
+    the high-water mark catches the moment of most live tensors; large tensors are mmap'ed by the
+    allocator and returned on free, so little freed memory lingers. The process does nothing but
+    this arm, so nothing else is counted. The mark is reset after the model is built, so the
+    transient of loading a checkpoint (--init) is not counted, while the weights are.
+    """
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    before = 0 if cuda else _rss_bytes("VmRSS")
+    model, opt = train_arm(args, args._child)
+    idx, targets = batch_for(args, model.config)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
+    for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
+        train_step(model, opt, idx, targets)
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM") - before
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(peak_bytes=peak, trainable_params=trainable,
+                method="cuda max_memory_allocated" if cuda else "VmHWM - VmRSS before build")
+
+
+def peak_memory(args, arm: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", arm] + args.child_argv
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise OSError(f"the memory probe for {arm} failed:\n{r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_train(args) -> dict:
+    """Step time of full fine-tuning and LoRA, interleaved; peak memory of each in its own
+    process; achieved FLOP/s of each as a share of the matmul FLOP/s."""
+    mem = {arm: peak_memory(args, arm) for arm in ("full", "lora")}
+    arms = {arm: train_arm(args, arm) for arm in ("full", "lora")}
+    idx, targets = batch_for(args, arms["full"][0].config)
+    fns = {arm: (lambda mo=mo: train_step(*mo, idx, targets)) for arm, mo in arms.items()}
+    times = time_interleaved(fns, args.train_rounds, 1, synchronizer(args.device), desc="train")
+    out = summarize(times, "full")
+    model = arms["full"][0]
+    n, T, tokens = counted_params(model), args.train_seq, args.train_batch * args.train_seq
+    for arm, kind in (("full", "train"), ("lora", "lora_train")):
+        s = out[arm]
+        s["tokens_per_s"] = tokens / (s["median_ms"] / 1e3)
+        s["flops_per_token"] = flops_per_token(model.config, n, T, kind)
+        s["mfu"] = s["tokens_per_s"] * s["flops_per_token"] / args.peak_flops
+        s.update(mem[arm])
+        s["memory_ratio_to_full"] = mem[arm]["peak_bytes"] / mem["full"]["peak_bytes"]
+    return dict(batch=args.train_batch, seq=T, arms=out)
+
+
+# ---------------------------------------------------------------- targets and report
+
+# (description, where the figure is in the results, the bound, <= or >=), from issue 6
+TARGETS = [
+    ("forward seq 128: lora_merged / base", ("forward128", "lora_merged"), 1.01, "<="),
+    ("forward seq 128: lora_unmerged / base", ("forward128", "lora_unmerged"), 1.05, "<="),
+    ("decode 1 token: lora_merged / base", ("decode", "lora_merged"), 1.01, "<="),
+    ("decode 1 token: lora_unmerged / base", ("decode", "lora_unmerged"), 1.05, "<="),
+    ("train: lora step time / full", ("train_time",), 0.65, "<="),
+    ("train: lora peak memory / full", ("train_mem",), 0.40, "<="),
+    ("forward seq 128: FLOP/s / matmul FLOP/s", ("forward128_mfu",), 0.60, ">="),
+    ("train step (full): FLOP/s / matmul FLOP/s", ("train_mfu",), 0.45, ">="),
+    ("decode: weight bytes/s / read bandwidth", ("decode_bw",), 0.60, ">="),
+]
+
+
+def check_targets(res: dict) -> list:
+    fwd = next((f for f in res.get("forward", []) if f["seq"] == 128), None)
+    dec, tr = res.get("decode"), res.get("train")
+    figures = {}
+    if fwd:
+        for a, s in fwd["arms"].items():
+            figures[("forward128", a)] = s["ratio_to_base"]
+        figures[("forward128_mfu",)] = fwd["base_mfu"]
+    if dec:
+        for a, s in dec["arms"].items():
+            figures[("decode", a)] = s["ratio_to_base"]
+        figures[("decode_bw",)] = dec["base_bandwidth_share"]
+    if tr:
+        figures[("train_time",)] = tr["arms"]["lora"]["ratio_to_base"]
+        figures[("train_mem",)] = tr["arms"]["lora"]["memory_ratio_to_full"]
+        figures[("train_mfu",)] = tr["arms"]["full"]["mfu"]
+    out = []
+    for desc, key, bound, op in TARGETS:
+        if key in figures:
+            v = figures[key]
+            met = v <= bound if op == "<=" else v >= bound
+            out.append(dict(target=desc, value=v, bound=f"{op} {bound}", met=met))
+    return out
+
+
+def print_report(res: dict):
+    m = res["machine"]
+    print(f"\n{res['model']} ({res['params'] / 1e6:.1f}M parameters), {m['device']} "
+          f"{res['dtype']}, {m['threads']} threads, {m['cpu']}, torch {m['torch']}")
+    print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+          f"read bandwidth {m['read_bandwidth'] / 1e9:.1f} GB/s")
+    row = "{:<15} {:>12} {:>20} {:>10}"
+    for f in res.get("forward", []):
+        print(f"\nForward pass, batch {f['batch']} x seq {f['seq']} ({f['arms']['base']['trials']}"
+              f" rounds; adapters sized for {f['adapter_params_target'] / 1e6:g}M parameters); "
+              f"base at {f['base_mfu']:.0%} of matmul FLOP/s")
+        _arm_table(f["arms"], row)
+    if res.get("decode"):
+        d = res["decode"]
+        print(f"\nDecoding with the KV cache, batch 1, per token ({d['tokens']} tokens after a "
+              f"{d['prompt']}-token prompt, {d['arms']['base']['trials']} rounds); base reads "
+              f"weights at {d['base_bandwidth_share']:.0%} of the read bandwidth")
+        _arm_table(d["arms"], row)
+    if res.get("train"):
+        t = res["train"]
+        print(f"\nTraining step, batch {t['batch']} x seq {t['seq']}, AdamW "
+              f"({t['arms']['full']['trials']} rounds; peak memory in a process per arm)")
+        trow = "{:<6} {:>12} {:>18} {:>9} {:>9} {:>11} {:>8} {:>6}"
+        print(trow.format("arm", "trainable", "step ms", "ratio", "tokens/s", "peak MiB",
+                          "ratio", "MFU"))
+        for a, s in t["arms"].items():
+            print(trow.format(a, f"{s['trainable_params']:,}",
+                              f"{s['mean_ms']:.1f} ± {s['std_ms']:.1f}",
+                              f"{s['ratio_to_base']:.3f}", f"{s['tokens_per_s']:.0f}",
+                              f"{s['peak_bytes'] / 2 ** 20:.0f}",
+                              f"{s['memory_ratio_to_full']:.3f}", f"{s['mfu']:.0%}"))
+    print("\nTargets (issue 6):")
+    for t in res["targets"]:
+        print(f"  {'met ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.3f} "
+              f"(target {t['bound']})")
+
+
+def _arm_table(arms: dict, row: str):
+    print(row.format("arm", "extra params", "mean ms ± std", "ratio"))
+    for a, s in arms.items():
+        print(row.format(a, f"{s['extra_params']:,}", f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
+                         f"{s['ratio_to_base']:.3f}"))
+
+
+def parse_shapes(text: str):
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = [()]
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes {text!r}: give BATCHxSEQ pairs, e.g. 32x512,16x256,1x128")
+    return shapes
+
+
+def parse_count(text: str) -> int:
+    """'11M', '0.5M', '500k' or '500000' -> int."""
+    t = text.strip().lower()
+    scale = {"k": 1e3, "m": 1e6}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale != 1 else t) * scale)
+    except ValueError:
+        raise ValueError(f"--adapter-params {text!r}: give a count such as 11M, 0.5M or 5000")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Latency of LoRA (merged, unmerged) and adapter baselines against GPT-2 "
+                    "(LoRA Table 1), and LoRA's training savings against full fine-tuning (§4.2).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(MODELS), default="gpt2",
+                   help="shape with random weights: gpt2 (124M), gpt2-medium (355M, the paper's "
+                        "Table 1 model), tiny (2 layers, for tests) (default gpt2)")
+    g.add_argument("--init", default=None,
+                   help="real weights instead: a released size, a directory or a weights file")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--quick", action="store_true",
+                   help="about a minute on a 2-core CPU: seq 128 batch 1, few rounds, small "
+                        "training batch")
+    g.add_argument("--arms", default=",".join(ARMS),
+                   help=f"inference arms, comma-separated (default all: {','.join(ARMS)})")
+    g.add_argument("--shapes", default=None,
+                   help="forward-pass settings BATCHxSEQ, comma-separated; the paper's are "
+                        "32x512,16x256,1x128 (default: those on cuda, 4x256,1x128 on cpu)")
+    g.add_argument("--adapter-params", type=parse_count, default=None,
+                   help="adapter parameter count the bottleneck is solved for (default as Table "
+                        "1: 0.5M at 32x512, 11M elsewhere)")
+    g.add_argument("--skip", default="",
+                   help="parts to leave out, comma-separated: forward, decode, train")
+    g = p.add_argument_group("rounds and sizes")
+    g.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per arm (default 30, quick 10)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed calls per arm first (2)")
+    g.add_argument("--decode-prompt", type=int, default=128, help="cached prompt length (128)")
+    g.add_argument("--decode-tokens", type=int, default=None,
+                   help="tokens decoded per timed call (default 16, quick 8)")
+    g.add_argument("--train-batch", type=int, default=None, help="(default 4, quick 2)")
+    g.add_argument("--train-seq", type=int, default=128, help="(default 128)")
+    g.add_argument("--train-rounds", type=int, default=None,
+                   help="timed training steps per arm (default 10, quick 3)")
+    g.add_argument("--mem-steps", type=int, default=2, help="steps of each memory probe (2)")
+    g = p.add_argument_group("run")
+    g.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch threads, fixed for the run (default {torch.get_num_threads()})")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # memory probe, internal
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.device = get_device(args.device)
+    q = args.quick
+    args.rounds = args.rounds or (10 if q else 30)
+    args.decode_tokens = args.decode_tokens or (8 if q else 16)
+    args.train_batch = args.train_batch or (2 if q else 4)
+    args.train_rounds = args.train_rounds or (3 if q else 10)
+    for name in ("rounds", "decode_prompt", "decode_tokens", "train_batch", "train_seq",
+                 "train_rounds", "mem_steps", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    torch.set_num_threads(args.threads)
+
+    if args._child:
+        print(json.dumps(peak_memory_child(args)))
+        return 0
+    # what a memory probe needs to build the same model and batch
+    args.child_argv = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
+                       "--threads", str(args.threads), "--seed", str(args.seed),
+                       "--train-batch", str(args.train_batch), "--train-seq", str(args.train_seq),
+                       "--mem-steps", str(args.mem_steps)] + (["--init", args.init]
+                                                              if args.init else [])
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ValueError(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
+    arms = ["base"] + [a for a in arms if a != "base"]  # ratios need the base arm
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - {"forward", "decode", "train"}:
+        raise ValueError(f"--skip: unknown {sorted(skip - {'forward', 'decode', 'train'})}")
+    cuda = args.device.startswith("cuda")
+    shapes = parse_shapes(args.shapes or ("1x128" if q else
+                                          "32x512,16x256,1x128" if cuda else "4x256,1x128"))
+
+    dtype = DTYPES[args.dtype]
+    args.peak_flops = matmul_flops(args.device, dtype)
+    args.peak_bandwidth = read_bandwidth(args.device)
+    base = build_base(args)
+    res = dict(model=getattr(base, "name", args.model), params=base.num_params(),
+               dtype=args.dtype, argv=argv, lora=dict(LORA, targets=list(LORA["targets"])),
+               machine=dict(device=torch.cuda.get_device_name() if cuda else "cpu",
+                            cpu=platform.processor() or platform.machine(),
+                            cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
+                            matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth))
+    if "forward" not in skip:
+        res["forward"] = [bench_forward(base, arms, B, T, args) for B, T in shapes]
+    if "decode" not in skip:
+        res["decode"] = bench_decode(base, arms, args)
+    del base
+    if "train" not in skip:
+        res["train"] = bench_train(args)
+    res["targets"] = check_targets(res)
+    print_report(res)
+    if args.json:
+        _atomic_write(Path(args.json),
+                      lambda path: Path(path).write_text(json.dumps(res, indent=2) + "\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
