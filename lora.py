@@ -1,0 +1,555 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, arXiv 2106.09685) of model.py's GPT-2.
+
+The core reads like §4 of the paper:
+
+    §4.1 eq. 3   h = W0 x + ΔW x = W0 x + (α/r) B A x       LoRALinear.forward
+    §4.1         A random, B = 0, so ΔW = B A = 0 at first    LoRALinear.reset_lora_parameters
+    §4.1         scale ΔW x by α/r                            LoRALinear.scaling
+    §4.2         adapt W_q and W_v only (Table 5, Table 11)   apply_lora(targets=("q", "v"))
+    §4.1         merge W = W0 + B A: no inference latency     merge_lora / unmerge_lora
+    §5.1         |Θ| = 2 × L̂ × d_model × r                    paper_num_params
+
+Below the divider: what practitioners need around it: adapter files, task switching on a merged
+model (§4.1), several adapters in one batch (§4.2), and PEFT import/export.
+"""
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import _atomic_write, _short_list
+
+# What each target adapts inside every block: (module, its input width, first row, row after the
+# last) in units of C = n_embd. GPT-2 fuses W_q, W_k, W_v into one (3C, C) matrix, c_attn; each of
+# q, k, v is a slice of its rows with its own A and B. "qkv" is one LoRA over the whole fused
+# matrix (what PEFT does on GPT-2: one A shared by q, k and v). "mlp" adapts both MLP matrices.
+_TARGETS = {
+    "q": [("attn.c_attn", 1, 0, 1)],
+    "k": [("attn.c_attn", 1, 1, 2)],
+    "v": [("attn.c_attn", 1, 2, 3)],
+    "qkv": [("attn.c_attn", 1, 0, 3)],
+    "o": [("attn.c_proj", 1, 0, 1)],
+    "mlp": [("mlp.c_fc", 1, 0, 4), ("mlp.c_proj", 4, 0, 1)],
+}
+TARGETS = tuple(_TARGETS)
+BIAS_OPTIONS = ("none", "all", "lora_only")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear W0 plus trainable low-rank updates ΔW = B A on chosen rows of its output.
+
+    slices: {name: (start, stop)}: output rows start:stop of W0 get their own A (r, in_features)
+    and B (stop - start, r). A whole matrix is one slice; GPT-2's fused c_attn gets separate "q",
+    "k", "v" slices, so each is adapted on its own (§4.2) and a slice left out costs nothing.
+    The layer *is* the nn.Linear (same weight and bias tensors, same state-dict keys); the LoRA
+    tensors are added beside them as lora_A.<name> and lora_B.<name>.
+    """
+
+    def __init__(self, base: nn.Linear, slices: dict, rank: int, alpha: float,
+                 dropout: float = 0.0, rslora: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # W0 itself: shared, not copied
+        self.slices = dict(slices)
+        self.rank, self.alpha = rank, alpha
+        # §4.1: "We then scale ΔWx by α/r ... tuning α is roughly the same as tuning the learning
+        # rate". rsLoRA (Kalajdzievski 2023) uses α/√r so that large ranks still learn.
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        f = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(rank, self.in_features, **f)) for n in self.slices})
+        self.lora_B = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(b - a, rank, **f)) for n, (a, b) in self.slices.items()})
+        self.lora_dropout = nn.Dropout(dropout)  # on the LoRA path only; W0 x is untouched
+        self.merged = False
+        self._merge_record = {}  # slice -> what unmerge needs to give W0 back bit for bit
+        self.adapter_ids = None  # (B,) set by use_adapters: one adapter per row of a batch
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self):
+        """A ~ U(-1/√in_features, 1/√in_features) and B = 0, so ΔW = B A = 0 at the start (§4.1).
+
+        The paper says "a random Gaussian initialization for A"; its released code (loralib,
+        which produced its tables) draws A with kaiming_uniform_(a=√5), which is this uniform
+        distribution, and so does PEFT by default. We follow the code.
+        """
+        for A in self.lora_A.values():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # bound = √(6 / (1 + 5)) / √in = 1/√in
+        for B in self.lora_B.values():
+            nn.init.zeros_(B)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)  # W0 x (+ b); already W0 + ΔW when merged
+        if self.merged:
+            return y
+        x = self.lora_dropout(x)
+        if self.adapter_ids is not None:
+            return self._forward_per_row(x, y)
+        for n, (a, b) in self.slices.items():
+            # eq. 3 on the slice: (α/r) B (A x), through the r-wide bottleneck; ΔW never formed
+            y[..., a:b] += (x @ self.lora_A[n].t() * self.scaling) @ self.lora_B[n].t()
+        return y
+
+    # merge / unmerge (§4.1: "we can explicitly compute and store W = W0 + BA")
+
+    @torch.no_grad()
+    def merge(self):
+        """W0 <- W0 + ΔW in place, ΔW formed in fp32 (also for bf16/fp16 weights). Idempotent.
+
+        To give W0 back bit for bit without keeping a copy of it, merge remembers A and B as they
+        are now (tiny) and the few entries of W0 that (W0 + ΔW) - ΔW does not round back to.
+        """
+        if self.merged:
+            return
+        for n, (a, b) in self.slices.items():
+            w0 = self.weight[a:b]
+            A, B = self.lora_A[n].detach().clone(), self.lora_B[n].detach().clone()
+            delta = _delta_weight(A, B, self.scaling)
+            merged = (w0.float() + delta).to(w0.dtype)
+            back = (merged.float() - delta).to(w0.dtype)
+            lost = (_bits(back) != _bits(w0)).flatten().nonzero().squeeze(1)
+            self._merge_record[n] = (A, B, lost, w0.flatten()[lost].clone())
+            w0.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W0 + ΔW -> W0, bit for bit (even if A or B changed since the merge). Idempotent."""
+        if not self.merged:
+            return
+        for n, (a, b) in self.slices.items():
+            w = self.weight[a:b]
+            A, B, lost, values = self._merge_record[n]
+            if values.dtype != w.dtype:
+                raise ValueError(f"weights were merged in {values.dtype} and are now {w.dtype}: "
+                                 f"W0 cannot be restored exactly; unmerge before changing dtype")
+            w0 = (w.float() - _delta_weight(A.to(w.device), B.to(w.device), self.scaling))
+            w0 = w0.to(w.dtype)
+            w0.view(-1)[lost.to(w.device)] = values.to(w.device)
+            w.copy_(w0)
+        self._merge_record.clear()
+        self.merged = False
+
+    def _forward_per_row(self, x, y):
+        """Row i of the batch adds the ΔW x of adapter adapter_ids[i] from the stacked bank that
+        load_adapters filled (-1: no adapter). Batched matmuls, no loop over rows or adapters."""
+        ids = self.adapter_ids
+        pick = ids.clamp(min=0)
+        s = (self.bank_scaling[pick] * (ids >= 0))[:, None, None].to(x.dtype)  # (B, 1, 1)
+        for n, (a, b) in self.slices.items():
+            A = getattr(self, f"bank_A_{n}")[pick]  # (B, r, in): each row's own A
+            B = getattr(self, f"bank_B_{n}")[pick]  # (B, out, r)
+            y[..., a:b] += torch.bmm(torch.bmm(x, A.transpose(1, 2)) * s, B.transpose(1, 2))
+        return y
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"slices={self.slices}, merged={self.merged}")
+
+
+def _delta_weight(A, B, scaling):
+    """ΔW = (α/r) B A in fp32, (out, in). Summed one rank-1 term at a time: elementwise fp32 ops
+    round the same way on every device and never use TF32, so a merge can be undone exactly."""
+    A, B = A.float(), B.float() * scaling
+    delta = torch.zeros(B.size(0), A.size(1), device=A.device)
+    for j in range(A.size(0)):
+        delta += B[:, j, None] * A[None, j]  # (out, 1) * (1, in)
+    return delta
+
+
+def _bits(t):
+    """The raw bits of t, so that comparisons are exact (-0.0 != 0.0, NaN == same NaN)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="none",
+               rslora=False):
+    """Add LoRA to every block of a GPT (in place) and freeze everything else; returns the model.
+
+    The defaults are the paper's GPT-2 setting (Table 11: r = 4, α = 32, dropout 0.1, W_q and
+    W_v adapted, §4.2 and Table 5). targets: any of "q", "k", "v" (slices of the fused c_attn),
+    "qkv" (the whole c_attn, one A shared by q, k, v), "o" (attn.c_proj, W_o) and "mlp" (c_fc
+    and mlp.c_proj). bias: which biases also train: "none", "all", or "lora_only" (those of the
+    adapted layers). rslora: scale by α/√r instead of α/r. The settings are kept in
+    model.lora_config.
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    unknown = [t for t in targets if t not in _TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA targets {unknown}: choose among {', '.join(TARGETS)}")
+    if "qkv" in targets and {"q", "k", "v"} & set(targets):
+        raise ValueError("target 'qkv' already covers q, k and v: give 'qkv' or any of q, k, v")
+    targets = tuple(t for t in TARGETS if t in targets)  # canonical order, no repeats
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias must be one of {', '.join(BIAS_OPTIONS)}, got {bias!r}")
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("the model already has LoRA layers: apply_lora once per model")
+
+    C = model.config.n_embd
+    plan = {}  # module path inside a block -> {slice name: (first row, row after the last)}
+    for t in targets:
+        for path, d_in, a, b in _TARGETS[t]:
+            plan.setdefault(path, {})[t] = (a * C, b * C)
+            if rank > min(d_in * C, (b - a) * C):
+                raise ValueError(f"LoRA rank {rank} is larger than the {path} matrix of target "
+                                 f"'{t}' allows ({(b - a) * C} x {d_in * C})")
+    for block in model.h:
+        for path, slices in plan.items():
+            parent, name = path.split(".")
+            parent = getattr(block, parent)
+            layer = LoRALinear(getattr(parent, name), slices, rank, alpha, dropout, rslora)
+            setattr(parent, name, layer.train(model.training))  # eval() model: no LoRA dropout
+
+    # Only A and B train (plus biases if asked): "we freeze the pretrained weights" (§4).
+    adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, p in model.named_parameters():
+        is_bias = name.endswith(".bias")
+        p.requires_grad = (".lora_" in name or (bias == "all" and is_bias)
+                           or (bias == "lora_only" and is_bias and name[:-5] in adapted))
+    model.lora_config = dict(rank=rank, alpha=alpha, targets=list(targets), dropout=dropout,
+                             bias=bias, rslora=rslora)
+    return model
+
+
+def lora_layers(model):
+    """{name: LoRALinear} of the model; a ValueError if it has none."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
+    return layers
+
+
+def merge_lora(model):
+    """W = W0 + B A in every LoRA layer (§4.1): inference then costs exactly the base model's.
+    Explicit and idempotent: merging a merged model changes nothing. Returns the model."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model):
+    """Undo merge_lora: every W0 back bit for bit, LoRA on its own path again. Idempotent."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def is_merged(model) -> bool:
+    return any(layer.merged for layer in lora_layers(model).values())
+
+
+def lora_state_dict(model) -> dict:
+    """The tensors an adapter consists of: every lora_A / lora_B, plus the biases that train
+    under the bias option ("all", "lora_only")."""
+    bias = _lora_config(model)["bias"]
+    adapted = set(lora_layers(model))
+    out = {}
+    for name, p in model.named_parameters():
+        is_bias = name.endswith(".bias")
+        if (".lora_" in name or (bias == "all" and is_bias)
+                or (bias == "lora_only" and is_bias and name[:-5] in adapted)):
+            out[name] = p.detach()
+    return out
+
+
+def count_trainable(model) -> int:
+    """Parameters the optimizer will update (requires_grad)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def paper_num_params(config, rank, targets=("q", "v")) -> int:
+    """|Θ| = 2 × L̂ × d_model × r (§5.1), L̂ the number of adapted weight matrices, when every
+    adapted matrix is d_model x d_model (q, k, v, o). In general each adapted matrix adds
+    r × (d_in + d_out): 4 d_model r for the fused "qkv", 10 d_model r per block for "mlp"."""
+    targets = (targets,) if isinstance(targets, str) else set(targets)
+    C = config.n_embd
+    per_block = sum(rank * (d_in + b - a) * C for t in targets for _, d_in, a, b in _TARGETS[t])
+    return config.n_layer * per_block
+
+
+def describe_trainable(model) -> str:
+    """One line: trainable parameters, their share of all, and the paper's |Θ| beside them."""
+    cfg = _lora_config(model)
+    n, total = count_trainable(model), sum(p.numel() for p in model.parameters())
+    paper = paper_num_params(model.config, cfg["rank"], cfg["targets"])
+    c = model.config
+    n_mat = c.n_layer * sum(len(_TARGETS[t]) for t in cfg["targets"])
+    if set(cfg["targets"]) <= {"q", "k", "v", "o"}:
+        formula = f"2·L̂·d_model·r = 2·{n_mat}·{c.n_embd}·{cfg['rank']}"
+    else:
+        formula = f"Σ r·(d_in + d_out) over {n_mat} matrices"
+    extra = f" (+ {n - paper:,} biases)" if n != paper else ""
+    return (f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.3f}%); "
+            f"paper's |Θ| = {formula} = {paper:,}{extra}")
+
+
+def _lora_config(model) -> dict:
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
+    return cfg
+
+
+# =====================================================================================
+# Around the paper: adapter files, task switching, several adapters per batch, PEFT.
+# =====================================================================================
+
+_FINGERPRINT_SAMPLES = 8  # values of each base weight tensor recorded in an adapter file
+
+
+@contextmanager
+def _unmerged(model):
+    """W0 in place for the duration (merge is deterministic, so re-merging gives the same bits)."""
+    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
+    for m in merged:
+        m.unmerge()
+    try:
+        yield
+    finally:
+        for m in merged:
+            m.merge()
+
+
+def base_fingerprint(model) -> dict:
+    """A few values of every base weight tensor (W0, even when merged): {name: [floats]}.
+
+    Values rather than a hash, so that an adapter saved from an fp32 model still loads onto the
+    same base in bf16 or fp16: they are compared up to the rounding of the coarser dtype."""
+    out = {}
+    with _unmerged(model), torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(".weight") or ".lora_" in name:
+                continue  # biases may be trained (bias="all"); A and B are not the base
+            flat = p.detach().flatten()
+            idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_SAMPLES).long()
+            out[name] = flat[idx.to(flat.device)].float().tolist()
+    return out
+
+
+def save_adapter(model, path, base_name=None):
+    """Write the LoRA tensors (lora_state_dict) to a safetensors file, atomically, with the
+    settings and the base model's identity as metadata: lora_config, base_name, base_config,
+    base_fingerprint (of W0), base_dtype. About 0.6 MB for GPT-2 124M at r = 4 on q, v."""
+    from safetensors.torch import save_file
+
+    cfg = _lora_config(model)
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    meta = {
+        "format": "pt",
+        "lora_config": json.dumps(cfg),
+        "base_name": str(base_name or getattr(model, "name", "") or ""),
+        "base_config": json.dumps(asdict(model.config)),
+        "base_fingerprint": json.dumps(base_fingerprint(model)),
+        "base_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    return path
+
+
+def read_adapter(path):
+    """(tensors, metadata) of an adapter file written by save_adapter; clear errors otherwise."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the adapter, the file is truncated or corrupt "
+                         f"({type(e).__name__})") from None
+    if "lora_config" not in meta:
+        raise ValueError(f"{path}: not a LoRA adapter written by save_adapter (no lora_config in "
+                         f"its metadata; for a PEFT adapter directory use import_peft)")
+    meta = dict(meta)
+    for k in ("lora_config", "base_config", "base_fingerprint"):
+        meta[k] = json.loads(meta[k])
+    return tensors, meta
+
+
+def _check_base(model, meta, source):
+    """The adapter's base must be this model: same architecture, same W0 (fingerprint)."""
+    theirs, ours = meta["base_config"], asdict(model.config)
+    diff = [k for k in ours if k != "dropout" and theirs.get(k) != ours[k]]
+    name = f" '{meta['base_name']}'" if meta.get("base_name") else ""
+    if diff:
+        raise ValueError(f"{source}: adapter is for another base model{name}: "
+                         + ", ".join(f"{k}={theirs.get(k)} (this model: {ours[k]})" for k in diff))
+    fp = base_fingerprint(model)
+    dtypes = [getattr(torch, meta.get("base_dtype", "float32")), model.wte.weight.dtype]
+    coarse = max((torch.finfo(d) for d in dtypes), key=lambda fi: fi.eps)
+    for k, theirs_v in meta["base_fingerprint"].items():
+        if k not in fp:
+            raise ValueError(f"{source}: adapter is for another base model{name}: it has weight "
+                             f"{k}, this model does not")
+        a, b = torch.tensor(theirs_v), torch.tensor(fp[k])
+        if (a - b).abs().gt(coarse.eps * a.abs() + coarse.tiny).any():
+            raise ValueError(f"{source}: adapter was trained on other base weights{name}: "
+                             f"{k} differs (fingerprint mismatch)")
+
+
+def _copy_lora(model, tensors, source):
+    """Copy LoRA tensors into the model, strictly: same keys, same shapes. Keeps the merge state
+    (a merged model is unmerged exactly, updated, and merged again)."""
+    ours = lora_state_dict(model)
+    _check_keys(set(ours), tensors, source)
+    for k, v in tensors.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model "
+                             f"expects {tuple(ours[k].shape)}")
+    with _unmerged(model), torch.no_grad():
+        for k, v in tensors.items():
+            ours[k].copy_(v)
+    return model
+
+
+def _check_keys(want, tensors, source):
+    missing, unexpected = sorted(want - set(tensors)), sorted(set(tensors) - want)
+    if missing or unexpected:
+        parts = ([f"missing tensors {_short_list(missing)}"] if missing else []) + (
+            [f"unexpected tensors {_short_list(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{source}: adapter does not fit this model: " + "; ".join(parts))
+
+
+_SETTINGS = ("rank", "alpha", "targets", "bias", "rslora")  # what must match to share a model
+
+
+def load_adapter(model, path):
+    """Load an adapter file onto its base model; returns the model.
+
+    A model without LoRA gets apply_lora with the file's settings first, so base model +
+    load_adapter is all inference needs. Everything is checked and a mismatch is a ValueError
+    that names it: the base's architecture and weights (fingerprint), the LoRA settings of a
+    model that already has LoRA, the tensor names and shapes. A merged model stays merged.
+    """
+    tensors, meta = read_adapter(path)
+    _check_base(model, meta, path)
+    cfg = meta["lora_config"]
+    if getattr(model, "lora_config", None) is None:
+        apply_lora(model, **cfg)
+    else:
+        diff = [k for k in _SETTINGS if model.lora_config[k] != cfg[k]]
+        if diff:
+            raise ValueError(f"{path}: adapter has other LoRA settings than the model: " + ", ".join(
+                f"{k}={cfg[k]} (model: {model.lora_config[k]})" for k in diff))
+    return _copy_lora(model, tensors, path)
+
+
+def switch_adapter(model, path_or_state):
+    """Task switching on a merged model in one call (§4.1: "recover W0 by subtracting BA and then
+    adding a different B'A'"). path_or_state: an adapter file or a lora_state_dict. W0 is
+    restored bit for bit before B'A' is added, so the result is exactly B'A' merged into a fresh
+    base. Leaves the model merged; returns it."""
+    if isinstance(path_or_state, dict):
+        _copy_lora(model, path_or_state, "state dict")
+    else:
+        load_adapter(model, path_or_state)
+    return merge_lora(model)
+
+
+# Several adapters at once (§4.2: "dynamically choose the LoRA modules to use for samples in a
+# batch"): each layer holds every adapter's A and B stacked, and each row picks its own.
+
+def load_adapters(model, adapters: dict) -> list:
+    """Load {name: adapter file} side by side for use_adapters; returns the names in the order
+    their ids count (0, 1, ...). All must fit this base and share targets; ranks and α may
+    differ (a smaller rank is zero-padded, which changes nothing). A model without LoRA gets it
+    first (its own A and B are not used by use_adapters). The model must not be merged."""
+    if not adapters:
+        raise ValueError("load_adapters: give at least one adapter")
+    files = {name: read_adapter(p) for name, p in adapters.items()}
+    for name, (_, meta) in files.items():
+        _check_base(model, meta, adapters[name])
+    cfgs = {name: meta["lora_config"] for name, (_, meta) in files.items()}
+    first = next(iter(cfgs.values()))
+    for name, cfg in cfgs.items():
+        if cfg["targets"] != first["targets"]:
+            raise ValueError(f"{adapters[name]}: targets {cfg['targets']} differ from "
+                             f"{first['targets']}: adapters mixed per row must share targets")
+        if cfg["bias"] != "none":
+            raise ValueError(f"{adapters[name]}: trains biases (bias={cfg['bias']}), which "
+                             f"cannot differ per row; mix adapters with bias='none'")
+    rmax = max(cfg["rank"] for cfg in cfgs.values())
+    if getattr(model, "lora_config", None) is None:
+        apply_lora(model, **{**first, "rank": rmax})
+    elif model.lora_config["targets"] != first["targets"]:
+        raise ValueError(f"the model's LoRA targets {model.lora_config['targets']} differ from "
+                         f"the adapters' {first['targets']}")
+    if is_merged(model):
+        raise ValueError("load_adapters needs an unmerged model: call unmerge_lora first")
+
+    layers = lora_layers(model)
+    want = {f"{ln}.lora_{m}.{n}" for ln, layer in layers.items() for n in layer.slices for m in "AB"}
+    for name, (tensors, _) in files.items():
+        _check_keys(want, tensors, adapters[name])
+    with torch.no_grad():
+        for ln, layer in layers.items():
+            f = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+            for n, (a, b) in layer.slices.items():
+                A = torch.zeros(len(files), rmax, layer.in_features, **f)  # (N, r, in)
+                B = torch.zeros(len(files), b - a, rmax, **f)  # (N, out, r)
+                for i, (name, (tensors, _)) in enumerate(files.items()):
+                    r = cfgs[name]["rank"]
+                    tA, tB = tensors[f"{ln}.lora_A.{n}"], tensors[f"{ln}.lora_B.{n}"]
+                    if tA.shape != (r, layer.in_features) or tB.shape != (b - a, r):
+                        raise ValueError(f"{adapters[name]}: {ln} slice {n} has shapes "
+                                         f"{tuple(tA.shape)}, {tuple(tB.shape)}, expected "
+                                         f"{(r, layer.in_features)}, {(b - a, r)}")
+                    A[i, :r], B[i, :, :r] = tA, tB
+                layer.register_buffer(f"bank_A_{n}", A, persistent=False)
+                layer.register_buffer(f"bank_B_{n}", B, persistent=False)
+            scaling = [c["alpha"] / (math.sqrt(c["rank"]) if c["rslora"] else c["rank"])
+                       for c in cfgs.values()]
+            layer.register_buffer("bank_scaling", torch.tensor(scaling, device=f["device"]),
+                                  persistent=False)
+    model.lora_adapters = list(files)
+    return model.lora_adapters
+
+
+@contextmanager
+def use_adapters(model, ids):
+    """Inside the block, row i of every forward uses adapter ids[i]: an index into
+    load_adapters' names, a name, or -1 for the base model alone.
+
+        with use_adapters(model, ["e2e", "shakespeare", -1]):
+            logits = model(idx)  # idx (3, T)
+    """
+    names = getattr(model, "lora_adapters", None)
+    if not names:
+        raise ValueError("no adapters loaded side by side: call load_adapters first")
+    if is_merged(model):
+        raise ValueError("use_adapters needs an unmerged model: call unmerge_lora first")
+    if not torch.is_tensor(ids):
+        unknown = [i for i in ids if isinstance(i, str) and i not in names]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}: loaded are {names}")
+        ids = torch.tensor([names.index(i) if isinstance(i, str) else i for i in ids])
+    if ids.dim() != 1 or ((ids < -1) | (ids >= len(names))).any():
+        raise ValueError(f"adapter ids must be a 1-d list in -1 .. {len(names) - 1}")
+    layers = lora_layers(model).values()
+    ids = ids.to(device=next(iter(layers)).weight.device, dtype=torch.long)
+    for layer in layers:
+        layer.adapter_ids = ids
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_ids = None

@@ -1,0 +1,250 @@
+"""LoRA core invariants (lora.py above the divider): eq. 3, init, scaling, freezing, merge,
+parameter counts. Tiny models (n_embd 32, 2 layers) so everything runs in seconds on a CPU."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=128)
+
+
+def tiny_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY.__dict__, **overrides})).eval()
+
+
+def randomize_lora(model, seed=1, std=0.05):
+    """Non-zero A and B, so ΔW != 0 (right after apply_lora B = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("lora_") or ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def ids(batch=2, T=16, seed=0):
+    return torch.randint(0, TINY.vocab_size, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_equal_base_right_after_apply():
+    model = tiny_gpt()
+    idx = ids()
+    base = model(idx)
+    lora.apply_lora(model, targets=("q", "k", "v", "o", "mlp"))
+    assert torch.equal(model(idx), base)
+    model.train()  # LoRA dropout on: B = 0 still makes the LoRA path exactly zero
+    torch.manual_seed(0)
+    assert torch.equal(model(idx), base)
+
+
+def test_init_A_uniform_kaiming_B_zero():
+    """The docstring: A ~ U(-1/√in, 1/√in) (loralib's kaiming_uniform_(a=√5)), B = 0."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(768, 768), {"q": (0, 768)}, rank=64, alpha=64)
+    A, B = layer.lora_A["q"].detach(), layer.lora_B["q"].detach()
+    bound = 1 / math.sqrt(768)
+    assert A.abs().max() <= bound
+    assert A.abs().max() > 0.99 * bound  # fills the interval...
+    assert abs(A.std().item() - bound / math.sqrt(3)) < 0.02 * bound  # ...uniformly: std b/√3
+    assert abs((A.abs() < bound / 2).float().mean().item() - 0.5) < 0.01  # not Gaussian (0.38)
+    assert abs(A.mean().item()) < 0.01 * bound
+    assert torch.count_nonzero(B) == 0
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_is_eq3_with_alpha_over_r_scaling(rslora):
+    """h = W0 x + (α/r) B A x on each adapted slice (α/√r with rslora); other rows untouched."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48)
+    layer = lora.LoRALinear(base, {"q": (0, 16), "v": (32, 48)}, rank=4, alpha=8, rslora=rslora)
+    assert layer.scaling == (8 / 2 if rslora else 8 / 4)
+    randomize_lora(layer)
+    x = torch.randn(3, 5, 16)
+    W0x = x @ base.weight.t() + base.bias
+    want = W0x.clone()
+    for n, (a, b) in layer.slices.items():
+        want[..., a:b] += layer.scaling * x @ (layer.lora_B[n] @ layer.lora_A[n]).t()
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(got[..., 16:32], W0x[..., 16:32])  # k: not adapted
+
+
+def test_disabled_slices_cost_no_flops():
+    """q, v adapted on c_attn: the LoRA path costs exactly the two r-wide bottlenecks, with no
+    matmul for the k slice and no (3C x C) delta formed."""
+    torch.manual_seed(0)
+    C, r, N = 32, 4, 10  # N = B * T tokens
+    base = nn.Linear(C, 3 * C)
+    layer = lora.LoRALinear(base, {"q": (0, C), "v": (2 * C, 3 * C)}, rank=r, alpha=8)
+    x = torch.randn(N, C)
+    with FlopCounterMode(display=False) as fc:
+        layer(x)
+    base_flops = 2 * N * C * 3 * C
+    lora_flops = 2 * (2 * N * C * r + 2 * N * r * C)  # two slices: x A^T, then (.) B^T
+    assert fc.get_total_flops() == base_flops + lora_flops
+
+
+def test_dropout_only_on_lora_path():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48)
+    layer = randomize_lora(lora.LoRALinear(base, {"q": (0, 16)}, rank=4, alpha=8, dropout=0.5))
+    x = torch.randn(4, 16)
+    W0x = base(x).detach()
+    y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1[:, 16:], W0x[:, 16:])  # no dropout on W0 x
+    assert not torch.equal(y1[:, :16], y2[:, :16])  # dropout on the LoRA input
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_only_A_and_B_change_after_optimizer_steps():
+    model = tiny_gpt()
+    lora.apply_lora(model, targets=("q", "v", "o"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    idx = ids(T=17)
+    for _ in range(2):  # B = 0 at step 1, so A only gets a gradient from step 2 on
+        loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n  # W0 bit-identical
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_trainable_parameters_and_bias_option(bias):
+    model = lora.apply_lora(tiny_gpt(), bias=bias)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora_names = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    biases = {
+        "none": set(),
+        "all": {n for n, _ in model.named_parameters() if n.endswith(".bias")},
+        "lora_only": {f"h.{i}.attn.c_attn.bias" for i in range(TINY.n_layer)},
+    }[bias]
+    assert trainable == lora_names | biases
+    assert set(lora.lora_state_dict(model)) == trainable
+    assert lora.count_trainable(model) == (lora.paper_num_params(TINY, 4, ("q", "v"))
+                                           + sum(model.get_parameter(n).numel() for n in biases))
+
+
+def test_gpt2_124m_q_v_r4_has_147456_trainable_parameters():
+    with torch.device("meta"):  # the real 124M shapes, no memory
+        model = GPT(GPTConfig())
+    lora.apply_lora(model, rank=4, alpha=32, targets=("q", "v"))
+    assert lora.count_trainable(model) == 147_456 == 2 * 24 * 768 * 4
+    assert lora.paper_num_params(model.config, 4, ("q", "v")) == 147_456
+    line = lora.describe_trainable(model)
+    assert "147,456" in line and "2·24·768·4" in line and "0.118%" in line
+
+
+@pytest.mark.parametrize("targets,rank", [
+    (("q",), 1), (("q", "v"), 8), (("q", "k", "v", "o"), 2), (("qkv",), 4), (("mlp",), 2),
+    (("k", "o", "mlp"), 3),
+])
+def test_count_matches_paper_formula(targets, rank):
+    """|Θ| = 2·L̂·d_model·r for square matrices; r·(d_in + d_out) per matrix in general."""
+    model = lora.apply_lora(tiny_gpt(), rank=rank, targets=targets)
+    C, L = TINY.n_embd, TINY.n_layer
+    per_block = {"q": 2 * C, "k": 2 * C, "v": 2 * C, "o": 2 * C, "qkv": C + 3 * C,
+                 "mlp": (C + 4 * C) + (4 * C + C)}
+    want = L * rank * sum(per_block[t] for t in targets)
+    assert lora.count_trainable(model) == lora.paper_num_params(TINY, rank, targets) == want
+    if "mlp" not in targets and "qkv" not in targets:
+        assert want == 2 * (L * len(targets)) * C * rank  # the paper's 2·L̂·d_model·r
+
+
+def test_merge_unmerge_exact_and_idempotent():
+    model = tiny_gpt()
+    lora.apply_lora(model, targets=("q", "v", "o", "mlp"))
+    randomize_lora(model)
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = ids()
+    unmerged = model(idx)
+    lora.merge_lora(model)
+    assert lora.is_merged(model)
+    once = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert not torch.equal(once["h.0.attn.c_attn.weight"], W0["h.0.attn.c_attn.weight"])
+    assert torch.equal(once["h.0.attn.c_attn.weight"][32:64], W0["h.0.attn.c_attn.weight"][32:64])
+    merged = model(idx)
+    assert (merged - unmerged).abs().max() <= 1e-5
+    lora.merge_lora(model)  # twice = once, never a double add
+    assert all(torch.equal(p, once[n]) for n, p in model.named_parameters())
+    lora.unmerge_lora(model)
+    lora.unmerge_lora(model)
+    assert all(torch.equal(p, W0[n]) for n, p in model.named_parameters())  # bit for bit
+    assert torch.equal(model(idx), unmerged)
+
+
+def test_unmerge_exact_even_if_A_B_change_while_merged():
+    model = randomize_lora(lora.apply_lora(tiny_gpt()))
+    W0 = model.h[0].attn.c_attn.weight.detach().clone()
+    lora.merge_lora(model)
+    randomize_lora(model, seed=7)
+    lora.unmerge_lora(model)
+    assert torch.equal(model.h[0].attn.c_attn.weight, W0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_forms_delta_in_fp32_and_unmerges_exactly(dtype):
+    model = randomize_lora(lora.apply_lora(tiny_gpt()), std=0.02).to(dtype)
+    layer = model.h[0].attn.c_attn
+    W0 = layer.weight.detach().clone()
+    A, B = layer.lora_A["q"].float(), layer.lora_B["q"].float()
+    exact = W0[:32].double() + layer.scaling * (B.double() @ A.double())
+    naive = W0[:32] + (layer.scaling * (layer.lora_B["q"] @ layer.lora_A["q"]))  # all in dtype
+    lora.merge_lora(model)
+    got = layer.weight[:32].detach()
+    assert torch.equal(got, exact.to(dtype))  # W0 + ΔW rounded once
+    assert not torch.equal(naive.detach(), exact.to(dtype))  # what a half-precision B·A loses
+    lora.unmerge_lora(model)
+    assert torch.equal(layer.weight, W0)
+
+
+def test_unmerge_refuses_after_dtype_change():
+    model = lora.merge_lora(randomize_lora(lora.apply_lora(tiny_gpt())))
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="unmerge before changing dtype"):
+        lora.unmerge_lora(model)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=0), "positive integer"),
+    (dict(rank=33), "larger than"),
+    (dict(targets=("q", "x")), "unknown LoRA targets"),
+    (dict(targets=("qkv", "q")), "already covers"),
+    (dict(bias="some"), "bias must be"),
+    (dict(alpha=0), "alpha must be positive"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_apply_lora_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lora.apply_lora(tiny_gpt(), **kwargs)
+
+
+def test_apply_twice_and_merge_without_lora_are_errors():
+    model = lora.apply_lora(tiny_gpt())
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.apply_lora(model)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.merge_lora(tiny_gpt())  # silently doing nothing is the bug (microsoft/LoRA #34)
+
+
+def test_state_dict_keys_of_base_unchanged():
+    """LoRALinear is the nn.Linear: W0 keeps its key, LoRA tensors sit beside it."""
+    model = tiny_gpt()
+    keys = set(model.state_dict())
+    lora.apply_lora(model)
+    new = set(model.state_dict()) - keys
+    assert keys <= set(model.state_dict())
+    assert new == {f"h.{i}.attn.c_attn.lora_{m}.{s}" for i in range(2) for m in "AB" for s in "qv"}
