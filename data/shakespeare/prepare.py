@@ -1,0 +1,56 @@
+"""Tiny Shakespeare (Karpathy's char-rnn corpus, 1 MB of plays) for language modelling: what
+`python train.py` pretrains a small GPT on.
+
+    python data/shakespeare/prepare.py                                         # download
+    python data/shakespeare/prepare.py --raw-dir ../shared/data/tinyshakespeare  # local input.txt
+
+GPT-2 BPE tokens of the first 90% of the text -> train.bin, the last 10% -> val.bin (uint16).
+"""
+
+import argparse
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `data` importable from the repo root
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from data.common import download, write_meta, write_tokens  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def prepare(raw_dir=None, out_dir=HERE) -> dict:
+    from train import get_tokenizer
+
+    if raw_dir is None:
+        path = download(URL, HERE / "raw" / "input.txt")
+    else:
+        path = Path(raw_dir) / "input.txt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found (--raw-dir must hold input.txt)")
+    text = path.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))
+    enc = get_tokenizer()
+    meta = {"kind": "stream", "raw_dir": str(path.parent.resolve()), "splits": {}}
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        ids = enc.encode_ordinary(part)
+        write_tokens(Path(out_dir) / f"{split}.bin", ids)
+        meta["splits"][split] = {"tokens": len(ids)}
+        print(f"{split}: {len(ids):,} tokens")
+    write_meta(out_dir, meta)  # last: its presence means the arrays are complete
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--raw-dir", default=None,
+                   help="folder with input.txt; default: download it into data/shakespeare/raw")
+    p.add_argument("--out-dir", default=str(HERE), help="where to write the arrays")
+    args = p.parse_args(argv)
+    prepare(args.raw_dir, args.out_dir)
+
+
+if __name__ == "__main__":
+    from train import run_main
+    run_main(main)
