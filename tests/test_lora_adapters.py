@@ -1,0 +1,195 @@
+"""Adapter files, task switching and several adapters per batch (lora.py below the divider)."""
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora
+from test_lora import TINY, ids, randomize_lora, tiny_gpt
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """(model with a random non-zero adapter, its file, logits on ids())."""
+    model = randomize_lora(lora.apply_lora(tiny_gpt(), rank=4, targets=("q", "v", "o")))
+    path = lora.save_adapter(model, tmp_path / "a.safetensors")
+    return model, path, model(ids())
+
+
+def test_save_then_load_on_fresh_base_reproduces_logits(trained):
+    model, path, logits = trained
+    fresh = tiny_gpt()  # same seed: the same base weights, no LoRA yet
+    lora.load_adapter(fresh, path)
+    assert fresh.lora_config == model.lora_config
+    assert torch.equal(fresh(ids()), logits)
+
+
+def test_adapter_file_holds_only_lora_tensors_and_metadata(trained):
+    from safetensors import safe_open
+
+    model, path, _ = trained
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == set(lora.lora_state_dict(model)) and all(".lora_" in k for k in keys)
+    assert json.loads(meta["lora_config"]) == dict(rank=4, alpha=32, targets=["q", "v", "o"],
+                                                   dropout=0.1, bias="none", rslora=False)
+    assert json.loads(meta["base_config"])["n_embd"] == TINY.n_embd
+    assert "h.0.attn.c_attn.weight" in json.loads(meta["base_fingerprint"])
+    n_bytes = 4 * lora.count_trainable(model)  # fp32 tensors; the rest is the JSON header
+    assert n_bytes < path.stat().st_size < n_bytes + 16_000
+
+
+def test_saving_a_merged_model_writes_the_same_adapter(trained, tmp_path):
+    model, path, _ = trained
+    lora.merge_lora(model)
+    p2 = lora.save_adapter(model, tmp_path / "merged.safetensors")
+    (t1, m1), (t2, m2) = lora.read_adapter(path), lora.read_adapter(p2)
+    assert m1 == m2  # the fingerprint is taken of W0, not of W0 + ΔW
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert lora.is_merged(model)
+
+
+def test_load_onto_another_base_is_an_error(trained):
+    _, path, _ = trained
+    with pytest.raises(ValueError, match="other base weights.*fingerprint"):
+        lora.load_adapter(tiny_gpt(seed=5), path)
+    with pytest.raises(ValueError, match=r"another base model: n_embd=32 \(this model: 64\)"):
+        lora.load_adapter(tiny_gpt(n_embd=64), path)
+
+
+def test_load_onto_same_base_in_bf16_is_fine(trained):
+    _, path, logits = trained
+    model = tiny_gpt().to(torch.bfloat16)
+    lora.load_adapter(model, path)
+    assert (model(ids()).float() - logits).abs().max() < 0.1  # bf16 rounding, same function
+
+
+def test_truncated_missing_and_non_adapter_files(trained, tmp_path):
+    _, path, _ = trained
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        lora.load_adapter(tiny_gpt(), cut)
+    with pytest.raises(FileNotFoundError):
+        lora.load_adapter(tiny_gpt(), tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not a LoRA adapter"):
+        lora.load_adapter(tiny_gpt(), tmp_path / "plain.safetensors")
+
+
+def test_missing_unexpected_keys_and_other_settings(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    _, path, _ = trained
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(path)
+    sd.pop("h.1.attn.c_proj.lora_B.o")
+    sd["h.0.attn.c_attn.lora_A.k"] = torch.zeros(4, 32)
+    save_file(sd, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"missing tensors h.1.attn.c_proj.lora_B.o; "
+                                         r"unexpected tensors h.0.attn.c_attn.lora_A.k"):
+        lora.load_adapter(tiny_gpt(), tmp_path / "bad.safetensors")
+    other = lora.apply_lora(tiny_gpt(), rank=2)
+    with pytest.raises(ValueError, match=r"rank=4 \(model: 2\), targets=\['q', 'v', 'o'\]"):
+        lora.load_adapter(other, path)
+
+
+def test_load_adapter_on_merged_model_stays_merged_and_exact(trained, tmp_path):
+    model, path, logits = trained
+    other = randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "o")), seed=3)
+    lora.merge_lora(other)
+    lora.load_adapter(other, path)
+    assert lora.is_merged(other)
+    lora.merge_lora(model)
+    assert all(torch.equal(p, q) for p, q in zip(other.parameters(), model.parameters()))
+
+
+def test_task_switch_on_merged_model_equals_fresh_merge(tmp_path):
+    base_w = tiny_gpt().h[0].attn.c_attn.weight.detach().clone()
+    task_a = randomize_lora(lora.apply_lora(tiny_gpt()), seed=1)
+    task_b = randomize_lora(lora.apply_lora(tiny_gpt()), seed=2)
+    path_b = lora.save_adapter(task_b, tmp_path / "b.safetensors")
+    lora.merge_lora(task_a)
+    lora.switch_adapter(task_a, path_b)  # subtract B A, add B' A' (§4.1)
+    lora.merge_lora(task_b)
+    assert lora.is_merged(task_a)
+    assert all(torch.equal(p, q) for p, q in zip(task_a.parameters(), task_b.parameters()))
+    assert torch.equal(task_a(ids()), task_b(ids()))
+    lora.switch_adapter(task_a, lora.lora_state_dict(lora.unmerge_lora(tiny_gpt_with_zero())))
+    assert torch.equal(task_a.h[0].attn.c_attn.weight, base_w)  # B = 0: back to W0 exactly
+
+
+def tiny_gpt_with_zero():
+    return lora.apply_lora(tiny_gpt())  # B = 0: ΔW = 0
+
+
+def test_mixed_batch_rows_equal_single_adapters(tmp_path):
+    paths = {}
+    for k, (rank, alpha) in enumerate([(4, 32), (2, 8), (8, 16)]):  # ranks may differ
+        m = randomize_lora(lora.apply_lora(tiny_gpt(), rank=rank, alpha=alpha), seed=10 + k)
+        paths[f"task{k}"] = lora.save_adapter(m, tmp_path / f"task{k}.safetensors")
+    model = tiny_gpt()
+    names = lora.load_adapters(model, paths)
+    assert names == ["task0", "task1", "task2"]
+    idx = ids(batch=5)
+    choice = [2, 0, -1, 1, 2]
+    with lora.use_adapters(model, choice):
+        mixed = model(idx)
+    for row, k in enumerate(choice):
+        single = tiny_gpt()
+        if k >= 0:
+            lora.load_adapter(single, paths[names[k]])
+        assert (mixed[row] - single(idx[row:row + 1])[0]).abs().max() <= 1e-5
+    with lora.use_adapters(model, ["task1"] * 5):  # names work too
+        by_name = model(idx)
+    assert (by_name[3] - mixed[3]).abs().max() <= 1e-5
+    assert model.h[0].attn.c_attn.adapter_ids is None  # the context manager cleans up
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_mixed_batch_is_vectorized(tmp_path):
+    """As many tensor ops for 1 row and 1 adapter as for 6 rows and 3 adapters: no Python loop
+    over rows or adapters in the forward."""
+    def count(n_adapters, batch):
+        paths = {}
+        for k in range(n_adapters):
+            m = randomize_lora(lora.apply_lora(tiny_gpt()), seed=k)
+            paths[str(k)] = lora.save_adapter(m, tmp_path / f"{n_adapters}-{k}.safetensors")
+        model = tiny_gpt()
+        lora.load_adapters(model, paths)
+        with lora.use_adapters(model, [i % n_adapters for i in range(batch)]), _CountOps() as c:
+            model(ids(batch=batch))
+        return c.n
+    assert count(1, 1) == count(3, 6)
+
+
+def test_mixed_batch_errors(tmp_path):
+    a = lora.save_adapter(lora.apply_lora(tiny_gpt()), tmp_path / "a.safetensors")
+    b = lora.save_adapter(lora.apply_lora(tiny_gpt(), targets=("q",)), tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="must share targets"):
+        lora.load_adapters(tiny_gpt(), {"a": a, "b": b})
+    model = tiny_gpt()
+    lora.load_adapters(model, {"a": a})
+    with pytest.raises(ValueError, match="adapter ids must be"):
+        with lora.use_adapters(model, [0, 1]):
+            pass
+    with pytest.raises(ValueError, match="unknown adapters"):
+        with lora.use_adapters(model, ["zz"]):
+            pass
+    lora.merge_lora(model)
+    with pytest.raises(ValueError, match="unmerged"):
+        with lora.use_adapters(model, [0]):
+            pass
