@@ -300,7 +300,11 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     if cfg.compile:
         fwd = torch.compile(fwd)
 
+    saved_step = step if resume else None
+
     def checkpoint():
+        nonlocal saved_step
+        saved_step = step
         if out_dir is not None and main_proc:
             if save is not None:
                 save(model, out_dir)
@@ -343,12 +347,11 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             train_loss = float(loss_sum) / accum
-            if not math.isfinite(train_loss):
-                optimizer.zero_grad(set_to_none=True)
-                checkpoint()  # weights are still those of the last good step
-                where = f"; the last good state (step {step}) is in {out_dir}" if out_dir else ""
+            if not math.isfinite(train_loss):  # stop; the last checkpoint stays as it is
+                kept = (f"; {out_dir} keeps the last checkpoint (step {saved_step})"
+                        if out_dir is not None and saved_step is not None else "")
                 raise TrainingDiverged(f"the loss is {train_loss} at step {step + 1}: stopping"
-                                       f"{where}. Try a lower --lr or --amp off")
+                                       f"{kept}. Try a lower --lr, or --amp off")
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(
