@@ -34,7 +34,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from model import GPT, PRETRAINED, GPTConfig, _atomic_write
-from train import DTYPES, get_device, load_base, run_main
+from train import DTYPES, TrainConfig, amp_setup, get_device, load_base, make_optimizer, run_main
 
 # ---------------------------------------------------------------- adapter baselines
 
@@ -125,6 +125,7 @@ def adapter_params(model: nn.Module) -> int:
 
 ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L")
 LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
+TRAIN = TrainConfig()  # train.py's defaults: AdamW lr 2e-4, weight decay 0.01, clip 1.0
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -271,7 +272,7 @@ def flops_per_token(config: GPTConfig, n: int, T: int, kind: str) -> int:
 MODELS = {  # random weights in these shapes unless --init gives real ones
     "gpt2": PRETRAINED["gpt2"],
     "gpt2-medium": PRETRAINED["gpt2-medium"],
-    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=256),  # for the tests
+    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=256, vocab_size=1024),  # tests
 }
 
 
@@ -353,8 +354,9 @@ def bench_decode(base: GPT, arms, args) -> dict:
 
 
 def train_arm(args, arm: str):
-    """A fresh model and its optimizer for arm 'full' (every weight trains) or 'lora'. The
-    optimizer sees only requires_grad parameters, so LoRA's frozen weights get no Adam state."""
+    """A fresh model and its optimizer for arm 'full' (every weight trains) or 'lora', with
+    train.py's optimizer (AdamW over the requires_grad parameters only, so LoRA's frozen
+    weights get no Adam state) and its defaults (TrainConfig: the paper's E2E recipe)."""
     model = build_base(args)
     if arm == "lora":
         from lora import apply_lora
@@ -362,15 +364,20 @@ def train_arm(args, arm: str):
     elif arm != "full":
         raise ValueError(f"unknown training arm {arm!r}")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-    return model, opt
+    autocast, _ = amp_setup(TRAIN.amp, torch.device(args.device).type)  # fp32 on CPU
+    return model, make_optimizer(model, TRAIN), autocast
 
 
-def train_step(model, opt, idx, targets):
-    """Forward with targets -> loss, backward, one AdamW step."""
-    loss = model(idx, targets)
+def train_step(model, opt, autocast, idx, targets):
+    """One optimizer step as train.py's loop takes it: forward with targets -> loss (label
+    smoothing as configured), backward, gradient clipping, AdamW step. (No loss scaling: fp16
+    autocast is only train.py's choice on a GPU without bf16.)"""
+    with autocast():
+        loss = model(idx, targets, label_smoothing=TRAIN.label_smoothing)
     loss.backward()
+    if TRAIN.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                       TRAIN.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -407,14 +414,14 @@ def peak_memory_child(args) -> dict:
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     before = 0 if cuda else _rss_bytes("VmRSS")
-    model, opt = train_arm(args, args._child)
+    model, opt, autocast = train_arm(args, args._child)
     idx, targets = batch_for(args, model.config)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
-        train_step(model, opt, idx, targets)
+        train_step(model, opt, autocast, idx, targets)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM") - before
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(peak_bytes=peak, trainable_params=trainable,
@@ -576,7 +583,7 @@ def main(argv=None):
     g.add_argument("--shapes", default=None,
                    help="forward-pass settings BATCHxSEQ, comma-separated; the paper's are "
                         "32x512,16x256,1x128 (default: those on cuda, 4x256,1x128 on cpu)")
-    g.add_argument("--adapter-params", type=parse_count, default=None,
+    g.add_argument("--adapter-params", default=None,
                    help="adapter parameter count the bottleneck is solved for (default as Table "
                         "1: 0.5M at 32x512, 11M elsewhere)")
     g.add_argument("--skip", default="",
@@ -611,6 +618,8 @@ def main(argv=None):
                  "train_rounds", "mem_steps", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.adapter_params is not None:
+        args.adapter_params = parse_count(args.adapter_params)
     torch.set_num_threads(args.threads)
 
     if args._child:

@@ -1,0 +1,166 @@
+"""bench.py: the adapter baselines (parameter counts, identity at init, placement), every arm's
+forward, the FLOP count against torch's counter, and the CLI end to end on a tiny model.
+No timing is asserted: timings are what bench.py reports, not what it must get."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from model import GPT, GPTConfig, KVCache
+
+ROOT = bench.Path(bench.__file__).resolve().parent
+TINY = GPTConfig(**bench.MODELS["tiny"])
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**bench.MODELS["tiny"], **kw})).eval()
+
+
+@pytest.mark.parametrize("kind", ["H", "L"])
+@pytest.mark.parametrize("n_layer,n_embd,m", [(2, 32, 1), (2, 32, 7), (3, 48, 20)])
+def test_adapter_parameter_counts_match_formula(kind, n_layer, n_embd, m):
+    model = tiny(n_layer=n_layer, n_embd=n_embd, n_head=4)
+    before = model.num_params()
+    bench.add_adapters(model, kind, m)
+    C, L = n_embd, n_layer
+    formula = L * 2 * (2 * C * m + m + C) if kind == "H" else L * (2 * C * m + m + 3 * C)
+    assert bench.adapter_param_count(kind, L, C, m) == formula
+    assert bench.adapter_params(model) == formula
+    assert model.num_params() - before == formula  # nothing else was added
+
+
+@pytest.mark.parametrize("kind", ["H", "L"])
+@pytest.mark.parametrize("target", [500_000, 11_000_000])
+def test_bottleneck_is_the_nearest_to_the_target_count(kind, target):
+    # GPT-2 medium, the model of the paper's Table 1, at its two adapter sizes
+    L, C = 24, 1024
+    m = bench.bottleneck_for(kind, L, C, target)
+    err = abs(bench.adapter_param_count(kind, L, C, m) - target)
+    assert err <= abs(bench.adapter_param_count(kind, L, C, m + 1) - target)
+    assert m == 1 or err <= abs(bench.adapter_param_count(kind, L, C, m - 1) - target)
+
+
+def test_adapters_sit_where_the_papers_put_them():
+    h = bench.add_adapters(tiny(), "H", 4)
+    for block in h.h:  # Houlsby: after attention's output projection and after the MLP
+        assert isinstance(block.attn.c_proj, bench.Then)
+        assert isinstance(block.mlp.c_proj, bench.Then)
+        assert isinstance(block.attn.c_proj.adapter.ln, torch.nn.Identity)
+    lin = bench.add_adapters(tiny(), "L", 4)
+    for block in lin.h:  # Lin: one adapter with its own LayerNorm on the block's output
+        assert isinstance(block, bench.Then) and isinstance(block.adapter.ln, torch.nn.LayerNorm)
+        assert not isinstance(block.module.attn.c_proj, bench.Then)
+    # The Lin adapter sees the block's output: checked by value on one block
+    x = torch.randn(2, 5, TINY.n_embd)
+    seen = []
+    lin.h[0].adapter.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        lin.h[0](x)
+        torch.testing.assert_close(seen[0], lin.h[0].module(x), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
+    base = tiny()
+    idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    ref = base(idx)
+    arms = {a: bench.build_arm(base, a, adapter_target=3000) for a in bench.ARMS}
+    for a, model in arms.items():
+        out = model(idx)
+        assert out.shape == (2, 12, TINY.vocab_size), a
+        if a.startswith("adapter_"):  # up-projection zero at init: exactly the base model
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        # decoding with the KV cache works in every arm, one token at a time
+        cache = KVCache(model.config, 2, 13, "cpu", torch.float32)
+        model(idx, cache=cache)
+        assert model(idx[:, :1], cache=cache, last_only=True).shape == (2, 1, TINY.vocab_size)
+    # The LoRA arms carry random A, B (not the identity), and merged == unmerged
+    lora_out = arms["lora_unmerged"](idx)
+    assert (lora_out - ref).abs().max() > 1e-4
+    torch.testing.assert_close(arms["lora_merged"](idx), lora_out, rtol=1e-4, atol=1e-4)
+    # The base model is untouched by building the other arms (they share its weights)
+    torch.testing.assert_close(base(idx), ref, rtol=0, atol=0)
+    # and the adapters are on the forward path: a non-zero up-projection changes the logits
+    for a in ("adapter_H", "adapter_L"):
+        for m in arms[a].modules():
+            if isinstance(m, bench.Adapter):
+                m.up.weight.normal_()
+        assert (arms[a](idx) - ref).abs().max() > 1e-3, a
+
+
+@pytest.mark.parametrize("kind", ["forward", "train", "lora_train"])
+def test_flop_count_matches_torch_counter(kind):
+    """6N + 12LHQT per token (nanoGPT's estimate_mfu), 4N when the weights are frozen, a third
+    of it for a forward: within the biases' and LayerNorms' share of torch's own count (the
+    math attention backend, so attention's matmuls are counted too)."""
+    from lora import apply_lora
+
+    model = tiny().train()
+    n = bench.counted_params(model)
+    if kind == "lora_train":
+        apply_lora(model, **bench.LORA)
+    B, T = 2, 64
+    idx = torch.randint(0, TINY.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+        if kind == "forward":
+            with torch.no_grad():
+                model(idx)
+        else:
+            model(idx, idx).backward()
+    est = B * T * bench.flops_per_token(TINY, n, T, kind)
+    assert abs(est / fc.get_total_flops() - 1) < 0.03
+
+
+def run_bench(*args, timeout=240):
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_run_writes_every_arm_and_figure(tmp_path):
+    out = tmp_path / "out.json"
+    r = run_bench("--quick", "--model", "tiny", "--adapter-params", "3k", "--rounds", "2",
+                  "--warmup", "1", "--decode-tokens", "2", "--train-rounds", "1",
+                  "--mem-steps", "1", "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    keys = {"mean_ms", "std_ms", "ratio_to_base", "extra_params"}
+    for part in (res["forward"][0], res["decode"]):
+        assert set(part["arms"]) == set(bench.ARMS)
+        for s in part["arms"].values():
+            assert keys <= set(s) and s["mean_ms"] > 0
+        assert part["arms"]["base"]["ratio_to_base"] == 1.0
+    f = res["forward"][0]
+    assert (f["batch"], f["seq"]) == (1, 128) and 0 < f["base_mfu"]
+    assert res["decode"]["base_bandwidth_share"] > 0
+    tr = res["train"]["arms"]
+    assert tr["lora"]["trainable_params"] < tr["full"]["trainable_params"]
+    for s in tr.values():
+        assert s["peak_bytes"] > 0 and s["tokens_per_s"] > 0 and s["mfu"] > 0
+    assert {t["target"] for t in res["targets"]} == {t[0] for t in bench.TARGETS}
+    assert "Targets" in r.stdout and "lora_unmerged" in r.stdout
+
+
+def test_bad_input_is_one_line_error():
+    r = run_bench("--model", "tiny", "--shapes", "3y4")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error:") and "BATCHxSEQ" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--arms", "base,prefix"], "unknown"),
+    (["--adapter-params", "lots"], "--adapter-params"),
+    (["--skip", "everything"], "--skip"),
+    (["--rounds", "0"], "at least 1"),
+    (["--shapes", "1x999"], "longer than"),
+    (["--adapter-params", "1M"], "wider than n_embd"),
+])
+def test_bad_input_raises_value_error(args, msg):
+    with pytest.raises(ValueError, match=msg):
+        bench.main(["--model", "tiny", "--skip", "decode,train", "--rounds", "1", *args])
