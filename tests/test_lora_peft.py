@@ -1,0 +1,108 @@
+"""PEFT interoperability both ways, checked by running huggingface/peft on transformers' GPT-2."""
+import json
+
+import pytest
+import torch
+
+import lora
+from model import GPT, GPTConfig
+from test_lora import randomize_lora
+
+peft = pytest.importorskip("peft")  # a test requirement (requirements-test.txt)
+
+
+def idx():
+    return torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(idx()).logits
+
+
+def randomize_biases(model, names, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(targets=("q", "v")),  # the paper's default, slices of the fused c_attn
+    dict(targets=("k", "o", "mlp"), rank=3, alpha=5, bias="lora_only"),
+    dict(targets=("q", "v", "mlp"), rank=2, bias="all", rslora=True),
+])
+def test_export_loads_in_peft_with_the_same_logits(tiny_base, tmp_path, kwargs):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    ours = lora.apply_lora(GPT.from_pretrained(tiny_base).eval(), **kwargs)
+    randomize_lora(ours)
+    randomize_biases(ours, {n for n in lora.lora_state_dict(ours) if n.endswith(".bias")})
+    lora.export_peft(ours, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    if kwargs["targets"] == ("q", "v"):
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == 64  # rank 2r on c_attn, same α/r
+    theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_base), tmp_path / "peft")
+    theirs.eval()
+    with torch.no_grad():
+        want = ours(idx())
+    assert (hf_logits(theirs) - want).abs().max() <= 1e-4
+    assert (hf_logits(GPT2LMHeadModel.from_pretrained(tiny_base).eval()) - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("peft_kwargs", [
+    dict(target_modules=["c_attn", "c_proj", "c_fc"]),  # c_proj: attn.c_proj and mlp.c_proj
+    dict(target_modules=["c_attn"], use_rslora=True, bias="lora_only"),
+    dict(target_modules=["c_fc"], layers_to_transform=[1]),  # leaves modules out
+])
+def test_import_of_a_peft_adapter_gives_peft_logits(tiny_base, tmp_path, peft_kwargs):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=16, fan_in_fan_out=True, init_lora_weights=False,
+                        task_type="CAUSAL_LM", **peft_kwargs)  # False: random B, ΔW != 0
+    theirs = get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_base), config).eval()
+    randomize_biases(theirs, {n for n, p in theirs.named_parameters()
+                              if p.requires_grad and n.endswith(".bias")})
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lora.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "peft")
+    with torch.no_grad():
+        got = ours(idx())
+    assert (got - hf_logits(theirs)).abs().max() <= 1e-4
+    assert lora.count_trainable(ours) >= sum(p.numel() for p in theirs.parameters()
+                                             if p.requires_grad)
+
+
+def test_export_then_import_round_trip(tiny_base, tmp_path):
+    ours = randomize_lora(lora.apply_lora(GPT.from_pretrained(tiny_base).eval()))
+    lora.export_peft(ours, tmp_path / "p")
+    back = lora.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "p")
+    assert back.lora_config["targets"] == ["qkv"]  # PEFT's one LoRA over the fused c_attn
+    with torch.no_grad():
+        assert (back(idx()) - ours(idx())).abs().max() <= 1e-5
+
+
+def test_import_errors(tiny_base, tmp_path):
+    base = GPT.from_pretrained(tiny_base).eval()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.import_peft(base, tmp_path)
+    d = lora.export_peft(randomize_lora(lora.apply_lora(GPT.from_pretrained(tiny_base))),
+                         tmp_path / "p")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        lora.import_peft(base, d)
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="only LORA"):
+        lora.import_peft(base, d)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="without LoRA"):
+        lora.import_peft(lora.apply_lora(GPT.from_pretrained(tiny_base)), d)
+    with pytest.raises(ValueError, match=r"has shape \(8, 32\), the model expects \(8, 64\)"):
+        lora.import_peft(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64)), d)
+    (d / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        lora.import_peft(base, d)
