@@ -610,10 +610,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.device = get_device(args.device)
     q = args.quick
-    args.rounds = args.rounds or (10 if q else 30)
-    args.decode_tokens = args.decode_tokens or (8 if q else 16)
-    args.train_batch = args.train_batch or (2 if q else 4)
-    args.train_rounds = args.train_rounds or (3 if q else 10)
+    for name, quick, full in (("rounds", 10, 30), ("decode_tokens", 8, 16), ("train_batch", 2, 4),
+                              ("train_rounds", 3, 10)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
     for name in ("rounds", "decode_prompt", "decode_tokens", "train_batch", "train_seq",
                  "train_rounds", "mem_steps", "threads"):
         if getattr(args, name) < 1:
