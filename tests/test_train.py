@@ -1,0 +1,165 @@
+"""The training loop: schedule, optimizer over trainable parameters only, token-weighted
+evaluation, pretraining and full fine-tuning from the command line, AMP, non-finite loss."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from conftest import SHARED_DATA
+from data.datasets import IGNORE, Examples
+from model import GPT, GPTConfig
+
+
+def _toy_model(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**dict(n_layer=1, n_head=2, n_embd=16, block_size=32), **kw}))
+
+
+def _toy_data(n=16, seed=0):
+    """Examples whose completion is the prompt's tokens again: learnable by a tiny model."""
+    rng = np.random.default_rng(seed)
+    tokens, index = [], []
+    for _ in range(n):
+        p = rng.integers(0, 50, 4).tolist()
+        index.append((len(tokens), 4, 8))
+        tokens += p + p
+    return Examples(np.array(tokens, dtype=np.uint16), index, 16, "toy")
+
+
+def _read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero():
+    cfg = train.TrainConfig(lr=1.0, warmup=10)
+    lrs = [train.lr_at(s, cfg, 110) for s in range(110)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == 1.0 and lrs[60] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    cos = train.TrainConfig(lr=1.0, warmup=0, decay="cosine")
+    assert train.lr_at(50, cos, 100) == pytest.approx(0.5)
+    assert train.lr_at(5, train.TrainConfig(lr=1.0, warmup=0, decay="constant"), 10) == 1.0
+
+
+def test_optimizer_holds_only_trainable_parameters_and_no_decay_on_vectors():
+    model = _toy_model()
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("h.0.attn")
+    opt = train.make_optimizer(model, train.TrainConfig(weight_decay=0.01))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    for g in opt.param_groups:
+        assert all((p.dim() >= 2) == (g["weight_decay"] == 0.01) for p in g["params"])
+    for p in model.parameters():
+        p.requires_grad = False
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.make_optimizer(model, train.TrainConfig())
+
+
+def test_evaluate_is_the_mean_loss_per_target_token():
+    model, data = _toy_model(), _toy_data(n=5)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in data.eval_batches(2):
+            logits = model(x)
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").item()
+            count += int((y != IGNORE).sum())
+    assert train.evaluate(model, data, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_train_lowers_validation_loss_and_records_history(tmp_path):
+    model, data = _toy_model(), _toy_data()
+    cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=20, eval_interval=10, log_interval=5,
+                            batch_size=4, label_smoothing=0.0, progress=False)
+    history = train.train(model, data, data, cfg, out_dir=tmp_path)
+    val = [h["val_loss"] for h in history if h["val_loss"] is not None]
+    assert [h["step"] for h in history] == [0, 5, 10, 15, 20] and len(val) == 3
+    assert val[-1] < val[0] - 0.5
+    assert _read_log(tmp_path) == json.loads(json.dumps(history))
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_batch_larger_than_the_data_is_an_error():
+    cfg = train.TrainConfig(batch_size=32, max_iters=1, progress=False)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train.train(_toy_model(), _toy_data(n=16), _toy_data(n=4), cfg)
+
+
+def test_bf16_autocast_on_cpu_trains_and_fp16_needs_cuda():
+    model, data = _toy_model(), _toy_data()
+    cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=3, batch_size=4, amp="bf16",
+                            progress=False)
+    history = train.train(model, data, data, cfg)
+    assert math.isfinite(history[-1]["val_loss"])
+    assert model.wte.weight.dtype == torch.float32  # weights stay fp32 under autocast
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        train.train(model, data, data, train.TrainConfig(amp="fp16", max_iters=1,
+                                                         progress=False))
+
+
+class _PoisonAt(Examples):
+    """Puts a nan into a frozen weight when batch `at` is drawn (a test-only trigger)."""
+
+    def __init__(self, base, model, at):
+        super().__init__(base.tokens, base.index, base.block_size, base.name)
+        self.model, self.at = model, at
+
+    def get_batch(self, batch_size, index=0, seed=0):
+        if index == self.at:
+            with torch.no_grad():
+                self.model.ln_f.weight[0] = float("nan")
+        return super().get_batch(batch_size, index, seed)
+
+
+def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+    model, data = _toy_model(), _toy_data()
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("h.0.attn")
+    saved = {}
+    cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=10, ckpt_interval=2, batch_size=4,
+                            progress=False)
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5.*step 4\)"):
+        train.train(model, _PoisonAt(data, model, at=4), data, cfg, out_dir=tmp_path,
+                    save=lambda m, d: saved.update(
+                        {n: p.detach().clone() for n, p in m.named_parameters()
+                         if p.requires_grad}))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["params"].values())
+    assert all(torch.equal(saved[n], t) for n, t in ckpt["params"].items())
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    from data.shakespeare.prepare import prepare
+    out = tmp_path_factory.mktemp("shakespeare")
+    prepare(SHARED_DATA / "tinyshakespeare", out)
+    return out
+
+
+def test_train_py_pretrains_from_scratch_and_writes_a_loadable_model(shakespeare_dir, tmp_path):
+    out = tmp_path / "scratch"
+    train.main(["--data", str(shakespeare_dir), "--n-layer", "1", "--n-head", "2",
+                "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--max-iters",
+                "10", "--eval-interval", "5", "--eval-batches", "2", "--out", str(out),
+                "--no-progress"])
+    log = _read_log(out)
+    assert log[-1]["step"] == 10 and log[-1]["val_loss"] < log[0]["val_loss"]
+    model = GPT.from_pretrained(out)
+    assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (1, 32, 32)
+
+
+def test_train_py_full_finetuning_updates_every_weight(tiny_base, shakespeare_dir, tmp_path):
+    before = GPT.from_pretrained(tiny_base).state_dict()
+    out = tmp_path / "full"
+    train.main(["--init", str(tiny_base), "--data", str(shakespeare_dir), "--block-size", "32",
+                "--batch-size", "2", "--max-iters", "2", "--warmup", "1", "--lr", "1e-3",
+                "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    after = GPT.from_pretrained(out).state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert sorted(changed) == sorted(before)
+    assert GPT.from_pretrained(tiny_base).state_dict()["wte.weight"].equal(before["wte.weight"])
