@@ -1,0 +1,244 @@
+"""sample.py: merged == unmerged generation, seeded sampling, beam search against transformers,
+the E2E evaluation and its metrics on hand-made cases, and bad input on the command line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+from model import EOT_TOKEN, GPT
+from sample import (ban_repeated_ngrams, beam_search, complete, corpus_bleu, evaluate_e2e, main,
+                    rouge_l)
+from train import get_tokenizer
+
+E2E_RAW = SHARED_DATA / "e2e"
+
+
+def make_adapter(base_dir, path, seed=0):
+    """An adapter whose B is random and non-zero (a trained one; B = 0 at init changes nothing)."""
+    from lora import apply_lora, save_adapter
+
+    model = GPT.from_pretrained(base_dir)
+    apply_lora(model, rank=4, alpha=32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_adapter(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory):
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "adapter.safetensors")
+
+
+def run_main(capsys, *args):
+    assert main([str(a) for a in args]) == 0
+    return capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- merge, sampling, streaming
+
+def test_merged_greedy_equals_unmerged_and_differs_from_base(tiny_base, adapter, capsys):
+    common = ["--init", tiny_base, "--adapter", adapter, "--greedy", "--max-new-tokens", 20,
+              "--prompt", "The restaurant is"]
+    compare = run_main(capsys, *common, "--compare", "--merge").splitlines()
+    base = compare[1].removeprefix("[base]    ")
+    merged = compare[2].removeprefix("[adapter] ")
+    unmerged = run_main(capsys, *common, "--no-stream").splitlines()[0]
+    assert unmerged == "The restaurant is" + merged  # fp32: the same tokens, merged or not
+    assert merged != base  # a non-zero adapter changes the output
+    no_adapter = run_main(capsys, *common[:2], "--no-adapter", *common[4:], "--no-stream")
+    assert no_adapter.splitlines()[0] == "The restaurant is" + base
+
+
+def test_merge_really_merges(tiny_base, adapter):
+    """--merge leaves plain weights that compute what the unmerged adapter computes."""
+    from sample import load_model
+
+    base, _ = load_model(tiny_base)
+    merged, label = load_model(tiny_base, adapter, merge=True)
+    unmerged, _ = load_model(tiny_base, adapter)
+    assert label == "adapter merged into W"
+    w0, w = base.h[0].attn.c_attn.weight, merged.h[0].attn.c_attn.weight
+    assert not torch.equal(w0, w)  # BA was added into W
+    idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx), unmerged(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_streams_what_it_returns(tiny_base, capsys):
+    args = ["--init", tiny_base, "--no-adapter", "--prompt", "Once upon a time",
+            "--max-new-tokens", 12, "--top-k", 50, "--top-p", 0.95]
+    a = run_main(capsys, *args, "--num-samples", 3, "--seed", 1)
+    b = run_main(capsys, *args, "--num-samples", 3, "--seed", 1)
+    c = run_main(capsys, *args, "--num-samples", 3, "--seed", 2)
+    assert a == b
+    assert a != c
+    streamed = run_main(capsys, *args, "--seed", 3)
+    printed = run_main(capsys, *args, "--seed", 3, "--no-stream")
+    assert streamed == printed.removesuffix("-" * 40 + "\n")
+
+
+# ---------------------------------------------------------------- beam search
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base):
+    return GPT.from_pretrained(tiny_base).eval()
+
+
+def prompts(n, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50257, (1, T), generator=g) for _ in range(n)]
+
+
+def test_beam_search_with_one_beam_is_greedy(tiny):
+    for idx in prompts(4):
+        free = tiny.generate(idx, 16, greedy=True)[0, 5:].tolist()
+        for eos in (EOT_TOKEN, free[4]):  # the second one ends the greedy text early
+            greedy = tiny.generate(idx, 16, greedy=True, eos_token=eos)
+            for lp in (1.0, 0.5):
+                assert torch.equal(beam_search(tiny, idx, 1, 16, length_penalty=lp,
+                                               eos_token=eos), greedy)
+
+
+@pytest.mark.parametrize("beams,length_penalty,no_repeat,early,ends_early", [
+    (4, 0.9, 0, False, True), (10, 0.9, 4, False, True), (4, 0.9, 2, False, True),
+    (5, 1.0, 3, False, True), (3, 0.5, 0, True, True), (6, -1.0, 0, False, True),
+    (5, 2.0, 0, False, False)])  # a penalty > 1 favours long hypotheses: all reach 16 tokens
+def test_beam_search_matches_transformers(tiny_base, tiny, beams, length_penalty, no_repeat, early,
+                                          ends_early):
+    """The same sequences as transformers' generate(num_beams=...) with the same length penalty,
+    n-gram ban and early_stopping (the paper's 10 beams, 0.9, 4 among them). The end token is
+    one the model emits a few steps in, so hypotheses end at different lengths and the length
+    penalty decides between them."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_base).eval()
+    ended_early = 0
+    for idx in prompts(6, seed=1):
+        free = beam_search(tiny, idx, 4, 16, eos_token=None)[0, 5:].tolist()
+        eos = next((t for i, t in enumerate(free) if i >= 3 and t not in free[:i]), free[-1])
+        ours = beam_search(tiny, idx, beams, 16, length_penalty=length_penalty,
+                           no_repeat_ngram_size=no_repeat, eos_token=eos, early_stopping=early)
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                             num_beams=beams, length_penalty=length_penalty,
+                             no_repeat_ngram_size=no_repeat, early_stopping=early,
+                             max_new_tokens=16, eos_token_id=eos, pad_token_id=eos)
+        assert ours.tolist() == theirs.tolist()
+        ended_early += ours.size(1) < 5 + 16
+    assert (ended_early >= 1) == ends_early  # whether the end-of-text path was exercised
+
+
+def test_ban_repeated_ngrams_by_hand():
+    seqs = torch.tensor([[1, 2, 3, 1, 2]])
+    banned = lambda n: (ban_repeated_ngrams(seqs, torch.zeros(1, 6), n)[0] == -math.inf)
+    assert banned(3).nonzero().flatten().tolist() == [3]  # "1 2 3" seen: after "1 2", not 3
+    assert banned(2).nonzero().flatten().tolist() == [3]  # after "2": 3 seen
+    assert banned(1).nonzero().flatten().tolist() == [1, 2, 3]
+    assert banned(6).nonzero().numel() == 0  # no 6-gram fits yet
+
+
+# ---------------------------------------------------------------- metrics on hand-made cases
+
+def test_corpus_bleu_known_scores():
+    # identical (case and the final period's tokenization do not matter, as in e2e-metrics)
+    assert corpus_bleu(["The cat sat on the mat."], [["the cat sat on the mat ."]]).score == \
+        pytest.approx(100)
+    # "the cat sat on a mat" vs "the cat sat on the mat": n-gram precisions 5/6, 3/5, 2/4, 1/3,
+    # same length so no brevity penalty: BLEU = (5/6 * 3/5 * 2/4 * 1/3) ** (1/4)
+    assert corpus_bleu(["the cat sat on a mat"], [["the cat sat on the mat"]]).score == \
+        pytest.approx(100 * (1 / 12) ** 0.25)
+    # Two MRs, 2 and 1 references (the streams are padded). Every n-gram matches; output length
+    # 6 + 2 = 8, closest reference lengths 6 + 6 = 12, so BLEU = exp(1 - 12/8). Padding with ''
+    # would make the closest reference of "the cat" the empty one (length 0) and give 100.
+    hyps = ["the cat sat on the mat", "the cat"]
+    refs = [["a dog ran", "the cat sat on the mat"], ["the cat sat on the mat"]]
+    assert corpus_bleu(hyps, refs).score == pytest.approx(100 * math.exp(1 - 12 / 8))
+
+
+def test_rouge_l_known_scores():
+    assert rouge_l(["the cat sat on the mat"], [["The cat sat on the mat."]]) == pytest.approx(1)
+    # LCS with "the cat" is 2 words: P = 2/6, R = 1; with "the cat sat on the mat" 5 words:
+    # P = R = 5/6. Best P = 5/6 and best R = 1 combine: F = (1 + b^2) P R / (R + b^2 P), b = 1.2.
+    p, r, b2 = 5 / 6, 1.0, 1.44
+    assert rouge_l(["the cat sat on a mat"], [["the cat", "the cat sat on the mat"]]) == \
+        pytest.approx((1 + b2) * p * r / (r + b2 * p))
+    assert rouge_l(["x y", "the cat"], [["a b"], ["the cat"]]) == pytest.approx(0.5)  # mean
+
+
+# ---------------------------------------------------------------- E2E evaluation
+
+def test_eval_e2e_writes_scores_and_outputs(tiny_base, adapter, tmp_path, capsys):
+    from data.e2e.prepare import load_references
+
+    out = tmp_path / "e2e.json"
+    run_main(capsys, "--init", tiny_base, "--adapter", adapter, "--merge", "--eval", "e2e",
+             "--eval-limit", 8, "--raw-dir", E2E_RAW, "--max-new-tokens", 8, "--out", out)
+    result = json.loads(out.read_text())
+    assert result["mode"] == "adapter merged into W"
+    assert set(result["metrics"]) == {"BLEU", "ROUGE_L"}
+    assert all(0 <= v <= 100 for v in result["metrics"].values())
+    expected = load_references("test", E2E_RAW)[:8]
+    assert [(o["mr"], o["references"]) for o in result["outputs"]] == \
+        [(mr, refs) for mr, refs in expected]
+    hyps = [o["output"] for o in result["outputs"]]
+    # the score file's numbers are the metrics of its outputs
+    assert result["metrics"]["BLEU"] == round(corpus_bleu(hyps, [r for _, r in expected]).score, 2)
+    # beside it, the input files of e2e-metrics' measure_scores.py
+    assert (tmp_path / "e2e.hyp.txt").read_text().splitlines() == hyps
+    groups = (tmp_path / "e2e.ref.txt").read_text().split("\n\n")
+    assert [g.strip().split("\n") for g in groups] == [refs for _, refs in expected]
+
+
+def test_eval_batches_equal_single_rows_and_beam_path(tiny):
+    """Greedy evaluation batches prompts of equal length: each row must be what it is alone."""
+    from data.e2e.prepare import format_prompt, load_references
+
+    enc = get_tokenizer()
+    items = load_references("test", E2E_RAW)[:12]
+    lengths = [len(enc.encode_ordinary(format_prompt(mr))) for mr, _ in items]
+    assert len(set(lengths)) < len(lengths)  # some batch holds more than one MR
+    result = evaluate_e2e(tiny, enc, raw_dir=E2E_RAW, limit=12, max_new_tokens=6)
+    for (mr, _), o in zip(items, result["outputs"]):
+        comps, _ = complete(tiny, enc.encode_ordinary(format_prompt(mr)), max_new_tokens=6,
+                            greedy=True)
+        assert o["output"] == enc.decode(comps[0]).strip()
+    beam = evaluate_e2e(tiny, enc, raw_dir=E2E_RAW, limit=2, max_new_tokens=6, beams=3,
+                        length_penalty=0.9, no_repeat_ngram_size=4)
+    assert beam["decoding"]["beams"] == 3 and len(beam["outputs"]) == 2
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_one_line_and_nonzero_exit(tiny_base, adapter, tmp_path):
+    other_base = tmp_path / "other_base"  # same shapes, other weights: the fingerprint differs
+    from conftest import make_hf_gpt2
+    make_hf_gpt2(seed=1).save_pretrained(other_base)
+    other = make_adapter(other_base, tmp_path / "other.safetensors")
+    init = ["--init", str(tiny_base)]
+    cases = {
+        "missing": (init + ["--adapter", str(tmp_path / "nope.safetensors")],
+                    f"error: adapter file not found: {tmp_path / 'nope.safetensors'} "
+                    f"(train one with finetune.py or pass --adapter)"),
+        "other base": (init + ["--adapter", str(other)], "error: "),
+        "empty prompt": (init + ["--no-adapter", "--prompt", ""], "error: the prompt is empty"),
+        "too long": (init + ["--adapter", str(adapter), "--max-new-tokens", "500"],
+                     "error: prompt ("),
+    }
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = {k: subprocess.Popen([sys.executable, "sample.py", *args], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, (args, _) in cases.items()}
+    for k, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (k, err)
+        assert len(err.strip().splitlines()) == 1, (k, err)
+        assert err.startswith(cases[k][1]), (k, err)
+        assert out == "", (k, out)
