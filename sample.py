@@ -223,11 +223,14 @@ def corpus_bleu(hyps, refs_list):
     computes BLEU with mteval-v13a (case-insensitive by default). Differences left: sacrebleu
     smooths a zero n-gram count with 'exp' smoothing (mteval with a tiny constant), and the Perl
     script pads missing references with ''."""
-    import sacrebleu
-
     n = max(len(refs) for refs in refs_list)
     streams = [[refs[i] if i < len(refs) else None for refs in refs_list] for i in range(n)]
-    return sacrebleu.corpus_bleu(hyps, streams, lowercase=True, tokenize="13a")
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(lowercase=True, tokenize="13a")
+    score = metric.corpus_score(hyps, streams)
+    score.signature = str(metric.get_signature())  # nrefs:var|case:lc|eff:no|tok:13a|...
+    return score
 
 
 def rouge_l(hyps, refs_list, beta=1.2) -> float:
@@ -298,7 +301,7 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
                       "early_stopping": early_stopping} if beams > 1 else {"greedy": True})
         | {"max_new_tokens": max_new_tokens},
         "metrics": {"BLEU": round(bleu.score, 2), "ROUGE_L": round(100 * rouge_l(outputs, refs), 2)},
-        "bleu_signature": str(bleu.format(signature=True)),
+        "bleu": f"{bleu} ({bleu.signature})",
         "tokens_per_s": round(n_tokens / seconds, 1),
         "outputs": [{"mr": mr, "output": o, "references": r}
                     for (mr, r), o in zip(items, outputs)],
