@@ -248,3 +248,30 @@ def test_state_dict_keys_of_base_unchanged():
     new = set(model.state_dict()) - keys
     assert keys <= set(model.state_dict())
     assert new == {f"h.{i}.attn.c_attn.lora_{m}.{s}" for i in range(2) for m in "AB" for s in "qv"}
+
+
+def test_training_a_merged_model_is_an_error_not_a_silent_no_op():
+    model = lora.merge_lora(randomize_lora(lora.apply_lora(tiny_gpt())))
+    model.train()
+    idx = ids(T=9)
+    with pytest.raises(ValueError, match="unmerge_lora before training"):
+        model(idx[:, :-1], idx[:, 1:])
+    with torch.no_grad():
+        model(idx)  # inference in train mode is fine
+
+
+def test_unload_lora_gives_a_plain_gpt_with_merged_weights(tmp_path):
+    model = randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "mlp")))
+    want = model(ids())
+    plain_keys = set(tiny_gpt().state_dict())
+    lora.unload_lora(model)
+    assert set(model.state_dict()) == plain_keys
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert (model(ids()) - want).abs().max() <= 1e-5
+    model.save_pretrained(tmp_path / "merged")
+    again = GPT.from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(again(ids()), model(ids()))
+    base = tiny_gpt()
+    lora.unload_lora(randomize_lora(lora.apply_lora(base)), merge=False)
+    assert torch.equal(base(ids()), tiny_gpt()(ids()))  # merge=False: W0 exactly

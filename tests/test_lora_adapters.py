@@ -193,3 +193,18 @@ def test_mixed_batch_errors(tmp_path):
     with pytest.raises(ValueError, match="unmerged"):
         with lora.use_adapters(model, [0]):
             pass
+
+
+def test_gpt2_124m_adapter_file_is_about_0_6_mb(tmp_path):
+    """save_adapter's docstring: about 0.6 MB for GPT-2 124M at r = 4 on q, v."""
+    from model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    model.to_empty(device="cpu")  # real 124M shapes; the values do not matter for the size
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    lora.apply_lora(model, rank=4, targets=("q", "v"))
+    path = lora.save_adapter(model, tmp_path / "gpt2.safetensors")
+    assert 147_456 * 4 < path.stat().st_size < 0.62e6

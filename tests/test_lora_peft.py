@@ -44,6 +44,10 @@ def test_export_loads_in_peft_with_the_same_logits(tiny_base, tmp_path, kwargs):
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     if kwargs["targets"] == ("q", "v"):
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 64  # rank 2r on c_attn, same α/r
+        from safetensors.torch import load_file
+        B = load_file(tmp_path / "peft" / "adapter_model.safetensors")[
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+        assert B.shape == (96, 8) and torch.count_nonzero(B[32:64]) == 0  # k rows: zero
     theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_base), tmp_path / "peft")
     theirs.eval()
     with torch.no_grad():
@@ -94,6 +98,9 @@ def test_import_errors(tiny_base, tmp_path):
     cfg = json.loads((d / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
+        lora.import_peft(base, d)
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"c_attn": 2}}))
+    with pytest.raises(ValueError, match="rank_pattern"):
         lora.import_peft(base, d)
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="only LORA"):
