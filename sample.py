@@ -31,8 +31,8 @@ from train import DTYPES, get_device, get_tokenizer, load_base, run_main
 
 DEFAULT_ADAPTER = f"{FINETUNE_OUT}/{ADAPTER}"  # where finetune.py writes by default
 # The prompt when none is given: an MR of the E2E test set, formatted as in fine-tuning.
-EXAMPLE_MR = ("name[The Vaults], eatType[pub], priceRange[more than £30], "
-              "customer rating[5 out of 5], near[Café Adriatic]")
+EXAMPLE_MR = ("name[The Vaults], eatType[pub], food[French], priceRange[high], area[riverside], "
+              "familyFriendly[yes], near[Raja Indian Cuisine]")
 
 
 def load_model(init, adapter=None, *, merge=False, device="cpu", dtype="float32"):
@@ -138,7 +138,7 @@ def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat
                 eos_token=EOT_TOKEN, early_stopping=False):
     """Beam search for one prompt idx (1, T) -> the best sequence (1, T + n), its <|endoftext|>
     included when it has one. The paper decodes E2E with 10 beams, length penalty 0.9 and no
-    repeated 4-grams (LoRA Appendix D.3).
+    repeated 4-grams (LoRA Table 11).
 
     The semantics are transformers' generate(num_beams=beams, length_penalty=...,
     no_repeat_ngram_size=..., early_stopping=...) (tested for equality):
