@@ -1,0 +1,161 @@
+"""finetune.py end to end on tiny models: only A and B train, the base stays bit-identical,
+the adapter has the paper's |Θ| parameters, resume is exact, DDP ranks agree, bad input fails
+in one line."""
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+import train
+from conftest import ROOT, SHARED_DATA
+from data.e2e.prepare import prepare as prepare_e2e
+from lora import load_adapter, paper_num_params
+from model import GPT
+
+FAST = ["--eval-batches", "2", "--batch-size", "4", "--lr", "2e-3", "--warmup", "2",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def e2e_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    prepare_e2e(SHARED_DATA / "e2e", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scratch_base(tmp_path_factory, e2e_dir):
+    """A tiny GPT written by train.py (here pretrained briefly on E2E text)."""
+    out = tmp_path_factory.mktemp("scratch_base")
+    train.main(["--data", str(e2e_dir), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                "--block-size", "128", "--batch-size", "4", "--max-iters", "3",
+                "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    return out
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_trains_only_a_and_b_and_leaves_the_base_bit_identical(tiny_base, e2e_dir,
+                                                                       tmp_path):
+    base_file = tiny_base / "model.safetensors"
+    sha = _sha(base_file)
+    out = tmp_path / "ft"
+    finetune.main(["--init", str(tiny_base), "--data", str(e2e_dir), "--rank", "4",
+                   "--max-iters", "8", "--eval-interval", "4", "--out", str(out), *FAST])
+    log = _log(out)
+    assert log[0]["step"] == 0 and log[-1]["step"] == 8
+    assert log[-1]["val_loss"] < log[0]["val_loss"]  # on the target text only (eq. 2)
+    assert _sha(base_file) == sha
+
+    base = GPT.from_pretrained(tiny_base)
+    tensors = load_file(out / "adapter.safetensors")
+    assert all(".lora_" in k for k in tensors)
+    n = sum(t.numel() for t in tensors.values())
+    assert n == paper_num_params(base.config, 4, ("q", "v")) == 2 * 2 * 2 * 32 * 4  # 2·L̂·d·r
+    assert n * 4 < (out / "adapter.safetensors").stat().st_size < n * 4 + 8192
+
+    W0 = {k: v.clone() for k, v in base.state_dict().items()}
+    load_adapter(base, out / "adapter.safetensors")
+    for k, v in base.state_dict().items():
+        if ".lora_" not in k:
+            assert torch.equal(v, W0[k]), k  # the base weights are untouched, bit for bit
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B moved from 0
+    assert (out / "loss.png").exists()
+
+
+def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, e2e_dir,
+                                                                  tmp_path):
+    args = ["--init", str(scratch_base), "--data", str(e2e_dir), "--max-iters", "6",
+            "--ckpt-interval", "2", "--eval-interval", "3", "--log-interval", "1", *FAST]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    finetune.main(args + ["--out", str(whole)])
+    with pytest.raises(KeyboardInterrupt):  # as Ctrl-C after step 4: saves, then exits
+        finetune.main(args + ["--out", str(parts), "--stop-at", "4"])
+    assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 4
+    with open(parts / "log.jsonl", "a") as f:  # a hard kill may leave lines past the checkpoint
+        f.write(json.dumps({"step": 5, "train_loss": 0.0}) + "\n")
+    finetune.main(args + ["--out", str(parts), "--resume"])
+
+    def strip(log):
+        return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in log]
+    assert [h["step"] for h in _log(parts)] == [0, 1, 2, 3, 4, 5, 6]
+    assert strip(_log(parts)) == strip(_log(whole))  # the same losses, bit for bit
+    a, b = load_file(whole / "adapter.safetensors"), load_file(parts / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes_end_with_identical_adapters(tiny_base, e2e_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "finetune.py", "--init", str(tiny_base),
+           "--data", str(e2e_dir), "--max-iters", "3", "--eval-interval", "3",
+           "--out", str(out), *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    digests = dict(re.findall(r"rank (\d): adapter sha256 (\w+)", r.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    model = GPT.from_pretrained(tiny_base)
+    load_adapter(model, out / "adapter.safetensors")
+    assert finetune.adapter_digest(model) == digests["0"]  # what rank 0 saved
+    assert _log(out)[-1]["step"] == 3
+
+
+def _error_line(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.run_main(lambda: finetune.main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rank", "0"], "rank must be a positive integer"),
+    (["--rank", "33"], "rank 33 is larger than"),
+    (["--targets", "q,x"], "unknown LoRA targets"),
+    (["--block-size", "256"], "outside 1..128, the model's n_positions"),
+])
+def test_bad_settings_end_in_one_line(tiny_base, e2e_dir, tmp_path, capsys, extra, message):
+    argv = ["--init", str(tiny_base), "--data", str(e2e_dir), "--out", str(tmp_path), *extra]
+    assert message in _error_line(capsys, argv)
+    assert not (tmp_path / "adapter.safetensors").exists()
+
+
+def test_bad_data_ends_in_one_line(tiny_base, tmp_path, capsys, monkeypatch):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"prompt": f"{i} ||", "completion": " x"}) + "\n"
+                             for i in range(10)))
+    base = ["--init", str(tiny_base), "--out", str(tmp_path / "o")]
+    assert "fewer than one batch" in _error_line(capsys, base + ["--data", str(small),
+                                                                 "--batch-size", "16"])
+    import data.datasets as ds
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "prepare.py").write_text("")
+    monkeypatch.setattr(ds, "DATA_DIR", tmp_path)  # a checkout where e2e is not prepared
+    assert "run `python data/e2e/prepare.py`" in _error_line(capsys, base + ["--data", "e2e"])
+
+
+def test_the_command_line_exits_non_zero_with_one_line(tiny_base, tmp_path):
+    r = subprocess.run([sys.executable, "finetune.py", "--init", str(tmp_path / "missing")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
