@@ -110,7 +110,7 @@ class LoRALinear(nn.Linear):
 
         To give W0 back bit for bit without keeping a copy of it, merge remembers A and B as they
         are now (tiny) and the entries of W0 that (W0 + ΔW) - ΔW does not round back to (a few
-        percent: for GPT-2 124M, q and v, 3.8% in fp32 and 1.9% in bf16, see the README).
+        percent of them when ΔW is small next to W0; the README has a measurement).
         """
         if self.merged:
             return
@@ -130,18 +130,28 @@ class LoRALinear(nn.Linear):
         """W0 + ΔW -> W0, bit for bit (even if A or B changed since the merge). Idempotent."""
         if not self.merged:
             return
-        for n, (a, b) in self.slices.items():
-            w = self.weight[a:b]
-            A, B, lost, values = self._merge_record[n]
-            if values.dtype != w.dtype:
-                raise ValueError(f"weights were merged in {values.dtype} and are now {w.dtype}: "
-                                 f"W0 cannot be restored exactly; unmerge before changing dtype")
-            w0 = (w.float() - _delta_weight(A.to(w.device), B.to(w.device), self.scaling))
-            w0 = w0.to(w.dtype)
-            w0.view(-1)[lost.to(w.device, torch.long)] = values.to(w.device)
-            w.copy_(w0)
+        self.weight.copy_(self.base_weight())
         self._merge_record.clear()
         self.merged = False
+
+    @torch.no_grad()
+    def base_weight(self):
+        """W0, exactly: the weight itself when unmerged, else a copy rebuilt from the merge."""
+        if not self.merged:
+            return self.weight
+        w0 = self.weight.detach().clone()
+        for n, (a, b) in self.slices.items():
+            A, B, lost, values = self._merge_record[n]
+            if values.dtype != w0.dtype:
+                raise ValueError(f"weights were merged in {values.dtype} and are now "
+                                 f"{w0.dtype}: W0 cannot be restored exactly; unmerge before "
+                                 f"changing dtype")
+            dev = w0.device
+            rows = (w0[a:b].float() - _delta_weight(A.to(dev), B.to(dev), self.scaling))
+            rows = rows.to(w0.dtype)
+            rows.view(-1)[lost.to(dev, torch.long)] = values.to(dev)
+            w0[a:b] = rows
+        return w0
 
     def _forward_per_row(self, x, y):
         """Row i of the batch adds the ΔW x of adapter adapter_ids[i] from the stacked bank that
@@ -336,30 +346,19 @@ def _lora_config(model) -> dict:
 _FINGERPRINT_SAMPLES = 8  # values of each base weight tensor recorded in an adapter file
 
 
-@contextmanager
-def _unmerged(model):
-    """W0 in place for the duration (merge is deterministic, so re-merging gives the same bits)."""
-    merged = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
-    for m in merged:
-        m.unmerge()
-    try:
-        yield
-    finally:
-        for m in merged:
-            m.merge()
-
-
 def base_fingerprint(model) -> dict:
     """A few values of every base weight tensor (W0, even when merged): {name: [floats]}.
 
     Values rather than a hash, so that an adapter saved from an fp32 model still loads onto the
     same base in bf16 or fp16: they are compared up to the rounding of the coarser dtype."""
     out = {}
-    with _unmerged(model), torch.no_grad():
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith(".weight") or ".lora_" in name:
                 continue  # biases may be trained (bias="all"); A and B are not the base
-            flat = p.detach().flatten()
+            layer = layers.get(name.removesuffix(".weight"))
+            flat = (layer.base_weight() if layer is not None else p).detach().flatten()
             k, n = _FINGERPRINT_SAMPLES, flat.numel()
             idx = torch.tensor([i * (n - 1) // (k - 1) for i in range(k)], device=flat.device)
             out[name] = flat[idx].float().tolist()  # k values evenly spread, first and last
@@ -402,12 +401,18 @@ def read_adapter(path):
     except Exception as e:
         raise ValueError(f"{path}: cannot read the adapter, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
-    if "lora_config" not in meta:
-        raise ValueError(f"{path}: not a LoRA adapter written by save_adapter (no lora_config in "
-                         f"its metadata; for a PEFT adapter directory use import_peft)")
-    meta = dict(meta)
-    for k in ("lora_config", "base_config", "base_fingerprint"):
-        meta[k] = json.loads(meta[k])
+    need = ("lora_config", "base_config", "base_fingerprint")
+    if any(k not in meta for k in need):
+        raise ValueError(f"{path}: not a LoRA adapter written by save_adapter (its metadata lacks "
+                         f"{[k for k in need if k not in meta]}; for a PEFT adapter directory "
+                         f"use import_peft)")
+    try:
+        meta = {**meta, **{k: json.loads(meta[k]) for k in need}}
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: the adapter's metadata is corrupt") from None
+    if set(meta["lora_config"]) != {"rank", "alpha", "targets", "dropout", "bias", "rslora"}:
+        raise ValueError(f"{path}: the adapter's lora_config is not one save_adapter writes: "
+                         f"{meta['lora_config']}")
     return tensors, meta
 
 
@@ -441,10 +446,12 @@ def _copy_lora(model, tensors, source):
         if v.shape != ours[k].shape:
             raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model "
                              f"expects {tuple(ours[k].shape)}")
-    with _unmerged(model), torch.no_grad():
+    merged = is_merged(model)
+    unmerge_lora(model)
+    with torch.no_grad():
         for k, v in tensors.items():
             ours[k].copy_(v)
-    return model
+    return merge_lora(model) if merged else model
 
 
 def _check_keys(want, tensors, source):

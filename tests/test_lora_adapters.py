@@ -43,7 +43,9 @@ def test_adapter_file_holds_only_lora_tensors_and_metadata(trained):
 def test_saving_a_merged_model_writes_the_same_adapter(trained, tmp_path):
     model, path, _ = trained
     lora.merge_lora(model)
+    W = model.h[1].attn.c_attn.weight.detach().clone()
     p2 = lora.save_adapter(model, tmp_path / "merged.safetensors")
+    assert torch.equal(model.h[1].attn.c_attn.weight, W)  # saving leaves the weights alone
     (t1, m1), (t2, m2) = lora.read_adapter(path), lora.read_adapter(p2)
     assert m1 == m2  # the fingerprint is taken of W0, not of W0 + ΔW
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)

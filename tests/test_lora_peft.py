@@ -113,3 +113,18 @@ def test_import_errors(tiny_base, tmp_path):
     (d / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         lora.import_peft(base, d)
+
+
+def test_peft_default_A_init_is_the_same_uniform_as_ours():
+    """reset_lora_parameters' docstring: PEFT's default init of A is ours, U(±1/√d_in)."""
+    import math
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(768, 768))
+    net = get_peft_model(net, LoraConfig(r=64, lora_alpha=64, target_modules=["0"]))
+    A = net.base_model.model[0].lora_A["default"].weight.detach()
+    bound = 1 / math.sqrt(768)
+    assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound
+    assert abs(A.std().item() - bound / math.sqrt(3)) < 0.02 * bound
