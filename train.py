@@ -86,7 +86,8 @@ class TrainConfig:
     ckpt_interval: int | None = None  # steps between checkpoints; None: at each evaluation
     # system
     seed: int = 1337
-    amp: str = "auto"  # "auto": bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU; "off", "bf16", "fp16"
+    amp: str = "auto"  # auto: bf16 (fp16 + GradScaler without it) on CUDA, fp32 on CPU; off,
+    #                    bf16, fp16
     compile: bool = False
     progress: bool = True  # tqdm bar (rank 0 only)
     stop_at: int | None = None  # testing: behave as if Ctrl-C came right after this step
@@ -213,7 +214,8 @@ def plot_history(history: list[dict], path):
 
 
 def _write_log(path: Path, history: list[dict]):
-    _atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(h) + "\n" for h in history)))
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    _atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -319,6 +321,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
         history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
                         "val_loss": val0})
         print(f"validation loss before training: {val0:.4f}")
+        if out_dir is not None:
+            _write_log(out_dir / "log.jsonl", history)
     from tqdm import tqdm
     bar = tqdm(total=max_iters, initial=step, disable=not (main_proc and cfg.progress),
                dynamic_ncols=True)
@@ -402,7 +406,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     return history
 
 
-# ================================================================ command line (shared with finetune.py)
+# ================================================================ command line (finetune.py too)
 
 def add_train_args(p: argparse.ArgumentParser):
     """The loop's options (TrainConfig) as argument groups; defaults from TrainConfig."""
@@ -481,7 +485,7 @@ def file_size(path) -> str:
 
 
 # From scratch: a small GPT that learns Tiny Shakespeare in a few minutes on a laptop CPU.
-SCRATCH = dict(n_layer=4, n_head=4, n_embd=64, block_size=64)
+SCRATCH = dict(n_layer=4, n_head=4, n_embd=64, block_size=128)
 SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=300, warmup=30, decay="cosine",
                      label_smoothing=0.0, eval_interval=50, eval_batches=10, batch_size=8)
 

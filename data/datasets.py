@@ -87,7 +87,8 @@ class Examples:
 
     def _permutation(self, epoch: int, seed: int):
         if self._perm[0] != (epoch, seed):
-            self._perm = ((epoch, seed), np.random.default_rng((seed, epoch)).permutation(len(self)))
+            rng = np.random.default_rng((seed, epoch))
+            self._perm = ((epoch, seed), rng.permutation(len(self)))
         return self._perm[1]
 
     def get_batch(self, batch_size: int, index: int = 0, seed: int = 0):

@@ -45,7 +45,8 @@ def test_load_references_groups_every_reference_of_an_mr_in_file_order():
 def test_prepared_e2e_example_is_prompt_then_completion_and_loss_covers_completion_only(e2e_dir):
     meta = json.loads((e2e_dir / "meta.json").read_text())
     train, val = load_data(str(e2e_dir), block_size=128)
-    assert len(train) == meta["splits"]["train"]["examples"] == len(e2e.load_pairs("train", E2E_RAW))
+    assert len(train) == meta["splits"]["train"]["examples"]
+    assert len(train) == len(e2e.load_pairs("train", E2E_RAW))
     enc = get_tokenizer()
     mr, ref = e2e.load_pairs("val", E2E_RAW)[0]
     x, y = next(val.eval_batches(batch_size=2))

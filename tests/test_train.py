@@ -163,3 +163,31 @@ def test_train_py_full_finetuning_updates_every_weight(tiny_base, shakespeare_di
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert sorted(changed) == sorted(before)
     assert GPT.from_pretrained(tiny_base).state_dict()["wte.weight"].equal(before["wte.weight"])
+
+
+def test_ddp_all_reduces_only_the_trainable_parameters(tmp_path):
+    """What train() relies on under torchrun: DDP's gradient buckets hold only the parameters
+    with requires_grad (for LoRA: A and B), so frozen W0 costs no communication."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lora import apply_lora
+
+    model = apply_lora(_toy_model(), rank=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp, reduced = DDP(model), []
+
+        def hook(state, bucket):
+            reduced.extend(bucket.parameters())
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+                lambda f: f.value()[0])
+
+        ddp.register_comm_hook(None, hook)
+        x, y = _toy_data().get_batch(2)
+        ddp(x, y).backward()
+    finally:
+        dist.destroy_process_group()
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in reduced} == trainable and len(trainable) == 4  # A, B of q and v
