@@ -87,3 +87,511 @@ def delta_w_vs_w(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> di
             "proj_random": proj["random"],
             "norm_w": float(torch.linalg.matrix_norm(W.detach().double())),
             "norm_delta_w": dw_norm, "amplification": dw_norm / proj["delta_w"]}
+
+
+# ---------------------------------------------------------------- A and Delta W of a LoRA model
+
+
+def lora_factors(model, layer: int, name: str):
+    """(A, B, scaling) of slice `name` ("q", "k", "v") of block `layer`'s c_attn, or of "o"
+    (attn.c_proj): Delta W = scaling * B @ A, with A (r, C) acting on the input (§4.1)."""
+    module = model.h[layer].attn.c_proj if name == "o" else model.h[layer].attn.c_attn
+    if not hasattr(module, "lora_A") or name not in module.lora_A:
+        raise ValueError(f"block {layer} has no LoRA on W_{name}")
+    return module.lora_A[name].detach(), module.lora_B[name].detach(), module.scaling
+
+
+def base_weight(model, layer: int, name: str) -> torch.Tensor:
+    """W_q, W_k, W_v (rows of the fused c_attn) or W_o of block `layer`, (C, C), as nn.Linear
+    stores it (out, in): the W of h = W x. The adapter must not be merged into it."""
+    C = model.config.n_embd
+    if name == "o":
+        return model.h[layer].attn.c_proj.weight.detach()
+    i = "qkv".index(name)
+    return model.h[layer].attn.c_attn.weight.detach()[i * C:(i + 1) * C]
+
+
+def delta_weight(model, layer: int, name: str) -> torch.Tensor:
+    A, B, scaling = lora_factors(model, layer, name)
+    return scaling * B.double() @ A.double()  # (C, r) @ (r, C) -> (C, C)
+
+
+# ---------------------------------------------------------------- the runs
+
+
+TARGET_SETS = {"q": ("q",), "qv": ("q", "v"), "qkvo": ("q", "k", "v", "o")}
+
+
+class Runs:
+    """Fine-tuning runs of one base model on one task, each trained once with the same budget
+    (steps, batch, schedule) and cached under out/runs: NAME.json (settings, validation loss,
+    time) and, for LoRA, NAME.safetensors (the adapter). A cached run is reused only if its
+    settings match."""
+
+    def __init__(self, args):
+        from train import load_base, load_data
+
+        self.args = args
+        self.dir = Path(args.out) / "runs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        probe = load_base(args.init, "cpu")  # for the block size and the base's identity
+        self.config = probe.config
+        self.base_id = _weights_id(probe)
+        self.block_size = min(args.block_size, probe.config.block_size)
+        self.train_data, self.val_data = load_data(args.data, self.block_size)
+
+    def settings(self, targets, rank, seed) -> dict:
+        a = self.args
+        return {"init": str(a.init), "base_id": self.base_id, "data": str(a.data),
+                "block_size": self.block_size, "targets": targets, "rank": rank, "seed": seed,
+                "steps": a.steps, "batch_size": a.batch_size, "warmup": a.warmup,
+                "lr": a.lr_full if targets == "full" else a.lr, "alpha": a.alpha,
+                "lora_dropout": a.lora_dropout, "eval_batches": a.eval_batches}
+
+    def base_loss(self) -> dict:
+        """The base model on the task, untuned: where every run starts."""
+        from train import evaluate, load_base
+
+        s = {**self.settings("none", 0, 0), "steps": 0}
+        return self._cached("base", s, lambda: {"val_loss": evaluate(
+            load_base(self.args.init, self.args.device), self.val_data, self.args.batch_size,
+            self.args.eval_batches)})
+
+    def get(self, targets, rank: int = 0, seed: int = 0) -> dict:
+        """Run (or reuse) one fine-tuning: targets "full" (every weight) or a tuple of LoRA
+        targets at `rank`. -> its record: val_loss, trainable, paper_params, seconds, ..."""
+        name = "full" if targets == "full" else f"{''.join(targets)}-r{rank}"
+        name += f"-s{seed}"
+        return self._cached(name, self.settings(
+            targets if targets == "full" else list(targets), rank, seed),
+            lambda: self._train(name, targets, rank, seed))
+
+    def model(self, targets, rank, seed=0):
+        """The fine-tuned LoRA model of a run (trained first if needed), on the CPU."""
+        from lora import load_adapter
+        from train import load_base
+
+        self.get(targets, rank, seed)
+        name = f"{''.join(targets)}-r{rank}-s{seed}"
+        return load_adapter(load_base(self.args.init, "cpu"), self.dir / f"{name}.safetensors")
+
+    def initial_A(self, targets, rank, seed, layer, name):
+        """A as apply_lora drew it before training (same seed): to see how far training moved
+        it."""
+        from lora import apply_lora
+        from train import load_base
+
+        m = load_base(self.args.init, "cpu")
+        torch.manual_seed(seed)
+        apply_lora(m, rank=rank, alpha=self.args.alpha, targets=targets,
+                   dropout=self.args.lora_dropout)
+        return lora_factors(m, layer, name)[0]
+
+    def _cached(self, name, settings, compute) -> dict:
+        path = self.dir / f"{name}.json"
+        if path.exists() and not self.args.fresh:
+            rec = json.loads(path.read_text())
+            if rec.get("settings") == settings and (
+                    name == "base" or name.startswith("full")
+                    or (self.dir / f"{name}.safetensors").exists()):
+                return rec
+        t0 = time.perf_counter()
+        rec = {"name": name, "settings": settings, **compute(),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        _write_json(path, rec)
+        return rec
+
+    def _train(self, name, targets, rank, seed) -> dict:
+        from lora import apply_lora, count_trainable, paper_num_params, save_adapter
+        from train import TrainConfig, load_base, train
+
+        a = self.args
+        model = load_base(a.init, a.device)
+        torch.manual_seed(seed)  # A's initialisation
+        if targets == "full":
+            paper = None
+        else:
+            apply_lora(model, rank=rank, alpha=a.alpha, targets=targets, dropout=a.lora_dropout)
+            paper = paper_num_params(model.config, rank, targets)
+        cfg = TrainConfig(lr=a.lr_full if targets == "full" else a.lr, batch_size=a.batch_size,
+                          max_iters=a.steps, warmup=a.warmup, decay="linear",
+                          label_smoothing=0.0, eval_interval=a.steps,
+                          eval_batches=a.eval_batches, log_interval=max(1, a.steps // 10),
+                          seed=seed, progress=False)
+        print(f"  run {name}: {count_trainable(model):,} trainable parameters, "
+              f"{a.steps} steps", flush=True)
+        history = train(model, self.train_data, self.val_data, cfg)
+        if targets != "full":
+            save_adapter(model.cpu(), self.dir / f"{name}.safetensors", base_name=str(a.init))
+        return {"val_loss": history[-1]["val_loss"], "train_loss": history[-1]["train_loss"],
+                "trainable": count_trainable(model), "paper_params": paper,
+                "history": [{k: h[k] for k in ("step", "train_loss")} for h in history]}
+
+
+def _weights_id(model) -> str:
+    """A short hash of every weight of the base: a cached run belongs to exactly this base."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_json(path, obj):
+    from model import _atomic_write
+
+    _atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+# ---------------------------------------------------------------- plots (matplotlib, Agg)
+
+
+def _figure(path, draw, figsize):
+    """Draw with draw(fig) and save a PNG atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from model import _atomic_write
+
+    fig = plt.figure(figsize=figsize, layout="constrained")
+    try:
+        draw(fig)
+        _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def _heatmap(ax, grid, title, xlabel, ylabel):
+    """One phi heat map: rows i (top-i directions of the first matrix), columns j; 1-based."""
+    g = grid.numpy() if isinstance(grid, torch.Tensor) else grid
+    im = ax.imshow(g, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="upper",
+                   extent=(0.5, g.shape[1] + 0.5, g.shape[0] + 0.5, 0.5), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return im
+
+
+def plot_rank_sweep(table: dict, path):
+    """Validation loss against r for each set of adapted weights, base and full fine-tuning as
+    horizontal lines (the paper reports Table 6 as a table; the plot shows the same numbers)."""
+    def draw(fig):
+        ax = fig.subplots()
+        for targets, by_rank in table["lora"].items():
+            ranks = sorted(int(r) for r in by_rank)
+            ax.plot(ranks, [by_rank[str(r)]["val_loss"] for r in ranks], "o-", label=targets)
+        ax.axhline(table["base"]["val_loss"], color="gray", ls=":", label="base (no tuning)")
+        ax.axhline(table["full"]["val_loss"], color="black", ls="--", label="full fine-tuning")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank r")
+        ax.set_ylabel("validation loss")
+        ax.set_title(table["title"], fontsize=9)
+        ax.legend(fontsize=8)
+    _figure(path, draw, (5.5, 3.8))
+
+
+def plot_weight_types(table: dict, path):
+    def draw(fig):
+        ax = fig.subplots()
+        rows = table["rows"]
+        names = [f"{row['targets']}\nr={row['rank']}" for row in rows]
+        ax.bar(names, [row["val_loss"] for row in rows], color="tab:blue")
+        ax.axhline(table["full"]["val_loss"], color="black", ls="--", label="full fine-tuning")
+        lo = min(min(row["val_loss"] for row in rows), table["full"]["val_loss"])
+        hi = max(row["val_loss"] for row in rows)
+        ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+        ax.set_ylabel("validation loss")
+        ax.set_title(table["title"], fontsize=9)
+        ax.legend(fontsize=8)
+    _figure(path, draw, (6.5, 3.6))
+
+
+def plot_subspace_ranks(grids: dict, path, layer: int):
+    """Figure 3: phi(A_r=8, A_r=64, i, j) for Delta W_q and Delta W_v, all j, and j <= 8."""
+    def draw(fig):
+        axes = fig.subplots(1, 4, width_ratios=[3, 1, 3, 1])
+        for k, (name, grid) in enumerate(grids.items()):
+            r1, r2 = grid.shape
+            im = _heatmap(axes[2 * k], grid, f"Delta W_{name}, layer {layer}", "j", "i")
+            _heatmap(axes[2 * k + 1], grid[:, :min(r1, r2)], f"W_{name}, j <= {min(r1, r2)}",
+                     "j", "i")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="phi(A_r=8, A_r=64, i, j)")
+    _figure(path, draw, (11, 2.8))
+
+
+def plot_subspace_seeds(grids: dict, path, layer: int):
+    """Figure 4: phi(A_r=64 seed a, A_r=64 seed b, i, j) for Delta W_q, Delta W_v, and for two
+    random Gaussian matrices of the same shape."""
+    def draw(fig):
+        axes = fig.subplots(1, len(grids))
+        for ax, (name, grid) in zip(axes, grids.items()):
+            title = "random Gaussian" if name == "random" else f"Delta W_{name}, layer {layer}"
+            im = _heatmap(ax, grid, title, "j (seed b)", "i (seed a)")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="phi")
+    _figure(path, draw, (11, 3.2))
+
+
+# ---------------------------------------------------------------- the studies
+
+# Numbers quoted from the paper (arXiv 2106.09685 v2), GPT-3 175B, for the README and the tables.
+PAPER = {
+    "table6_wikisql": {"q": [68.8, 69.6, 70.5, 70.4, 70.0], "qv": [73.4, 73.3, 73.7, 73.8, 73.5],
+                       "qkvo": [74.1, 73.7, 74.0, 74.0, 73.9]},
+    "table6_mnli": {"q": [90.7, 90.9, 91.1, 90.7, 90.7], "qv": [91.3, 91.4, 91.3, 91.6, 91.4],
+                    "qkvo": [91.2, 91.7, 91.7, 91.5, 91.4]},
+    "table6_ranks": [1, 2, 4, 8, 64],
+    "table7": {4: {"proj_delta_w": 0.32, "proj_w": 21.67, "proj_random": 0.02,
+                   "norm_w": 61.95, "norm_delta_w": 6.91, "amplification": 21.5},
+               64: {"proj_delta_w": 1.90, "proj_w": 37.71, "proj_random": 0.33,
+                    "norm_w": 61.95, "norm_delta_w": 3.57, "amplification": 1.9}},
+}
+
+
+def _md_table(header, rows) -> str:
+    """A Markdown table (what stdout shows and the README quotes)."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ranks(args, C):
+    """The ranks of the sweep that fit the model (r <= n_embd)."""
+    ranks = [r for r in args.ranks if r <= C]
+    if len(ranks) < len(args.ranks):
+        print(f"note: ranks above n_embd = {C} skipped: {[r for r in args.ranks if r > C]}")
+    return ranks
+
+
+def study_rank(runs: Runs, args) -> dict:
+    """Table 6: validation loss for q / q,v / q,k,v,o at each rank, same budget, with the base
+    (no tuning) and full fine-tuning beside them."""
+    ranks = _ranks(args, runs.config.n_embd)
+    table = {"title": f"rank sweep: {args.data} validation loss, base {args.init}, "
+                      f"{args.steps} steps x batch {args.batch_size}",
+             "base": runs.base_loss(), "full": runs.get("full"), "lora": {}}
+    for name, targets in TARGET_SETS.items():
+        table["lora"][name] = {str(r): runs.get(targets, r) for r in ranks}
+    rows = [[name] + [table["lora"][name][str(r)]["val_loss"] for r in ranks]
+            for name in TARGET_SETS]
+    rows += [["base (no tuning)", table["base"]["val_loss"]] + [""] * (len(ranks) - 1),
+             ["full fine-tuning", table["full"]["val_loss"]] + [""] * (len(ranks) - 1)]
+    table["markdown"] = _md_table(["weights"] + [f"r={r}" for r in ranks], rows)
+    table["ranks"] = ranks
+    return table
+
+
+def study_types(runs: Runs, args) -> dict:
+    """Table 5: which weights to adapt with a fixed number of trainable parameters: one matrix
+    type at rank R, two at R/2, four at R/4 (the paper: 18M parameters on GPT-3, R = 8)."""
+    R = args.budget_rank
+    plan = [(("q",), R), (("k",), R), (("v",), R), (("o",), R), (("q", "k"), R // 2),
+            (("q", "v"), R // 2), (("q", "k", "v", "o"), R // 4)]
+    if R % 4 or R > runs.config.n_embd:
+        raise ValueError(f"--budget-rank must be a multiple of 4 and at most n_embd, got {R}")
+    from lora import paper_num_params
+
+    budget = paper_num_params(runs.config, R, ("q",))
+    rows = []
+    for targets, r in plan:
+        rec = runs.get(targets, r)
+        rows.append({"targets": ",".join(targets), "rank": r, "val_loss": rec["val_loss"],
+                     "params": paper_num_params(runs.config, r, targets)})
+    table = {"title": f"weight types at {budget:,} trainable parameters "
+                      f"(2 x n_layer x d_model x {R}), {args.data} validation loss",
+             "budget": budget, "rows": rows, "full": runs.get("full"),
+             "base": runs.base_loss()}
+    table["markdown"] = _md_table(["weights", "r", "params", "val loss"],
+                                  [[r["targets"], r["rank"], r["params"], r["val_loss"]]
+                                   for r in rows])
+    return table
+
+
+def study_subspace(runs: Runs, args) -> dict:
+    """§7.2: phi(A_r=small, A_r=large, i, j) for Delta W_q and Delta W_v (Figure 3), phi between
+    the A_r=large of two seeds, and between two random Gaussian matrices (Figure 4)."""
+    C = runs.config.n_embd
+    small, large = args.small_rank, min(args.large_rank, C)
+    layer = args.layer if args.layer is not None else runs.config.n_layer // 2
+    m_small, m_large = runs.model(("q", "v"), small, 0), runs.model(("q", "v"), large, 0)
+    m_seed = runs.model(("q", "v"), large, 1)
+    out = {"layer": layer, "small_rank": small, "large_rank": large, "n_embd": C,
+           "ranks": {}, "seeds": {}, "summary": {}}
+    for name in ("q", "v"):
+        A_s, A_l, A_b = (lora_factors(m, layer, name)[0] for m in (m_small, m_large, m_seed))
+        g_ranks = similarity_grid(right_singular_vectors(A_s), right_singular_vectors(A_l))
+        g_seeds = similarity_grid(right_singular_vectors(A_l), right_singular_vectors(A_b))
+        out["ranks"][name], out["seeds"][name] = g_ranks, g_seeds
+        moved = {}
+        for r, seed, A in ((small, 0, A_s), (large, 0, A_l), (large, 1, A_b)):
+            A0 = runs.initial_A(("q", "v"), r, seed, layer, name)
+            moved[f"r{r}_s{seed}"] = float((A - A0).norm() / A0.norm())
+        out["summary"][name] = {
+            "phi_ranks_1_1": float(g_ranks[0, 0]),
+            "phi_ranks_i_large": [float(v) for v in g_ranks[:, -1]],
+            "phi_seeds_diag": [float(g_seeds[i, i]) for i in range(min(8, large))],
+            "A_moved_from_init": moved}
+    g = torch.Generator().manual_seed(0)
+    R1, R2 = (torch.randn(large, C, generator=g) for _ in range(2))
+    out["seeds"]["random"] = similarity_grid(right_singular_vectors(R1), right_singular_vectors(R2))
+    out["summary"]["random"] = {
+        "phi_seeds_diag": [float(out["seeds"]["random"][i, i]) for i in range(min(8, large))],
+        "expected_phi_i_j": "max(i, j) / n_embd for random subspaces"}
+    rows = []
+    for name in ("q", "v"):
+        s = out["summary"][name]
+        rows.append([f"W_{name}", s["phi_ranks_1_1"], s["phi_ranks_i_large"][0],
+                     s["phi_ranks_i_large"][-1], s["phi_seeds_diag"][0],
+                     s["A_moved_from_init"][f"r{large}_s0"]])
+    # Random subspaces of dimensions i and j in R^C: E[phi] = max(i, j) / C.
+    rows.append(["random (expected)", 1 / C, large / C, large / C,
+                 out["summary"]["random"]["phi_seeds_diag"][0], ""])
+    out["markdown"] = _md_table(
+        ["", f"phi(r{small}, r{large}, 1, 1)", f"phi(r{small}, r{large}, 1, {large})",
+         f"phi(r{small}, r{large}, {small}, {large})", f"phi(seed 0, seed 1, 1, 1) at r{large}",
+         f"||A - A_init|| / ||A_init|| (r{large})"], rows)
+    return out
+
+
+def study_deltaw(runs: Runs, args) -> dict:
+    """§7.3, Table 7: ||U^T W V||_F for the top-r directions of Delta W, of W, of a random
+    matrix; ||W||_F, ||Delta W||_F and the amplification factor, for W_q and W_v of every block
+    (the table shows the study's layer)."""
+    layer = args.layer if args.layer is not None else runs.config.n_layer // 2
+    C = runs.config.n_embd
+    out = {"layer": layer, "by_rank": {}}
+    for r in (args.deltaw_ranks or []):
+        if r > C:
+            continue
+        m = runs.model(("q", "v"), r, 0)
+        out["by_rank"][str(r)] = {
+            name: [delta_w_vs_w(base_weight(m, i, name), delta_weight(m, i, name), r, seed=i)
+                   for i in range(runs.config.n_layer)] for name in ("q", "v")}
+    rows = []
+    for r, by_name in out["by_rank"].items():
+        for name in ("q", "v"):
+            t = by_name[name][layer]
+            rows.append([f"r={r}, W_{name}", t["proj_delta_w"], t["proj_w"], t["proj_random"],
+                         t["norm_w"], t["norm_delta_w"], t["amplification"]])
+    out["markdown"] = _md_table(["", "||U^T W V|| (Delta W dirs)", "(W dirs)", "(random dirs)",
+                                 "||W||_F", "||Delta W||_F", "amplification"], rows)
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+STUDIES = ("rank", "types", "subspace", "deltaw")
+# --quick: the same studies with a tiny budget (CI runs it on a tiny model).
+QUICK = dict(steps=8, batch_size=4, warmup=2, eval_batches=2)
+
+
+def _int_list(s: str):
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{s}'")
+
+
+def run_studies(args) -> dict:
+    """Run the chosen studies; write STUDY.json (and PNGs) under args.results. -> the tables."""
+    torch.set_num_threads(torch.get_num_threads())  # the default; nothing pinned here
+    results = Path(args.results or args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    runs = Runs(args)
+    chosen = STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
+    out, t0 = {}, time.perf_counter()
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        t = time.perf_counter()
+        table = {"rank": study_rank, "types": study_types, "subspace": study_subspace,
+                 "deltaw": study_deltaw}[name](runs, args)
+        table["seconds"] = round(time.perf_counter() - t, 1)
+        if name == "rank":
+            plot_rank_sweep(table, results / "rank.png")
+        elif name == "types":
+            plot_weight_types(table, results / "types.png")
+        elif name == "subspace":
+            plot_subspace_ranks(table["ranks"], results / "subspace_ranks.png", table["layer"])
+            plot_subspace_seeds(table["seeds"], results / "subspace_seeds.png", table["layer"])
+            for key in ("ranks", "seeds"):  # tensors -> lists for JSON
+                table[key] = {k: [[round(float(v), 4) for v in row] for row in g]
+                              for k, g in table[key].items()}
+        _write_json(results / f"{name}.json", table)
+        print(table["markdown"], flush=True)
+        print(f"({name}: {table['seconds']:.0f} s; {results / (name + '.json')})", flush=True)
+        out[name] = table
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Rerun §7 of the LoRA paper on a base model and a task: rank sweep "
+                    "(Table 6), weight types at a fixed budget (Table 5), subspace similarity "
+                    "(Figures 3-4), Delta W against W (Table 7). Each study prints a table and "
+                    "writes JSON (and PNGs) to --results; fine-tuning runs are cached in "
+                    "--out/runs and shared between studies.",
+        epilog="Defaults fit a 2-core CPU and the base trained as in README (section studies).")
+    p.add_argument("studies", nargs="+", choices=STUDIES + ("all",), help="which studies to run")
+    g = p.add_argument_group("base model and task")
+    g.add_argument("--init", required=True,
+                   help="base model: a directory from train.py, a weights file, or gpt2, ...")
+    g.add_argument("--data", default="e2e", help="downstream task (as train.py's --data)")
+    g.add_argument("--block-size", type=int, default=128, help="longest training sequence")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    g = p.add_argument_group("budget of every run (the same for all, as in the paper's tables)")
+    g.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--warmup", type=int, default=10, help="warmup steps, then linear decay")
+    g.add_argument("--lr", type=float, default=2e-3, help="learning rate of LoRA runs")
+    g.add_argument("--lr-full", type=float, default=5e-4, help="learning rate of full fine-tuning")
+    g.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the scale is alpha/r)")
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--eval-batches", type=int, default=16,
+                   help="validation batches (of --batch-size) per run; 0: the whole split")
+    g.add_argument("--quick", action="store_true",
+                   help="a tiny budget for a smoke test: " +
+                        ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    g = p.add_argument_group("studies")
+    g.add_argument("--ranks", type=_int_list, default=[1, 2, 4, 8, 64],
+                   help="ranks of the rank sweep (Table 6)")
+    g.add_argument("--budget-rank", type=int, default=8,
+                   help="types: rank of a single matrix type; the budget is 2 x L x d x this")
+    g.add_argument("--small-rank", type=int, default=8, help="subspace: the r=8 of A_r=8")
+    g.add_argument("--large-rank", type=int, default=64, help="subspace: the r=64 of A_r=64")
+    g.add_argument("--deltaw-ranks", type=_int_list, default=[4, 64],
+                   help="deltaw: adapter ranks to analyse (Table 7 has 4 and 64)")
+    g.add_argument("--layer", type=int, default=None,
+                   help="block analysed by subspace and deltaw (default: the middle one, as the "
+                        "paper's 48th of 96)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="out/studies", help="runs cache (adapters, run records)")
+    g.add_argument("--results", default=None, help="tables and figures (default: --out)")
+    g.add_argument("--fresh", action="store_true", help="retrain runs even if cached")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if args.eval_batches == 0:
+        args.eval_batches = None
+    for k in ("steps", "batch_size"):
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
+    if not args.ranks or min(args.ranks) < 1:
+        raise ValueError("--ranks must be positive integers")
+    from train import get_device
+
+    args.device = get_device(args.device)
+    run_studies(args)
+    return 0
+
+
+if __name__ == "__main__":
+    from train import run_main
+
+    run_main(main)

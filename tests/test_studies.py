@@ -108,3 +108,112 @@ def test_delta_w_vs_w_on_a_constructed_update():
     assert out["norm_delta_w"] == pytest.approx(math.sqrt(5))
     assert out["amplification"] == pytest.approx(math.sqrt(5) / math.hypot(0.3, 0.2))
     assert 0 <= out["proj_random"] <= out["proj_w"]
+
+
+# ---------------------------------------------------------------- reading Delta W from a model
+
+def test_delta_weight_and_base_weight_read_the_right_slices():
+    """delta_weight must be exactly what merging adds to W_q / W_v, and base_weight the rows
+    of c_attn (or c_proj) that the slice's LoRA adapts."""
+    from lora import apply_lora, merge_lora
+    from model import GPT, GPTConfig
+    from studies import base_weight, delta_weight, lora_factors
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64))
+    apply_lora(m, rank=3, alpha=6, targets=("q", "v"))
+    for layer in m.h:  # B = 0 at init; give it values so that Delta W != 0
+        for B in layer.attn.c_attn.lora_B.values():
+            torch.nn.init.normal_(B)
+    before = {(i, n): base_weight(m, i, n).clone() for i in range(2) for n in "qkv"}
+    deltas = {(i, n): delta_weight(m, i, n) for i in range(2) for n in "qv"}
+    A, B, s = lora_factors(m, 1, "v")
+    assert A.shape == (3, 16) and B.shape == (16, 3) and s == 2.0
+    merge_lora(m)
+    for (i, n), w0 in before.items():
+        added = base_weight(m, i, n).double() - w0.double()
+        expected = deltas.get((i, n), torch.zeros(16, 16, dtype=torch.float64))
+        assert torch.allclose(added, expected, atol=1e-5), (i, n)
+    with pytest.raises(ValueError):
+        lora_factors(m, 0, "k")  # k is not adapted
+
+
+# ---------------------------------------------------------------- the studies end to end
+
+@pytest.fixture(scope="module")
+def e2e_dir(tmp_path_factory):
+    """E2E prepared from the shared CSVs into a temporary directory (nothing in data/ needed)."""
+    from conftest import SHARED_DATA
+    from data.e2e.prepare import prepare
+
+    d = tmp_path_factory.mktemp("e2e")
+    prepare(SHARED_DATA / "e2e", d)
+    return d
+
+
+# The smallest budget that still exercises every study: 3 steps per run, two ranks.
+TINY = ["--steps", "3", "--batch-size", "2", "--warmup", "1", "--eval-batches", "2",
+        "--ranks", "1,4", "--budget-rank", "4", "--small-rank", "4", "--large-rank", "16",
+        "--deltaw-ranks", "4", "--device", "cpu"]
+
+
+def test_all_studies_end_to_end_on_a_tiny_model(tiny_base, e2e_dir, tmp_path, capsys):
+    import json
+
+    from studies import main
+
+    out, res = tmp_path / "runs", tmp_path / "results"
+    assert main(["all", "--init", str(tiny_base), "--data", str(e2e_dir), "--out", str(out),
+                 "--results", str(res)] + TINY) == 0
+    printed = capsys.readouterr().out
+    for name in ("rank", "types", "subspace", "deltaw"):
+        assert (res / f"{name}.json").exists() and f"({name}:" in printed
+    for png in ("rank.png", "types.png", "subspace_ranks.png", "subspace_seeds.png"):
+        assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rank = json.loads((res / "rank.json").read_text())
+    assert rank["ranks"] == [1, 4] and set(rank["lora"]) == {"q", "qv", "qkvo"}
+    losses = [rec["val_loss"] for by_r in rank["lora"].values() for rec in by_r.values()]
+    assert all(math.isfinite(v) for v in losses + [rank["base"]["val_loss"]])
+    # Trainable parameters are the paper's 2 x L x d x r (no biases trained): 2 layers, d = 32.
+    assert rank["lora"]["qkvo"]["4"]["trainable"] == 2 * (2 * 4) * 32 * 4
+    assert rank["full"]["trainable"] > 1_000_000
+
+    types = json.loads((res / "types.json").read_text())
+    assert {r["params"] for r in types["rows"]} == {types["budget"]} == {2 * 2 * 32 * 4}
+
+    sub = json.loads((res / "subspace.json").read_text())
+    for name in ("q", "v"):
+        g = torch.tensor(sub["ranks"][name])
+        assert g.shape == (4, 16) and 0 <= float(g.min()) and float(g.max()) <= 1 + 1e-4
+        assert torch.tensor(sub["seeds"][name]).shape == (16, 16)
+    assert torch.tensor(sub["seeds"]["random"]).shape == (16, 16)
+
+    dw = json.loads((res / "deltaw.json").read_text())
+    for name in ("q", "v"):
+        for t in dw["by_rank"]["4"][name]:
+            assert t["amplification"] == pytest.approx(t["norm_delta_w"] / t["proj_delta_w"])
+            assert t["proj_w"] <= t["norm_w"] + 1e-9
+
+    # A second call reuses every cached run: no training, identical numbers.
+    assert main(["rank", "--init", str(tiny_base), "--data", str(e2e_dir), "--out", str(out),
+                 "--results", str(res)] + TINY) == 0
+    assert "run " not in capsys.readouterr().out
+    assert json.loads((res / "rank.json").read_text())["lora"] == rank["lora"]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_base, e2e_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "studies.py", "rank", "--out", str(tmp_path)]
+                              + list(extra), cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
+    r = run("--init", str(tmp_path / "nope"), "--data", str(e2e_dir))
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "nope" in r.stderr
+    r = run("--init", str(tiny_base), "--data", str(e2e_dir), "--steps", "0")
+    assert r.returncode == 1 and "--steps" in r.stderr and "Traceback" not in r.stderr
