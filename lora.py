@@ -95,11 +95,18 @@ class LoRALinear(nn.Linear):
                                  "gradient: call unmerge_lora before training")
             return y
         x = self.lora_dropout(x)
+        if torch.is_grad_enabled() and not y.requires_grad:
+            # Nothing below this layer trains (e.g. W_o alone, or block 0): F.linear's y may be a
+            # view of a tensor outside autograd, which refuses a trainable in-place update.
+            y = y.clone()
         if self.adapter_ids is not None:
             return self._forward_per_row(x, y)
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (N, in), (N, out)
         for n, (a, b) in self.slices.items():
-            # eq. 3 on the slice: (α/r) B (A x), through the r-wide bottleneck; ΔW never formed
-            y[..., a:b] += (x @ self.lora_A[n].t() * self.scaling) @ self.lora_B[n].t()
+            # eq. 3 on the slice: y += (α/r) B (A x), through the r-wide bottleneck (ΔW is never
+            # formed), accumulated into y's rows a:b by one addmm
+            xa = x2 @ self.lora_A[n].t()  # (N, r)
+            y2[:, a:b].addmm_(xa, self.lora_B[n].t().to(xa.dtype), alpha=self.scaling)
         return y
 
     # merge / unmerge (§4.1: "we can explicitly compute and store W = W0 + BA")
