@@ -116,8 +116,8 @@ class LoRALinear(nn.Linear):
         """W0 <- W0 + ΔW in place, ΔW formed in fp32 (also for bf16/fp16 weights). Idempotent.
 
         To give W0 back bit for bit without keeping a copy of it, merge remembers A and B as they
-        are now (tiny) and the entries of W0 that (W0 + ΔW) - ΔW does not round back to (a few
-        percent of them when ΔW is small next to W0; the README has a measurement).
+        are now (tiny) and the entries of W0 that (W0 + ΔW) - ΔW does not round back to: a
+        share roughly proportional to |ΔW| / |W0|, a few percent when ΔW is small next to W0.
         """
         if self.merged:
             return

@@ -280,3 +280,33 @@ def test_unload_lora_gives_a_plain_gpt_with_merged_weights(tmp_path):
     base = tiny_gpt()
     lora.unload_lora(randomize_lora(lora.apply_lora(base)), merge=False)
     assert torch.equal(base(ids()), tiny_gpt()(ids()))  # merge=False: W0 exactly
+
+
+def test_defaults_are_the_papers_gpt2_setting():
+    """apply_lora's docstring: Table 11's r = 4, α = 32, dropout 0.1 on W_q and W_v."""
+    model = lora.apply_lora(tiny_gpt())
+    assert model.lora_config == dict(rank=4, alpha=32, targets=["q", "v"], dropout=0.1,
+                                     bias="none", rslora=False)
+    layer = model.h[0].attn.c_attn
+    assert layer.scaling == 8 and layer.lora_dropout.p == 0.1 and set(layer.slices) == {"q", "v"}
+
+
+def test_merged_model_costs_exactly_the_base_flops():
+    idx = ids()
+    with FlopCounterMode(display=False) as fc:
+        tiny_gpt()(idx)
+    base = fc.get_total_flops()
+    model = lora.merge_lora(randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "o"))))
+    with FlopCounterMode(display=False) as fc:
+        model(idx)
+    assert fc.get_total_flops() == base
+
+
+def test_merge_keeps_only_a_few_percent_of_W0():
+    """merge's docstring: with ΔW small next to W0, a few percent of the entries are recorded."""
+    model = lora.apply_lora(tiny_gpt(n_embd=128), targets=("q", "v"))
+    randomize_lora(model, std=3e-3)  # mean |ΔW| ~ 1e-4 next to mean |W0| ~ 0.016
+    lora.merge_lora(model)
+    for layer in lora.lora_layers(model).values():
+        for n, (a, b) in layer.slices.items():
+            assert 0 < len(layer._merge_record[n][2]) < 0.05 * (b - a) * layer.in_features
