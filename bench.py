@@ -182,7 +182,14 @@ def synchronizer(device: str):
     return lambda: None
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="") -> dict:
+# wall: latency as a user sees it. cpu: this process's CPU time, which other processes on a
+# shared machine inflate far less (with --threads 1 it is the compute time; with more threads it
+# sums them, so it is no longer a latency).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="",
+                     clock=time.perf_counter) -> dict:
     """fns: name -> callable. Warm each up, then run every arm once per round, the order rotated
     each round so none always runs first. Returns name -> seconds, one per round."""
     names = list(fns)
@@ -195,10 +202,10 @@ def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="") -> dict
         k = r % len(names)
         for name in names[k:] + names[:k]:
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -219,7 +226,8 @@ def summarize(times: dict, base: str, per: int = 1) -> dict:
 # ---------------------------------------------------------------- machine peaks and FLOP counts
 
 
-def matmul_flops(device: str, dtype, n: int = 2048, trials: int = 5) -> float:
+def matmul_flops(device: str, dtype, n: int = 2048, trials: int = 5,
+                 clock=time.perf_counter) -> float:
     """FLOP/s of a large square matmul on this machine now (median of trials): the ceiling the
     model's FLOP/s is compared with."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -228,15 +236,16 @@ def matmul_flops(device: str, dtype, n: int = 2048, trials: int = 5) -> float:
     ts = []
     for i in range(trials + 2):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
         sync()
         if i >= 2:  # two warm-ups
-            ts.append(time.perf_counter() - t0)
+            ts.append(clock() - t0)
     return 2 * n ** 3 / statistics.median(ts)
 
 
-def read_bandwidth(device: str, nbytes: int = 256 * 2 ** 20, trials: int = 5) -> float:
+def read_bandwidth(device: str, nbytes: int = 256 * 2 ** 20, trials: int = 5,
+                   clock=time.perf_counter) -> float:
     """Bytes/s of reading one large tensor (x.sum(), far larger than any cache): the ceiling of
     decoding, which reads every weight once per token."""
     x = torch.ones(nbytes // 4, device=device)
@@ -244,11 +253,33 @@ def read_bandwidth(device: str, nbytes: int = 256 * 2 ** 20, trials: int = 5) ->
     ts = []
     for i in range(trials + 2):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
         sync()
         if i >= 2:
-            ts.append(time.perf_counter() - t0)
+            ts.append(clock() - t0)
+    return nbytes / statistics.median(ts)
+
+
+def gemv_bandwidth(device: str, dtype, nbytes: int = 256 * 2 ** 20, trials: int = 5,
+                   clock=time.perf_counter) -> float:
+    """Bytes/s of matrix-vector products over nn.Linear-shaped weights (out, in) that do not fit
+    in any cache: what this machine's matmul kernel reaches on decoding's work, beside the
+    bandwidth of a plain read."""
+    n_embd = 1024
+    rows = nbytes // (torch.finfo(dtype).bits // 8) // n_embd // 8
+    ws = [torch.randn(rows, n_embd, device=device, dtype=dtype) for _ in range(8)]
+    x = torch.randn(1, n_embd, device=device, dtype=dtype)
+    sync = synchronizer(device)
+    ts = []
+    for i in range(trials + 2):
+        sync()
+        t0 = clock()
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+        sync()
+        if i >= 2:
+            ts.append(clock() - t0)
     return nbytes / statistics.median(ts)
 
 
@@ -298,7 +329,7 @@ def bench_forward(base: GPT, arms, B: int, T: int, args) -> dict:
     idx = torch.randint(0, base.config.vocab_size, (B, T), device=args.device)
     fns = {a: (lambda m=m: m(idx)) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
-                             desc=f"forward {B}x{T}")
+                             f"forward {B}x{T}", CLOCKS[args.clock])
     out = summarize(times, "base")
     for a, m in models.items():
         out[a]["extra_params"] = extra_params(m, a)
@@ -338,7 +369,7 @@ def bench_decode(base: GPT, arms, args) -> dict:
                 m(t, cache=cache, last_only=True)
         fns[a] = run
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
-                             desc="decode")
+                             "decode", CLOCKS[args.clock])
     out = summarize(times, "base", per=n)
     for a, m in models.items():
         out[a]["extra_params"] = extra_params(m, a)
@@ -347,7 +378,8 @@ def bench_decode(base: GPT, arms, args) -> dict:
     bw = weight_bytes / (out["base"]["median_ms"] / 1e3)
     return dict(prompt=P, tokens=n, adapter_params_target=target, arms=out,
                 weight_bytes_per_token=weight_bytes, base_bytes_per_s=bw,
-                base_bandwidth_share=bw / args.peak_bandwidth)
+                base_bandwidth_share=bw / args.peak_bandwidth,
+                base_gemv_share=bw / args.gemv_bandwidth)
 
 
 # ---------------------------------------------------------------- 3. training
@@ -392,40 +424,61 @@ def batch_for(args, config):
     return data[:, :-1], data[:, 1:]
 
 
-def _rss_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process from /proc, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
+def _rss_bytes(field: str):
+    """VmRSS (resident now) or VmHWM (resident at peak) of this process in bytes, from Linux's
+    /proc; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _max_rss_bytes() -> int:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
 
 
 def peak_memory_child(args) -> dict:
-    """Run in a fresh process (`bench.py --_child ARM`): the peak memory of a few training steps.
+    """Run in a fresh process (`bench.py --_child ARM`): the peak memory of a few training steps,
+    weights included.
 
     CUDA: torch.cuda.max_memory_allocated, the allocator's own peak of live tensors.
-    CPU: the peak resident set size (VmHWM) less the resident size before the model was built.
-    Why this is sound: there is no swap here, so every tensor that was written is resident, and
-    the high-water mark catches the moment of most live tensors; large tensors are mmap'ed by the
-    allocator and returned on free, so little freed memory lingers. The process does nothing but
-    this arm, so nothing else is counted. The mark is reset after the model is built, so the
-    transient of loading a checkpoint (--init) is not counted, while the weights are.
+    CPU: the peak resident set size less the resident size before the model was built (the
+    interpreter and torch). Why this is sound: with no swap every tensor written is resident, so
+    the peak of resident memory is at least the peak of live tensors; what it adds is memory
+    the allocator held freed and had not returned, which the process did occupy. Nothing but this
+    arm runs in the process. On Linux the mark is reset once the model is built (clear_refs), so
+    the transient of reading a checkpoint (--init) is not counted; elsewhere ru_maxrss is used.
     """
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    before = 0 if cuda else _rss_bytes("VmRSS")
+    before = _rss_bytes("VmRSS") or _max_rss_bytes()
     model, opt, autocast = train_arm(args, args._child)
     idx, targets = batch_for(args, model.config)
+    method = "ru_maxrss - RSS before build"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        method = "cuda max_memory_allocated"
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
+            method = "VmHWM - VmRSS before build"
+        except OSError:
+            pass
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
         train_step(model, opt, autocast, idx, targets)
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM") - before
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    elif method.startswith("VmHWM"):
+        peak = _rss_bytes("VmHWM") - before
+    else:
+        peak = _max_rss_bytes() - before
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(peak_bytes=peak, trainable_params=trainable,
-                method="cuda max_memory_allocated" if cuda else "VmHWM - VmRSS before build")
+    return dict(peak_bytes=peak, trainable_params=trainable, memory_method=method)
 
 
 def peak_memory(args, arm: str) -> dict:
@@ -443,7 +496,8 @@ def bench_train(args) -> dict:
     arms = {arm: train_arm(args, arm) for arm in ("full", "lora")}
     idx, targets = batch_for(args, arms["full"][0].config)
     fns = {arm: (lambda mo=mo: train_step(*mo, idx, targets)) for arm, mo in arms.items()}
-    times = time_interleaved(fns, args.train_rounds, 1, synchronizer(args.device), desc="train")
+    times = time_interleaved(fns, args.train_rounds, 1, synchronizer(args.device), "train",
+                             CLOCKS[args.clock])
     out = summarize(times, "full")
     model = arms["full"][0]
     n, T, tokens = counted_params(model), args.train_seq, args.train_batch * args.train_seq
@@ -502,8 +556,11 @@ def print_report(res: dict):
     m = res["machine"]
     print(f"\n{res['model']} ({res['params'] / 1e6:.1f}M parameters), {m['device']} "
           f"{res['dtype']}, {m['threads']} threads, {m['cpu']}, torch {m['torch']}")
-    print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, "
-          f"read bandwidth {m['read_bandwidth'] / 1e9:.1f} GB/s")
+    load = (f"; load average {m['load_average_start']:.1f} at start, "
+            f"{m['load_average_end']:.1f} at end" if m["load_average_start"] is not None else "")
+    print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
+          f"{m['read_bandwidth'] / 1e9:.1f} GB/s (matrix-vector {m['gemv_bandwidth'] / 1e9:.1f} "
+          f"GB/s){load}")
     row = "{:<15} {:>12} {:>20} {:>10}"
     for f in res.get("forward", []):
         print(f"\nForward pass, batch {f['batch']} x seq {f['seq']} ({f['arms']['base']['trials']}"
@@ -514,7 +571,8 @@ def print_report(res: dict):
         d = res["decode"]
         print(f"\nDecoding with the KV cache, batch 1, per token ({d['tokens']} tokens after a "
               f"{d['prompt']}-token prompt, {d['arms']['base']['trials']} rounds); base reads "
-              f"weights at {d['base_bandwidth_share']:.0%} of the read bandwidth")
+              f"weights at {d['base_bandwidth_share']:.0%} of the read bandwidth "
+              f"({d['base_gemv_share']:.0%} of the matrix-vector one)")
         _arm_table(d["arms"], row)
     if res.get("train"):
         t = res["train"]
@@ -540,6 +598,11 @@ def _arm_table(arms: dict, row: str):
     for a, s in arms.items():
         print(row.format(a, f"{s['extra_params']:,}", f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
                          f"{s['ratio_to_base']:.3f}"))
+
+
+def _load():
+    """1-minute load average: how busy the machine was (other processes skew timings)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def parse_shapes(text: str):
@@ -603,6 +666,9 @@ def main(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads, fixed for the run (default {torch.get_num_threads()})")
+    g.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall (latency, default) or cpu (process CPU time: robust to other "
+                        "processes on a shared machine; use with --threads 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # memory probe, internal
@@ -640,19 +706,25 @@ def main(argv=None):
     if skip - {"forward", "decode", "train"}:
         raise ValueError(f"--skip: unknown {sorted(skip - {'forward', 'decode', 'train'})}")
     cuda = args.device.startswith("cuda")
+    if cuda and args.clock == "cpu":
+        raise ValueError("--clock cpu times the CPU: on cuda use the default --clock wall")
     shapes = parse_shapes(args.shapes or ("1x128" if q else
                                           "32x512,16x256,1x128" if cuda else "4x256,1x128"))
 
     dtype = DTYPES[args.dtype]
-    args.peak_flops = matmul_flops(args.device, dtype)
-    args.peak_bandwidth = read_bandwidth(args.device)
+    args.peak_flops = matmul_flops(args.device, dtype, clock=CLOCKS[args.clock])
+    args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
+    args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
     base = build_base(args)
     res = dict(model=getattr(base, "name", args.model), params=base.num_params(),
-               dtype=args.dtype, argv=argv, lora=dict(LORA, targets=list(LORA["targets"])),
+               dtype=args.dtype, clock=args.clock, argv=argv,
+               lora=dict(LORA, targets=list(LORA["targets"])),
                machine=dict(device=torch.cuda.get_device_name() if cuda else "cpu",
                             cpu=platform.processor() or platform.machine(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
-                            matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth))
+                            matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,
+                            gemv_bandwidth=args.gemv_bandwidth,
+                            load_average_start=_load()))
     if "forward" not in skip:
         res["forward"] = [bench_forward(base, arms, B, T, args) for B, T in shapes]
     if "decode" not in skip:
@@ -660,6 +732,7 @@ def main(argv=None):
     del base
     if "train" not in skip:
         res["train"] = bench_train(args)
+    res["machine"]["load_average_end"] = _load()
     res["targets"] = check_targets(res)
     print_report(res)
     if args.json:

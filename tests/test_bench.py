@@ -137,7 +137,8 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
         assert part["arms"]["base"]["ratio_to_base"] == 1.0
     f = res["forward"][0]
     assert (f["batch"], f["seq"]) == (1, 128) and 0 < f["base_mfu"]
-    assert res["decode"]["base_bandwidth_share"] > 0
+    assert res["decode"]["base_bandwidth_share"] > 0 and res["decode"]["base_gemv_share"] > 0
+    assert res["machine"]["matmul_flops"] > 0 and res["machine"]["gemv_bandwidth"] > 0
     tr = res["train"]["arms"]
     assert tr["lora"]["trainable_params"] < tr["full"]["trainable_params"]
     for s in tr.values():
