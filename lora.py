@@ -15,6 +15,7 @@ model (§4.1), several adapters in one batch (§4.2), and PEFT import/export.
 
 import json
 import math
+import numbers
 import re
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -54,7 +55,7 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, slices: dict, rank: int, alpha: float,
                  dropout: float = 0.0, rslora: bool = False):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not nn.Linear's: W0 is adopted, not allocated
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # W0 itself: shared, not copied
         self.slices = dict(slices)
@@ -211,8 +212,10 @@ def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="n
     if "qkv" in targets and {"q", "k", "v"} & set(targets):
         raise ValueError("target 'qkv' already covers q, k and v: give 'qkv' or any of q, k, v")
     targets = tuple(t for t in TARGETS if t in targets)  # canonical order, no repeats
-    if not isinstance(rank, int) or rank <= 0:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    rank, dropout = int(rank), float(dropout)  # plain Python numbers: they go into JSON metadata
+    alpha = alpha if isinstance(alpha, int) else float(alpha)
     if not alpha > 0:
         raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
     if not 0 <= dropout < 1:
@@ -239,7 +242,8 @@ def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="n
 
     model.lora_config = dict(rank=rank, alpha=alpha, targets=list(targets), dropout=dropout,
                              bias=bias, rslora=rslora)
-    # Only A and B train (plus biases if asked): "we freeze the pretrained weights" (§4).
+    # §4.1: "W0 is frozen and does not receive gradient updates, while A and B contain trainable
+    # parameters" (plus biases if asked).
     adapter = lora_state_dict(model)
     for name, p in model.named_parameters():
         p.requires_grad = name in adapter
