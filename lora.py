@@ -9,8 +9,13 @@ The core reads like §4 of the paper:
     §4.1         merge W = W0 + B A: no inference latency     merge_lora / unmerge_lora
     §5.1         |Θ| = 2 × L̂ × d_model × r                    paper_num_params
 
-Below the divider: what practitioners need around it: adapter files, task switching on a merged
-model (§4.1), several adapters in one batch (§4.2), and PEFT import/export.
+Below the divider, what practitioners need around it:
+
+    adapter files, loaded strictly (base weights, settings, keys)   save_adapter / load_adapter
+    §4.1 task switching: W0 - B A + B' A' on a merged model         switch_adapter
+    §4.2 a different adapter for each row of one batch              load_adapters, use_adapters
+    huggingface/peft files, both ways                               export_peft / import_peft
+    a plain GPT with W0 + B A in its weights                        unload_lora
 """
 
 import json
