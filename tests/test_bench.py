@@ -84,7 +84,11 @@ def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
     lora_out = arms["lora_unmerged"](idx)
     assert (lora_out - ref).abs().max() > 1e-4
     torch.testing.assert_close(arms["lora_merged"](idx), lora_out, rtol=1e-4, atol=1e-4)
-    # The base model is untouched by building the other arms (they share its weights)
+    # The arms that only add modules share the base weights; the merged arm has its own, so
+    # the base model is untouched by merging
+    for a in ("lora_unmerged", "adapter_H", "adapter_L"):
+        assert arms[a].wte.weight is base.wte.weight, a
+    assert arms["lora_merged"].wte.weight is not base.wte.weight
     torch.testing.assert_close(base(idx), ref, rtol=0, atol=0)
     # and the adapters are on the forward path: a non-zero up-projection changes the logits
     for a in ("adapter_H", "adapter_L"):
