@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from model import GPT, PRETRAINED, GPTConfig, _atomic_write
-from train import DTYPES, TrainConfig, amp_setup, get_device, load_base, make_optimizer, run_main
+from model import GPT, PRETRAINED, GPTConfig, KVCache, _atomic_write
+from train import DTYPES, TrainConfig, get_device, load_base, make_optimizer, run_main
 
 # ---------------------------------------------------------------- adapter baselines
 
@@ -348,8 +348,6 @@ def bench_decode(base: GPT, arms, args) -> dict:
     """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
     model.generate does; the cache is rewound to the prompt before each call."""
-    from model import KVCache
-
     P, n = args.decode_prompt, args.decode_tokens
     if P + n > base.config.block_size:
         raise ValueError(f"--decode-prompt + --decode-tokens = {P + n} exceeds the model's "
@@ -387,9 +385,9 @@ def bench_decode(base: GPT, arms, args) -> dict:
 
 
 def train_arm(args, arm: str):
-    """A fresh model and its optimizer for arm 'full' (every weight trains) or 'lora', with
-    train.py's optimizer (AdamW over the requires_grad parameters only, so LoRA's frozen
-    weights get no Adam state) and its defaults (TrainConfig: the paper's E2E recipe)."""
+    """A fresh model and its optimizer for arm 'full' (every weight trains) or 'lora': train.py's
+    make_optimizer (AdamW over the requires_grad parameters only, so LoRA's frozen weights get
+    no Adam state, fused kernels) with train.py's defaults (TrainConfig, the paper's recipe)."""
     model = build_base(args)
     if arm == "lora":
         from lora import apply_lora
@@ -397,16 +395,14 @@ def train_arm(args, arm: str):
     elif arm != "full":
         raise ValueError(f"unknown training arm {arm!r}")
     model.train()
-    autocast, _ = amp_setup(TRAIN.amp, torch.device(args.device).type)  # fp32 on CPU
-    return model, make_optimizer(model, TRAIN), autocast
+    return model, make_optimizer(model, TRAIN)
 
 
-def train_step(model, opt, autocast, idx, targets):
+def train_step(model, opt, idx, targets):
     """One optimizer step as train.py's loop takes it: forward with targets -> loss (label
-    smoothing as configured), backward, gradient clipping, AdamW step. (No loss scaling: fp16
-    autocast is only train.py's choice on a GPU without bf16.)"""
-    with autocast():
-        loss = model(idx, targets, label_smoothing=TRAIN.label_smoothing)
+    smoothing as configured), backward, gradient clipping, AdamW step. The model runs in --dtype
+    without autocast, the dtype the matmul FLOP/s is measured in, so the two compare."""
+    loss = model(idx, targets, label_smoothing=TRAIN.label_smoothing)
     loss.backward()
     if TRAIN.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -458,7 +454,7 @@ def peak_memory_child(args) -> dict:
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     before = _rss_bytes("VmRSS") or _max_rss_bytes()
-    model, opt, autocast = train_arm(args, args._child)
+    model, opt = train_arm(args, args._child)
     idx, targets = batch_for(args, model.config)
     method = "ru_maxrss - RSS before build"
     if cuda:
@@ -471,7 +467,7 @@ def peak_memory_child(args) -> dict:
         except OSError:
             pass
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
-        train_step(model, opt, autocast, idx, targets)
+        train_step(model, opt, idx, targets)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     elif method.startswith("VmHWM"):
@@ -601,6 +597,16 @@ def _arm_table(arms: dict, row: str):
                          f"{s['ratio_to_base']:.3f}"))
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _load():
     """1-minute load average: how busy the machine was (other processes skew timings)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -723,7 +729,7 @@ def main(argv=None):
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(LORA, targets=list(LORA["targets"])),
                machine=dict(device=torch.cuda.get_device_name() if cuda else "cpu",
-                            cpu=platform.processor() or platform.machine(),
+                            cpu=_cpu_name(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                             matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,
                             gemv_bandwidth=args.gemv_bandwidth,
