@@ -169,3 +169,17 @@ def test_bad_input_is_one_line_error():
 def test_bad_input_raises_value_error(args, msg):
     with pytest.raises(ValueError, match=msg):
         bench.main(["--model", "tiny", "--skip", "decode,train", "--rounds", "1", *args])
+
+
+def test_init_loads_real_weights_in_every_process(tiny_base, tmp_path):
+    """--init reaches the memory probes too: they train the same checkpoint (its parameter
+    count differs from the tiny shape's)."""
+    out = tmp_path / "out.json"
+    r = run_bench("--init", str(tiny_base), "--quick", "--skip", "forward,decode",
+                  "--train-rounds", "1", "--train-seq", "32", "--mem-steps", "1", "--threads", "1",
+                  "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    n = GPT.from_pretrained(tiny_base).num_params()
+    assert res["params"] == n
+    assert res["train"]["arms"]["full"]["trainable_params"] == n
