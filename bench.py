@@ -136,8 +136,13 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 
 def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0) -> GPT:
-    """One inference arm, in eval mode. The LoRA matrices get random values (B = 0 at init
-    would make merging a no-op in value, though not in time)."""
+    """One inference arm, in eval mode, sharing base's weight tensors.
+
+    Every arm reads the very same weight memory: where a copy of the weights happened to be
+    allocated moved decoding time by 1-2% here, more than the effects measured. So the merged
+    arm merges W0 + BA into the shared weights, and from then on the base arm (and every other)
+    runs with W0 + BA: the same shapes and bytes, so the same time as W0. The LoRA matrices get
+    random values (B = 0 at init would make merging a no-op in value, though not in time)."""
     if arm == "base":
         return base.eval()
     if arm.startswith("adapter_"):
@@ -151,8 +156,7 @@ def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int =
         raise ValueError(f"unknown arm {arm!r}: use some of {', '.join(ARMS)}")
     from lora import apply_lora, merge_lora
 
-    # merging writes W0 + BA into the weight, so the merged arm gets weights of its own
-    model = copy.deepcopy(base) if arm == "lora_merged" else shared_copy(base)
+    model = shared_copy(base)
     apply_lora(model, **LORA)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -162,6 +166,23 @@ def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int =
     if arm == "lora_merged":
         merge_lora(model)
     return model.eval()
+
+
+class Arms:
+    """The inference arms over one base model, each built once and reused by every setting: the
+    LoRA arms once in all (the merged one merges once), the adapters once per parameter count."""
+
+    def __init__(self, base: GPT, names, seed: int = 0):
+        self.base, self.names, self.seed, self.built = base, list(names), seed, {}
+
+    def get(self, adapter_target: int) -> dict:
+        out = {}
+        for a in self.names:
+            key = (a, adapter_target if a.startswith("adapter_") else None)
+            if key not in self.built:
+                self.built[key] = build_arm(self.base, a, adapter_target, self.seed)
+            out[a] = self.built[key]
+        return out
 
 
 def extra_params(model: GPT, arm: str) -> int:
@@ -321,12 +342,13 @@ def build_base(args) -> GPT:
 
 
 @torch.inference_mode()
-def bench_forward(base: GPT, arms, B: int, T: int, args) -> dict:
+def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
     """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1."""
+    base = arms.base
     if T > base.config.block_size:
         raise ValueError(f"sequence length {T} is longer than the model's {base.config.block_size}")
     target = args.adapter_params or (500_000 if (B, T) == (32, 512) else 11_000_000)  # Table 1
-    models = {a: build_arm(base, a, target, args.seed) for a in arms}
+    models = arms.get(target)
     idx = torch.randint(0, base.config.vocab_size, (B, T), device=args.device)
     fns = {a: (lambda m=m: m(idx)) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
@@ -344,11 +366,11 @@ def bench_forward(base: GPT, arms, B: int, T: int, args) -> dict:
 
 
 @torch.inference_mode()
-def bench_decode(base: GPT, arms, args) -> dict:
+def bench_decode(arms: Arms, args) -> dict:
     """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
     model.generate does; the cache is rewound to the prompt before each call."""
-    P, n = args.decode_prompt, args.decode_tokens
+    base, P, n = arms.base, args.decode_prompt, args.decode_tokens
     if P + n > base.config.block_size:
         raise ValueError(f"--decode-prompt + --decode-tokens = {P + n} exceeds the model's "
                          f"block_size {base.config.block_size}")
@@ -356,9 +378,8 @@ def bench_decode(base: GPT, arms, args) -> dict:
     dtype = base.wte.weight.dtype
     prompt = torch.randint(0, base.config.vocab_size, (1, P), device=args.device)
     tokens = torch.randint(0, base.config.vocab_size, (n, 1, 1), device=args.device)
-    models, fns = {}, {}
-    for a in arms:
-        m = models[a] = build_arm(base, a, target, args.seed)
+    models, fns = arms.get(target), {}
+    for a, m in models.items():
         cache = KVCache(m.config, 1, P + n, args.device, dtype)
         m(prompt, cache=cache)  # prefill
 
@@ -704,11 +725,11 @@ def main(argv=None):
                        "--train-batch", str(args.train_batch), "--train-seq", str(args.train_seq),
                        "--mem-steps", str(args.mem_steps)] + (["--init", args.init]
                                                               if args.init else [])
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ARMS]
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in names if a not in ARMS]
     if bad:
         raise ValueError(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
-    arms = ["base"] + [a for a in arms if a != "base"]  # ratios need the base arm
+    names = ["base"] + [a for a in names if a != "base"]  # ratios need the base arm
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - {"forward", "decode", "train"}:
         raise ValueError(f"--skip: unknown {sorted(skip - {'forward', 'decode', 'train'})}")
@@ -722,9 +743,8 @@ def main(argv=None):
     args.peak_flops = matmul_flops(args.device, dtype, clock=CLOCKS[args.clock])
     args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
     args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
-    # Every arm's weights are copies made the same way (the merged arm needs its own): where a
-    # tensor was first allocated moved decoding time by ~1% here, more than the effect measured.
-    base = copy.deepcopy(build_base(args))
+    base = build_base(args)
+    arms = Arms(base, names, args.seed)
     res = dict(model=getattr(base, "name", args.model), params=base.num_params(),
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(LORA, targets=list(LORA["targets"])),
@@ -735,10 +755,10 @@ def main(argv=None):
                             gemv_bandwidth=args.gemv_bandwidth,
                             load_average_start=_load()))
     if "forward" not in skip:
-        res["forward"] = [bench_forward(base, arms, B, T, args) for B, T in shapes]
+        res["forward"] = [bench_forward(arms, B, T, args) for B, T in shapes]
     if "decode" not in skip:
-        res["decode"] = bench_decode(base, arms, args)
-    del base
+        res["decode"] = bench_decode(arms, args)
+    del base, arms
     if "train" not in skip:
         res["train"] = bench_train(args)
     res["machine"]["load_average_end"] = _load()

@@ -69,8 +69,17 @@ def test_adapters_sit_where_the_papers_put_them():
 def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
     base = tiny()
     idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    unmerged = bench.build_arm(base, "lora_unmerged", seed=3)
+    before_merge = unmerged(idx)
+    assert (before_merge - base(idx)).abs().max() > 1e-4  # random A, B: not the identity
+    arms = bench.Arms(base, bench.ARMS, seed=3).get(3000)
+    # All arms share the base weights; the merged arm merged W0 + BA into them, so the base arm
+    # now computes exactly what the merged arm does, and that is the unmerged arm's function
+    for a, model in arms.items():
+        assert model.wte.weight is base.wte.weight, a
     ref = base(idx)
-    arms = {a: bench.build_arm(base, a, adapter_target=3000) for a in bench.ARMS}
+    torch.testing.assert_close(arms["lora_merged"](idx), ref, rtol=0, atol=0)
+    torch.testing.assert_close(ref, before_merge, rtol=1e-4, atol=1e-4)
     for a, model in arms.items():
         out = model(idx)
         assert out.shape == (2, 12, TINY.vocab_size), a
@@ -80,22 +89,20 @@ def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
         cache = KVCache(model.config, 2, 13, "cpu", torch.float32)
         model(idx, cache=cache)
         assert model(idx[:, :1], cache=cache, last_only=True).shape == (2, 1, TINY.vocab_size)
-    # The LoRA arms carry random A, B (not the identity), and merged == unmerged
-    lora_out = arms["lora_unmerged"](idx)
-    assert (lora_out - ref).abs().max() > 1e-4
-    torch.testing.assert_close(arms["lora_merged"](idx), lora_out, rtol=1e-4, atol=1e-4)
-    # The arms that only add modules share the base weights; the merged arm has its own, so
-    # the base model is untouched by merging
-    for a in ("lora_unmerged", "adapter_H", "adapter_L"):
-        assert arms[a].wte.weight is base.wte.weight, a
-    assert arms["lora_merged"].wte.weight is not base.wte.weight
-    torch.testing.assert_close(base(idx), ref, rtol=0, atol=0)
     # and the adapters are on the forward path: a non-zero up-projection changes the logits
     for a in ("adapter_H", "adapter_L"):
         for m in arms[a].modules():
             if isinstance(m, bench.Adapter):
                 m.up.weight.normal_()
         assert (arms[a](idx) - ref).abs().max() > 1e-3, a
+
+
+def test_arms_are_built_once():
+    arms = bench.Arms(tiny(), bench.ARMS)
+    small, large = arms.get(2000), arms.get(3000)
+    assert all(small[a] is large[a] for a in ("base", "lora_merged", "lora_unmerged"))
+    assert all(small[a] is not large[a] for a in ("adapter_H", "adapter_L"))
+    assert all(arms.get(2000)[a] is small[a] for a in bench.ARMS)
 
 
 @pytest.mark.parametrize("kind", ["forward", "train", "lora_train"])
