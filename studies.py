@@ -1,4 +1,4 @@
-"""Rerun §7 of the LoRA paper ("Understanding the low-rank updates") on a model this machine trains.
+"""Rerun §7 of the LoRA paper ("Understanding the low-rank updates") on a model trained here.
 
 Four studies, one command each, each printing a table and writing JSON (and a PNG where the paper
 has a figure) under --out:
@@ -69,7 +69,8 @@ def top_directions(M: torch.Tensor, r: int):
 
 def projection_norm(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
     """||U^T W V||_F: how much of W lies in the r-dimensional subspaces spanned by U's and V's
-    columns (§7.3; the paper writes U^T W V^T with V holding the right-singular vectors as rows)."""
+    columns (§7.3; the paper writes U^T W V^T, its V holding the right-singular vectors as
+    rows)."""
     return float(torch.linalg.matrix_norm(U.T @ W.detach().double() @ V))
 
 
@@ -114,6 +115,28 @@ def base_weight(model, layer: int, name: str) -> torch.Tensor:
 def delta_weight(model, layer: int, name: str) -> torch.Tensor:
     A, B, scaling = lora_factors(model, layer, name)
     return scaling * B.double() @ A.double()  # (C, r) @ (r, C) -> (C, C)
+
+
+@torch.no_grad()
+def block_inputs(model, data, layer: int, batch_size: int, max_batches) -> torch.Tensor:
+    """X (n, C): what W_q and W_v see in block `layer` (its ln_1 output) at every non-padding
+    position of data's evaluation batches. A's gradient is a sum of (B^T dh) x^T over these x,
+    so training pushes A's rows towards the directions X occupies most; comparing A with X's
+    right-singular vectors separates that pull from structure specific to the task."""
+    from data.datasets import PAD
+
+    rows = []
+    hook = model.h[layer].ln_1.register_forward_hook(lambda m, i, o: rows.append(o.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _ in data.eval_batches(batch_size, max_batches):
+            model(x.to(next(model.parameters()).device))
+            rows[-1] = rows[-1][x.to(rows[-1].device) != PAD].cpu()  # (tokens, C)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(rows)
 
 
 # ---------------------------------------------------------------- the runs
@@ -272,6 +295,9 @@ def _heatmap(ax, grid, title, xlabel, ylabel):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return im
 
 
@@ -316,10 +342,10 @@ def plot_subspace_ranks(grids: dict, path, layer: int):
         axes = fig.subplots(1, 4, width_ratios=[3, 1, 3, 1])
         for k, (name, grid) in enumerate(grids.items()):
             r1, r2 = grid.shape
-            im = _heatmap(axes[2 * k], grid, f"Delta W_{name}, layer {layer}", "j", "i")
+            im = _heatmap(axes[2 * k], grid, f"Delta W_{name}, block {layer}", "j", "i")
             _heatmap(axes[2 * k + 1], grid[:, :min(r1, r2)], f"W_{name}, j <= {min(r1, r2)}",
                      "j", "i")
-        fig.colorbar(im, ax=axes, shrink=0.8, label="phi(A_r=8, A_r=64, i, j)")
+        fig.colorbar(im, ax=axes, shrink=0.8, label=f"phi(A_r={r1}, A_r={r2}, i, j)")
     _figure(path, draw, (11, 2.8))
 
 
@@ -329,7 +355,7 @@ def plot_subspace_seeds(grids: dict, path, layer: int):
     def draw(fig):
         axes = fig.subplots(1, len(grids))
         for ax, (name, grid) in zip(axes, grids.items()):
-            title = "random Gaussian" if name == "random" else f"Delta W_{name}, layer {layer}"
+            title = "random Gaussian" if name == "random" else f"Delta W_{name}, block {layer}"
             im = _heatmap(ax, grid, title, "j (seed b)", "i (seed a)")
         fig.colorbar(im, ax=axes, shrink=0.8, label="phi")
     _figure(path, draw, (11, 3.2))
@@ -337,18 +363,12 @@ def plot_subspace_seeds(grids: dict, path, layer: int):
 
 # ---------------------------------------------------------------- the studies
 
-# Numbers quoted from the paper (arXiv 2106.09685 v2), GPT-3 175B, for the README and the tables.
-PAPER = {
-    "table6_wikisql": {"q": [68.8, 69.6, 70.5, 70.4, 70.0], "qv": [73.4, 73.3, 73.7, 73.8, 73.5],
-                       "qkvo": [74.1, 73.7, 74.0, 74.0, 73.9]},
-    "table6_mnli": {"q": [90.7, 90.9, 91.1, 90.7, 90.7], "qv": [91.3, 91.4, 91.3, 91.6, 91.4],
-                    "qkvo": [91.2, 91.7, 91.7, 91.5, 91.4]},
-    "table6_ranks": [1, 2, 4, 8, 64],
-    "table7": {4: {"proj_delta_w": 0.32, "proj_w": 21.67, "proj_random": 0.02,
-                   "norm_w": 61.95, "norm_delta_w": 6.91, "amplification": 21.5},
-               64: {"proj_delta_w": 1.90, "proj_w": 37.71, "proj_random": 0.33,
-                    "norm_w": 61.95, "norm_delta_w": 3.57, "amplification": 1.9}},
-}
+# Table 7 of the paper (arXiv 2106.09685 v2): GPT-3 175B, W_q of the 48th of 96 layers; printed
+# beside ours. The amplification at r = 64 is computed from its numbers, 3.57 / 1.90.
+PAPER_TABLE7 = {4: {"proj_delta_w": 0.32, "proj_w": 21.67, "proj_random": 0.02, "norm_w": 61.95,
+                    "norm_delta_w": 6.91, "amplification": 21.5},
+                64: {"proj_delta_w": 1.90, "proj_w": 37.71, "proj_random": 0.33, "norm_w": 61.95,
+                     "norm_delta_w": 3.57, "amplification": 1.88}}
 
 
 def _md_table(header, rows) -> str:
@@ -367,12 +387,21 @@ def _ranks(args, C):
     return ranks
 
 
+def _layer(args, config) -> int:
+    """The block that subspace and deltaw look at: --layer, else the paper's choice scaled, the
+    48th of 96 (index 47), i.e. n_layer / 2 counted from 1."""
+    layer = args.layer if args.layer is not None else max(0, config.n_layer // 2 - 1)
+    if not 0 <= layer < config.n_layer:
+        raise ValueError(f"--layer must be in 0..{config.n_layer - 1}, got {layer}")
+    return layer
+
+
 def study_rank(runs: Runs, args) -> dict:
     """Table 6: validation loss for q / q,v / q,k,v,o at each rank, same budget, with the base
     (no tuning) and full fine-tuning beside them."""
     ranks = _ranks(args, runs.config.n_embd)
-    table = {"title": f"rank sweep: {args.data} validation loss, base {args.init}, "
-                      f"{args.steps} steps x batch {args.batch_size}",
+    table = {"title": f"{Path(args.data).name} validation loss after {args.steps} steps x "
+                      f"batch {args.batch_size}, base {Path(str(args.init)).name}",
              "base": runs.base_loss(), "full": runs.get("full"), "lora": {}}
     for name, targets in TARGET_SETS.items():
         table["lora"][name] = {str(r): runs.get(targets, r) for r in ranks}
@@ -401,8 +430,8 @@ def study_types(runs: Runs, args) -> dict:
         rec = runs.get(targets, r)
         rows.append({"targets": ",".join(targets), "rank": r, "val_loss": rec["val_loss"],
                      "params": paper_num_params(runs.config, r, targets)})
-    table = {"title": f"weight types at {budget:,} trainable parameters "
-                      f"(2 x n_layer x d_model x {R}), {args.data} validation loss",
+    table = {"title": f"{Path(args.data).name} validation loss, {budget:,} trainable "
+                      f"parameters each (2 x n_layer x d_model x {R})",
              "budget": budget, "rows": rows, "full": runs.get("full"),
              "base": runs.base_loss()}
     table["markdown"] = _md_table(["weights", "r", "params", "val loss"],
@@ -416,25 +445,34 @@ def study_subspace(runs: Runs, args) -> dict:
     the A_r=large of two seeds, and between two random Gaussian matrices (Figure 4)."""
     C = runs.config.n_embd
     small, large = args.small_rank, min(args.large_rank, C)
-    layer = args.layer if args.layer is not None else runs.config.n_layer // 2
+    layer = _layer(args, runs.config)
     m_small, m_large = runs.model(("q", "v"), small, 0), runs.model(("q", "v"), large, 0)
     m_seed = runs.model(("q", "v"), large, 1)
     out = {"layer": layer, "small_rank": small, "large_rank": large, "n_embd": C,
            "ranks": {}, "seeds": {}, "summary": {}}
+    from train import load_base
+
+    inputs = block_inputs(load_base(args.init, "cpu"), runs.val_data, layer, args.batch_size,
+                          args.eval_batches)
+    X = right_singular_vectors(inputs)  # (C, C): the inputs' directions, most used first
+    s = torch.linalg.svdvals(inputs.double())
+    out["summary"]["inputs_top1_energy_share"] = float(s[0] ** 2 / (s ** 2).sum())
     for name in ("q", "v"):
         A_s, A_l, A_b = (lora_factors(m, layer, name)[0] for m in (m_small, m_large, m_seed))
         g_ranks = similarity_grid(right_singular_vectors(A_s), right_singular_vectors(A_l))
         g_seeds = similarity_grid(right_singular_vectors(A_l), right_singular_vectors(A_b))
         out["ranks"][name], out["seeds"][name] = g_ranks, g_seeds
-        moved = {}
+        moved, to_inputs = {}, {}
         for r, seed, A in ((small, 0, A_s), (large, 0, A_l), (large, 1, A_b)):
             A0 = runs.initial_A(("q", "v"), r, seed, layer, name)
             moved[f"r{r}_s{seed}"] = float((A - A0).norm() / A0.norm())
+            to_inputs[f"r{r}_s{seed}"] = subspace_similarity(right_singular_vectors(A), X, 1, 1)
         out["summary"][name] = {
             "phi_ranks_1_1": float(g_ranks[0, 0]),
             "phi_ranks_i_large": [float(v) for v in g_ranks[:, -1]],
             "phi_seeds_diag": [float(g_seeds[i, i]) for i in range(min(8, large))],
-            "A_moved_from_init": moved}
+            "A_moved_from_init": moved,
+            "phi_A_top1_inputs_top1": to_inputs}
     g = torch.Generator().manual_seed(0)
     R1, R2 = (torch.randn(large, C, generator=g) for _ in range(2))
     out["seeds"]["random"] = similarity_grid(right_singular_vectors(R1), right_singular_vectors(R2))
@@ -446,14 +484,17 @@ def study_subspace(runs: Runs, args) -> dict:
         s = out["summary"][name]
         rows.append([f"W_{name}", s["phi_ranks_1_1"], s["phi_ranks_i_large"][0],
                      s["phi_ranks_i_large"][-1], s["phi_seeds_diag"][0],
-                     s["A_moved_from_init"][f"r{large}_s0"]])
+                     s["phi_seeds_diag"][min(2, large) - 1],
+                     s["A_moved_from_init"][f"r{large}_s0"],
+                     s["phi_A_top1_inputs_top1"][f"r{large}_s0"]])
     # Random subspaces of dimensions i and j in R^C: E[phi] = max(i, j) / C.
-    rows.append(["random (expected)", 1 / C, large / C, large / C,
-                 out["summary"]["random"]["phi_seeds_diag"][0], ""])
+    rows.append(["random (expected)", 1 / C, large / C, large / C, 1 / C, min(2, large) / C,
+                 "", 1 / C])
     out["markdown"] = _md_table(
         ["", f"phi(r{small}, r{large}, 1, 1)", f"phi(r{small}, r{large}, 1, {large})",
-         f"phi(r{small}, r{large}, {small}, {large})", f"phi(seed 0, seed 1, 1, 1) at r{large}",
-         f"||A - A_init|| / ||A_init|| (r{large})"], rows)
+         f"phi(r{small}, r{large}, {small}, {large})", f"seeds at r{large}: phi(1, 1)",
+         "phi(2, 2)", f"||A - A_init|| / ||A_init|| (r{large})",
+         "phi(A top-1, inputs top-1)"], rows)
     return out
 
 
@@ -461,7 +502,7 @@ def study_deltaw(runs: Runs, args) -> dict:
     """§7.3, Table 7: ||U^T W V||_F for the top-r directions of Delta W, of W, of a random
     matrix; ||W||_F, ||Delta W||_F and the amplification factor, for W_q and W_v of every block
     (the table shows the study's layer)."""
-    layer = args.layer if args.layer is not None else runs.config.n_layer // 2
+    layer = _layer(args, runs.config)
     C = runs.config.n_embd
     out = {"layer": layer, "by_rank": {}}
     for r in (args.deltaw_ranks or []):
@@ -477,6 +518,9 @@ def study_deltaw(runs: Runs, args) -> dict:
             t = by_name[name][layer]
             rows.append([f"r={r}, W_{name}", t["proj_delta_w"], t["proj_w"], t["proj_random"],
                          t["norm_w"], t["norm_delta_w"], t["amplification"]])
+    for r, t in PAPER_TABLE7.items():
+        rows.append([f"paper, GPT-3: r={r}, W_q"] + [t[k] for k in (
+            "proj_delta_w", "proj_w", "proj_random", "norm_w", "norm_delta_w", "amplification")])
     out["markdown"] = _md_table(["", "||U^T W V|| (Delta W dirs)", "(W dirs)", "(random dirs)",
                                  "||W||_F", "||Delta W||_F", "amplification"], rows)
     return out
@@ -544,14 +588,14 @@ def main(argv=None):
     g.add_argument("--block-size", type=int, default=128, help="longest training sequence")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     g = p.add_argument_group("budget of every run (the same for all, as in the paper's tables)")
-    g.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    g.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--warmup", type=int, default=10, help="warmup steps, then linear decay")
     g.add_argument("--lr", type=float, default=2e-3, help="learning rate of LoRA runs")
     g.add_argument("--lr-full", type=float, default=5e-4, help="learning rate of full fine-tuning")
     g.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the scale is alpha/r)")
     g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--eval-batches", type=int, default=16,
+    g.add_argument("--eval-batches", type=int, default=12,
                    help="validation batches (of --batch-size) per run; 0: the whole split")
     g.add_argument("--quick", action="store_true",
                    help="a tiny budget for a smoke test: " +
@@ -566,8 +610,8 @@ def main(argv=None):
     g.add_argument("--deltaw-ranks", type=_int_list, default=[4, 64],
                    help="deltaw: adapter ranks to analyse (Table 7 has 4 and 64)")
     g.add_argument("--layer", type=int, default=None,
-                   help="block analysed by subspace and deltaw (default: the middle one, as the "
-                        "paper's 48th of 96)")
+                   help="block (0-based) analysed by subspace and deltaw (default: n_layer/2 - 1, "
+                        "as the paper's 48th of 96)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/studies", help="runs cache (adapters, run records)")
     g.add_argument("--results", default=None, help="tables and figures (default: --out)")

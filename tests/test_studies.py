@@ -152,7 +152,7 @@ def e2e_dir(tmp_path_factory):
 
 
 # The smallest budget that still exercises every study: 3 steps per run, two ranks.
-TINY = ["--steps", "3", "--batch-size", "2", "--warmup", "1", "--eval-batches", "2",
+TINY = ["--quick", "--steps", "3", "--batch-size", "2", "--warmup", "1", "--eval-batches", "2",
         "--ranks", "1,4", "--budget-rank", "4", "--small-rank", "4", "--large-rank", "16",
         "--deltaw-ranks", "4", "--device", "cpu"]
 
@@ -188,6 +188,10 @@ def test_all_studies_end_to_end_on_a_tiny_model(tiny_base, e2e_dir, tmp_path, ca
         assert g.shape == (4, 16) and 0 <= float(g.min()) and float(g.max()) <= 1 + 1e-4
         assert torch.tensor(sub["seeds"][name]).shape == (16, 16)
     assert torch.tensor(sub["seeds"]["random"]).shape == (16, 16)
+    assert 0 < sub["summary"]["inputs_top1_energy_share"] <= 1
+    for name in ("q", "v"):
+        assert all(0 <= v <= 1 + 1e-9
+                   for v in sub["summary"][name]["phi_A_top1_inputs_top1"].values())
 
     dw = json.loads((res / "deltaw.json").read_text())
     for name in ("q", "v"):
@@ -217,3 +221,23 @@ def test_bad_inputs_are_one_line_errors(tiny_base, e2e_dir, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error:") and "nope" in r.stderr
     r = run("--init", str(tiny_base), "--data", str(e2e_dir), "--steps", "0")
     assert r.returncode == 1 and "--steps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_block_inputs_are_ln1_outputs_without_padding():
+    from model import GPT, GPTConfig
+    from studies import block_inputs
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
+    x = torch.tensor([[5, 6, 7, 50256], [8, 9, 50256, 50256]])  # right-padded with PAD
+
+    class Data:
+        def eval_batches(self, batch_size, max_batches):
+            yield x, x
+
+    X = block_inputs(m, Data(), 1, 2, None)
+    assert X.shape == (5, 16)  # 3 + 2 real tokens
+    with torch.no_grad():
+        h = m.drop(m.wte(x) + m.wpe(torch.arange(4)))
+        h = m.h[1].ln_1(m.h[0](h))
+    assert torch.allclose(X, h[x != 50256])
