@@ -686,8 +686,10 @@ def main(argv=None):
     g.add_argument("--decode-prompt", type=int, default=128, help="cached prompt length (128)")
     g.add_argument("--decode-tokens", type=int, default=None,
                    help="tokens decoded per timed call (default 16, quick 8)")
-    g.add_argument("--train-batch", type=int, default=None, help="(default 4, quick 2)")
-    g.add_argument("--train-seq", type=int, default=128, help="(default 128)")
+    g.add_argument("--train-batch", type=int, default=None,
+                   help="sequences per training step (default 4, quick 2)")
+    g.add_argument("--train-seq", type=int, default=128,
+                   help="tokens per training sequence (default 128)")
     g.add_argument("--train-rounds", type=int, default=None,
                    help="timed training steps per arm (default 10, quick 3)")
     g.add_argument("--mem-steps", type=int, default=2, help="steps of each memory probe (2)")
