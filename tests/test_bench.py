@@ -4,6 +4,7 @@ No timing is asserted: timings are what bench.py reports, not what it must get."
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 from model import GPT, GPTConfig, KVCache
 
-ROOT = bench.Path(bench.__file__).resolve().parent
+ROOT = Path(bench.__file__).resolve().parent
 TINY = GPTConfig(**bench.MODELS["tiny"])
 
 
