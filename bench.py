@@ -231,6 +231,20 @@ def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="",
     return times
 
 
+def profile_ops(fn, device: str, top: int = 6) -> list:
+    """The ops that took the most time (their own, without their callees) in one call of fn:
+    where an arm's time goes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [dict(op=e.key, self_ms=getattr(e, key) / 1e3, calls=e.count) for e in rows]
+
+
 def summarize(times: dict, base: str, per: int = 1) -> dict:
     """mean and std in ms (per item: per=tokens per call), and the median of the per-round
     paired ratios to base: a slow moment of the machine hits both sides of each ratio."""
@@ -358,8 +372,11 @@ def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
         out[a]["extra_params"] = extra_params(m, a)
     flops = B * T * flops_per_token(base.config, counted_params(base), T, "forward")
     achieved = flops / (out["base"]["median_ms"] / 1e3)
-    return dict(batch=B, seq=T, adapter_params_target=target, arms=out,
-                base_flops_per_s=achieved, base_mfu=achieved / args.peak_flops)
+    res = dict(batch=B, seq=T, adapter_params_target=target, arms=out,
+               base_flops_per_s=achieved, base_mfu=achieved / args.peak_flops)
+    if args.profile:
+        res["profile"] = {a: profile_ops(fn, args.device) for a, fn in fns.items()}
+    return res
 
 
 # ---------------------------------------------------------------- 2. decoding with the KV cache
@@ -396,10 +413,13 @@ def bench_decode(arms: Arms, args) -> dict:
     # Each token reads every weight once: the cached KV (<= P + n positions) is left out.
     weight_bytes = counted_params(base) * base.wte.weight.element_size()
     bw = weight_bytes / (out["base"]["median_ms"] / 1e3)
-    return dict(prompt=P, tokens=n, adapter_params_target=target, arms=out,
-                weight_bytes_per_token=weight_bytes, base_bytes_per_s=bw,
-                base_bandwidth_share=bw / args.peak_bandwidth,
-                base_gemv_share=bw / args.gemv_bandwidth)
+    res = dict(prompt=P, tokens=n, adapter_params_target=target, arms=out,
+               weight_bytes_per_token=weight_bytes, base_bytes_per_s=bw,
+               base_bandwidth_share=bw / args.peak_bandwidth,
+               base_gemv_share=bw / args.gemv_bandwidth)
+    if args.profile:
+        res["profile"] = {a: profile_ops(fn, args.device) for a, fn in fns.items()}
+    return res
 
 
 # ---------------------------------------------------------------- 3. training
@@ -584,14 +604,14 @@ def print_report(res: dict):
         print(f"\nForward pass, batch {f['batch']} x seq {f['seq']} ({f['arms']['base']['trials']}"
               f" rounds; adapters sized for {f['adapter_params_target'] / 1e6:g}M parameters); "
               f"base at {f['base_mfu']:.0%} of matmul FLOP/s")
-        _arm_table(f["arms"], row)
+        _arm_table(f, row)
     if res.get("decode"):
         d = res["decode"]
         print(f"\nDecoding with the KV cache, batch 1, per token ({d['tokens']} tokens after a "
               f"{d['prompt']}-token prompt, {d['arms']['base']['trials']} rounds); base reads "
               f"weights at {d['base_bandwidth_share']:.0%} of the read bandwidth "
               f"({d['base_gemv_share']:.0%} of the matrix-vector one)")
-        _arm_table(d["arms"], row)
+        _arm_table(d, row)
     if res.get("train"):
         t = res["train"]
         print(f"\nTraining step, batch {t['batch']} x seq {t['seq']}, AdamW "
@@ -611,11 +631,14 @@ def print_report(res: dict):
               f"(target {t['bound']})")
 
 
-def _arm_table(arms: dict, row: str):
+def _arm_table(part: dict, row: str):
     print(row.format("arm", "extra params", "mean ms ± std", "ratio"))
-    for a, s in arms.items():
+    for a, s in part["arms"].items():
         print(row.format(a, f"{s['extra_params']:,}", f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
                          f"{s['ratio_to_base']:.3f}"))
+    for a, ops in part.get("profile", {}).items():
+        print(f"  {a} spends one call in: " + ", ".join(
+            f"{o['op']} {o['self_ms']:.2f} ms ({o['calls']}x)" for o in ops))
 
 
 def _cpu_name() -> str:
@@ -677,6 +700,8 @@ def main(argv=None):
     g.add_argument("--adapter-params", default=None,
                    help="adapter parameter count the bottleneck is solved for (default as Table "
                         "1: 0.5M at 32x512, 11M elsewhere)")
+    g.add_argument("--profile", action="store_true",
+                   help="also list the ops each arm spends its time in (torch.profiler)")
     g.add_argument("--skip", default="",
                    help="parts to leave out, comma-separated: forward, decode, train")
     g = p.add_argument_group("rounds and sizes")

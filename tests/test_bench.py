@@ -138,9 +138,12 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
     out = tmp_path / "out.json"
     r = run_bench("--quick", "--model", "tiny", "--adapter-params", "3k", "--rounds", "2",
                   "--warmup", "1", "--decode-tokens", "2", "--train-rounds", "1",
-                  "--mem-steps", "1", "--threads", "1", "--json", str(out))
+                  "--mem-steps", "1", "--threads", "1", "--profile", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
+    for part in (res["forward"][0], res["decode"]):  # --profile: where each arm's time went
+        assert set(part["profile"]) == set(bench.ARMS)
+        assert all(ops and ops[0]["op"].startswith("aten::") for ops in part["profile"].values())
     keys = {"mean_ms", "std_ms", "ratio_to_base", "extra_params"}
     for part in (res["forward"][0], res["decode"]):
         assert set(part["arms"]) == set(bench.ARMS)
