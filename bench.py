@@ -262,42 +262,35 @@ def summarize(times: dict, base: str, per: int = 1) -> dict:
 # ---------------------------------------------------------------- machine peaks and FLOP counts
 
 
-def matmul_flops(device: str, dtype, n: int = 2048, trials: int = 5,
-                 clock=time.perf_counter) -> float:
-    """FLOP/s of a large square matmul on this machine now (median of trials): the ceiling the
-    model's FLOP/s is compared with."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def _median_seconds(fn, device: str, clock, trials: int = 5, warmup: int = 2) -> float:
     sync = synchronizer(device)
     ts = []
-    for i in range(trials + 2):
+    for i in range(warmup + trials):
         sync()
         t0 = clock()
-        a @ b
+        fn()
         sync()
-        if i >= 2:  # two warm-ups
+        if i >= warmup:
             ts.append(clock() - t0)
-    return 2 * n ** 3 / statistics.median(ts)
+    return statistics.median(ts)
 
 
-def read_bandwidth(device: str, nbytes: int = 256 * 2 ** 20, trials: int = 5,
-                   clock=time.perf_counter) -> float:
+def matmul_flops(device: str, dtype, n: int = 2048, clock=time.perf_counter) -> float:
+    """FLOP/s of a large square matmul on this machine now: the ceiling the model's FLOP/s is
+    compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b, device, clock)
+
+
+def read_bandwidth(device: str, nbytes: int = 256 * 2 ** 20, clock=time.perf_counter) -> float:
     """Bytes/s of reading one large tensor (x.sum(), far larger than any cache): the ceiling of
     decoding, which reads every weight once per token."""
     x = torch.ones(nbytes // 4, device=device)
-    sync = synchronizer(device)
-    ts = []
-    for i in range(trials + 2):
-        sync()
-        t0 = clock()
-        x.sum()
-        sync()
-        if i >= 2:
-            ts.append(clock() - t0)
-    return nbytes / statistics.median(ts)
+    return nbytes / _median_seconds(lambda: x.sum(), device, clock)
 
 
-def gemv_bandwidth(device: str, dtype, nbytes: int = 256 * 2 ** 20, trials: int = 5,
+def gemv_bandwidth(device: str, dtype, nbytes: int = 256 * 2 ** 20,
                    clock=time.perf_counter) -> float:
     """Bytes/s of matrix-vector products over nn.Linear-shaped weights (out, in) that do not fit
     in any cache: what this machine's matmul kernel reaches on decoding's work, beside the
@@ -306,17 +299,8 @@ def gemv_bandwidth(device: str, dtype, nbytes: int = 256 * 2 ** 20, trials: int 
     rows = nbytes // (torch.finfo(dtype).bits // 8) // n_embd // 8
     ws = [torch.randn(rows, n_embd, device=device, dtype=dtype) for _ in range(8)]
     x = torch.randn(1, n_embd, device=device, dtype=dtype)
-    sync = synchronizer(device)
-    ts = []
-    for i in range(trials + 2):
-        sync()
-        t0 = clock()
-        for w in ws:
-            torch.nn.functional.linear(x, w)
-        sync()
-        if i >= 2:
-            ts.append(clock() - t0)
-    return nbytes / statistics.median(ts)
+    return nbytes / _median_seconds(lambda: [torch.nn.functional.linear(x, w) for w in ws],
+                                    device, clock)
 
 
 def counted_params(model: GPT) -> int:
