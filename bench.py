@@ -11,8 +11,9 @@
 
 Noise: a shared machine swings a single ratio by 5-10%. So the thread count is fixed, every arm
 is warmed up, the arms run interleaved within each round (in a rotating order), and the ratio to
-base reported is the median over rounds of the paired per-round ratios. Peak training memory is
-measured for each arm in its own process.
+base reported is the median over rounds of the paired per-round ratios. All inference arms read
+the same weight tensors (see build_arm). --clock cpu times CPU time instead of wall time. Peak
+training memory is measured for each arm in its own process.
 
 Reading order: adapter baselines -> the arms -> timing harness -> machine peaks and FLOP counts
 -> the three benchmarks -> report and main().
