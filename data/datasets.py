@@ -8,6 +8,7 @@ interleaved batch numbers) never see the same batch.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ class Examples:
         if len(self.index) == 0:
             raise ValueError(f"{name} has no examples")
         n_long = int((self.index[:, 2] > block_size + 1).sum())
-        if n_long:
+        if n_long and os.environ.get("RANK", "0") == "0":  # once under torchrun
             print(f"note: {n_long} of {len(self)} examples in {name} are longer than "
                   f"block_size {block_size} and are cut")
         if (self.index[:, 1] >= block_size + 1).any():

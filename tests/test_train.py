@@ -74,11 +74,11 @@ def test_evaluate_is_the_mean_loss_per_target_token():
 
 def test_train_lowers_validation_loss_and_records_history(tmp_path):
     model, data = _toy_model(), _toy_data()
-    cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=20, eval_interval=10, log_interval=5,
+    cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=12, eval_interval=6, log_interval=3,
                             batch_size=4, label_smoothing=0.0, progress=False)
     history = train.train(model, data, data, cfg, out_dir=tmp_path)
     val = [h["val_loss"] for h in history if h["val_loss"] is not None]
-    assert [h["step"] for h in history] == [0, 5, 10, 15, 20] and len(val) == 3
+    assert [h["step"] for h in history] == [0, 3, 6, 9, 12] and len(val) == 3
     assert val[-1] < val[0] - 0.5
     assert _read_log(tmp_path) == json.loads(json.dumps(history))
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
