@@ -379,7 +379,8 @@ def main(argv=None):
     g.add_argument("--merge", action="store_true",
                    help="fold the adapter into the weights (W0 + BA) before generating")
     g.add_argument("--compare", action="store_true",
-                   help="print base and adapted outputs for the same prompts and seed")
+                   help="print base and adapted outputs for the same prompts and seed, "
+                        "one line each (newlines shown as \\n)")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
 
@@ -477,11 +478,15 @@ def main(argv=None):
         base = run("base", stream_ok=False)
         label = attach_adapter(model, adapter, merge=args.merge)
         adapted = run(label, stream_ok=False)
+
+        def one_line(s):  # each output on one line, so that the pairs line up
+            return s.replace("\n", "\\n")
+
         for text, b, a in zip(prompts, base, adapted):
-            print(f"=== {text}")
+            print(f"=== {one_line(text)}")
             for k, (bs, as_) in enumerate(zip(b, a)):
                 tag = f" #{k + 1}" if args.num_samples > 1 else ""
-                print(f"[base{tag}]    {bs}\n[adapter{tag}] {as_}")
+                print(f"[base{tag}]    {one_line(bs)}\n[adapter{tag}] {one_line(as_)}")
         return 0
 
     label = attach_adapter(model, adapter, merge=args.merge) if adapter is not None else "base"

@@ -49,13 +49,18 @@ def test_merged_greedy_equals_unmerged_and_differs_from_base(tiny_base, adapter,
     common = ["--init", tiny_base, "--adapter", adapter, "--greedy", "--max-new-tokens", 20,
               "--prompt", "The restaurant is"]
     compare = run_main(capsys, *common, "--compare", "--merge").splitlines()
-    base = compare[1].removeprefix("[base]    ")
+    assert compare[0] == "=== The restaurant is"
+    base = compare[1].removeprefix("[base]    ")  # --compare shows newlines as \n
     merged = compare[2].removeprefix("[adapter] ")
-    unmerged = run_main(capsys, *common, "--no-stream").splitlines()[0]
-    assert unmerged == "The restaurant is" + merged  # fp32: the same tokens, merged or not
+
+    def one_line(out):  # a --no-stream printout: prompt + output, then a separator line
+        return out.removesuffix("\n" + "-" * 40 + "\n").replace("\n", "\\n")
+
+    unmerged = run_main(capsys, *common, "--no-stream")
+    assert one_line(unmerged) == "The restaurant is" + merged  # fp32: same tokens, merged or not
     assert merged != base  # a non-zero adapter changes the output
     no_adapter = run_main(capsys, *common[:2], "--no-adapter", *common[4:], "--no-stream")
-    assert no_adapter.splitlines()[0] == "The restaurant is" + base
+    assert one_line(no_adapter) == "The restaurant is" + base
 
 
 def test_merge_really_merges(tiny_base, adapter):
