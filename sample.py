@@ -288,7 +288,7 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
                 out = model.generate(idx, max_new_tokens, greedy=True, eos_token=EOT_TOKEN)
             for i, row in zip(group, out[:, idx.size(1):].tolist()):
                 end = row.index(EOT_TOKEN) if EOT_TOKEN in row else len(row)
-                outputs[i] = enc.decode(row[:end]).strip()
+                outputs[i] = one_line(enc.decode(row[:end]))
                 n_tokens += min(end + 1, len(row))
             bar.update(len(group))
     seconds = _now(device) - t0
@@ -308,14 +308,19 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
     }
 
 
+def one_line(text: str) -> str:
+    """An output as one line, whitespace runs as single spaces (E2E references are one line)."""
+    return " ".join(text.split())
+
+
 def write_eval(result: dict, path):
     """The JSON (outputs + scores), and beside it .hyp.txt (one output per line) and .ref.txt
     (each MR's references, groups separated by a blank line): the input files of e2e-metrics'
-    measure_scores.py, for BLEU/NIST/METEOR/ROUGE-L/CIDEr exactly as the paper computed them."""
+    measure_scores.py, so the paper's script can score the same outputs with all five metrics."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outs = result["outputs"]
-    hyp = "".join(o["output"].replace("\n", " ") + "\n" for o in outs)
+    hyp = "".join(o["output"] + "\n" for o in outs)
     ref = "\n".join("".join(r + "\n" for r in o["references"]) for o in outs)
     _atomic_write(path.with_suffix(".hyp.txt"), lambda p: Path(p).write_text(hyp))
     _atomic_write(path.with_suffix(".ref.txt"), lambda p: Path(p).write_text(ref))
@@ -355,6 +360,10 @@ def check_args(args):
         raise ValueError("--no-adapter runs the base model alone: drop --merge / --compare")
     if args.compare and args.eval:
         raise ValueError("--compare prints generations; evaluate base and adapter separately")
+    if args.eval and (args.prompt is not None or args.prompt_file or args.mr):
+        raise ValueError("--eval e2e makes its own prompts from the test set: drop the prompt")
+    if args.beams > 1 and args.num_samples != 1:
+        raise ValueError("beam search returns one sequence: use --num-samples 1 with --beams")
     for name in ("num_samples", "beams", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -479,14 +488,14 @@ def main(argv=None):
         label = attach_adapter(model, adapter, merge=args.merge)
         adapted = run(label, stream_ok=False)
 
-        def one_line(s):  # each output on one line, so that the pairs line up
+        def shown(s):  # each output on one line, so that the pairs line up
             return s.replace("\n", "\\n")
 
         for text, b, a in zip(prompts, base, adapted):
-            print(f"=== {one_line(text)}")
+            print(f"=== {shown(text)}")
             for k, (bs, as_) in enumerate(zip(b, a)):
                 tag = f" #{k + 1}" if args.num_samples > 1 else ""
-                print(f"[base{tag}]    {one_line(bs)}\n[adapter{tag}] {one_line(as_)}")
+                print(f"[base{tag}]    {shown(bs)}\n[adapter{tag}] {shown(as_)}")
         return 0
 
     label = attach_adapter(model, adapter, merge=args.merge) if adapter is not None else "base"

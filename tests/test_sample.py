@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, SHARED_DATA
 from model import EOT_TOKEN, GPT
 from sample import (ban_repeated_ngrams, beam_search, complete, corpus_bleu, evaluate_e2e, main,
-                    rouge_l)
+                    one_line, rouge_l)
 from train import get_tokenizer
 
 E2E_RAW = SHARED_DATA / "e2e"
@@ -53,14 +53,14 @@ def test_merged_greedy_equals_unmerged_and_differs_from_base(tiny_base, adapter,
     base = compare[1].removeprefix("[base]    ")  # --compare shows newlines as \n
     merged = compare[2].removeprefix("[adapter] ")
 
-    def one_line(out):  # a --no-stream printout: prompt + output, then a separator line
+    def shown(out):  # a --no-stream printout: prompt + output, then a separator line
         return out.removesuffix("\n" + "-" * 40 + "\n").replace("\n", "\\n")
 
     unmerged = run_main(capsys, *common, "--no-stream")
-    assert one_line(unmerged) == "The restaurant is" + merged  # fp32: same tokens, merged or not
+    assert shown(unmerged) == "The restaurant is" + merged  # fp32: same tokens, merged or not
     assert merged != base  # a non-zero adapter changes the output
     no_adapter = run_main(capsys, *common[:2], "--no-adapter", *common[4:], "--no-stream")
-    assert one_line(no_adapter) == "The restaurant is" + base
+    assert shown(no_adapter) == "The restaurant is" + base
 
 
 def test_merge_really_merges(tiny_base, adapter):
@@ -214,7 +214,7 @@ def test_eval_batches_equal_single_rows_and_beam_path(tiny):
     for (mr, _), o in zip(items, result["outputs"]):
         comps, _ = complete(tiny, enc.encode_ordinary(format_prompt(mr)), max_new_tokens=6,
                             greedy=True)
-        assert o["output"] == enc.decode(comps[0]).strip()
+        assert o["output"] == one_line(enc.decode(comps[0]))
     beam = evaluate_e2e(tiny, enc, raw_dir=E2E_RAW, limit=2, max_new_tokens=6, beams=3,
                         length_penalty=0.9, no_repeat_ngram_size=4)
     assert beam["decoding"]["beams"] == 3 and len(beam["outputs"]) == 2
