@@ -232,7 +232,8 @@ def test_bad_input_one_line_and_nonzero_exit(tiny_base, adapter, tmp_path):
         "missing": (init + ["--adapter", str(tmp_path / "nope.safetensors")],
                     f"error: adapter file not found: {tmp_path / 'nope.safetensors'} "
                     f"(train one with finetune.py or pass --adapter)"),
-        "other base": (init + ["--adapter", str(other)], "error: "),
+        "other base": (init + ["--adapter", str(other)], f"error: {other}: adapter was trained "
+                                                         f"on other base weights"),
         "empty prompt": (init + ["--no-adapter", "--prompt", ""], "error: the prompt is empty"),
         "too long": (init + ["--adapter", str(adapter), "--max-new-tokens", "500"],
                      "error: prompt ("),
