@@ -367,6 +367,8 @@ def check_args(args):
     for name in ("num_samples", "beams", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError("--eval-limit must be at least 1")
     if args.temperature <= 0 and not args.greedy:
         raise ValueError("--temperature must be > 0 (use --greedy for argmax decoding)")
     if args.top_k is not None and args.top_k < 1:
