@@ -6,8 +6,14 @@ vocabulary (tiktoken ids up to 50256) where a test feeds real text.
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models are fastest on one thread, and the CLI tests' subprocesses (two of them under
+# torchrun) then do not oversubscribe a 2-core machine. Set before torch starts its thread pool.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
