@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from lora import apply_lora, describe_trainable, lora_state_dict, save_adapter
-from train import (add_data_args, add_train_args, config_from_args, file_size, load_base,
-                   prepare_data, run_main, setup_distributed, train)
+from train import (HelpFormatter, add_data_args, add_train_args, config_from_args, file_size,
+                   load_base, prepare_data, run_main, setup_distributed, train)
 
 OUT_DIR = "out/finetune"
 ADAPTER = "adapter.safetensors"
@@ -39,7 +39,8 @@ def adapter_digest(model) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Run `python data/e2e/prepare.py` once first (add "
-                                       "--raw-dir DIR to use local CSVs).")
+                                       "--raw-dir DIR to use local CSVs).",
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("base model")
     g.add_argument("--init", default="gpt2",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face cache or "
@@ -55,8 +56,7 @@ def main(argv=None):
                    help="biases that train too")
     g.add_argument("--rslora", action="store_true", help="scale by α/√r instead of α/r")
     add_data_args(p, default="e2e")
-    add_train_args(p)
-    p.add_argument("--out", default=OUT_DIR, help="output directory (adapter, checkpoint, logs)")
+    add_train_args(p, out=OUT_DIR)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
 

@@ -408,35 +408,49 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
 
 # ================================================================ command line (finetune.py too)
 
-def add_train_args(p: argparse.ArgumentParser):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None and flags' (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or \
+                action.help is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_train_args(p: argparse.ArgumentParser, out: str):
     """The loop's options (TrainConfig) as argument groups; defaults from TrainConfig."""
     d = TrainConfig()
     g = p.add_argument_group("training (defaults: the paper's GPT-2 E2E recipe, LoRA Table 11)")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay on matrices")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="sequences per process per micro-step")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help="micro-steps per optimizer step")
-    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training set")
     g.add_argument("--max-iters", type=int, default=d.max_iters,
                    help="optimizer steps (overrides --epochs)")
     g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
     g.add_argument("--decay", choices=("linear", "cosine", "constant"), default=d.decay,
                    help="learning-rate schedule after warmup")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="of the training loss (validation has none)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip,
                    help="max gradient norm; 0: no clipping")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="initialisation, data order, dropout")
     g.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # tests
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval,
                    help="steps between validation runs")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches,
                    help="validation batches per run (0: the whole split)")
-    g.add_argument("--log-interval", type=int, default=d.log_interval)
+    g.add_argument("--log-interval", type=int, default=d.log_interval,
+                   help="steps per line of log.jsonl")
     g.add_argument("--ckpt-interval", type=int, default=d.ckpt_interval,
                    help="steps between checkpoints (default: at each evaluation)")
+    g.add_argument("--out", default=out, help="output directory")
     g.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (same settings)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -496,8 +510,10 @@ def main(argv=None):
                     "CPU), or fine-tune every weight of a pretrained one (--init): the full "
                     "fine-tuning baseline LoRA is compared against. The result is a model "
                     "directory that finetune.py --init accepts.",
+        formatter_class=HelpFormatter,
         epilog="From scratch the training defaults change to: " +
-               ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SCRATCH_TRAIN.items()))
+               ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SCRATCH_TRAIN.items()) +
+               f", --block-size {SCRATCH['block_size']}")
     g = p.add_argument_group("model")
     g.add_argument("--init", default=None,
                    help="fine-tune this model fully (gpt2, gpt2-medium, ..., a directory or "
@@ -506,10 +522,9 @@ def main(argv=None):
         if k != "block_size":
             g.add_argument(f"--{k.replace('_', '-')}", type=int, default=v,
                            help="(from scratch)")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the model")
     add_data_args(p, default="shakespeare")
-    add_train_args(p)
-    p.add_argument("--out", default="out/train", help="output directory (model + logs)")
+    add_train_args(p, out="out/train")
     args = p.parse_args(argv)
     if args.init is None:  # from scratch: the small-model defaults, unless given
         p.set_defaults(**SCRATCH_TRAIN, block_size=SCRATCH["block_size"])

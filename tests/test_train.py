@@ -2,6 +2,7 @@
 evaluation, pretraining and full fine-tuning from the command line, AMP, non-finite loss."""
 import json
 import math
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -175,7 +176,7 @@ def test_ddp_all_reduces_only_the_trainable_parameters(tmp_path):
 
     model = apply_lora(_toy_model(), rank=2)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+                            world_size=1, timeout=timedelta(seconds=60))  # fail, never hang
     try:
         ddp, reduced = DDP(model), []
 
