@@ -579,7 +579,8 @@ def main(argv=None):
                     "(Figures 3-4), Delta W against W (Table 7). Each study prints a table and "
                     "writes JSON (and PNGs) to --results; fine-tuning runs are cached in "
                     "--out/runs and shared between studies.",
-        epilog="Defaults fit a 2-core CPU and the base trained as in README (section studies).")
+        epilog="Defaults fit a 2-core CPU and the base trained as in README (section studies).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("studies", nargs="+", choices=STUDIES + ("all",), help="which studies to run")
     g = p.add_argument_group("base model and task")
     g.add_argument("--init", required=True,
@@ -589,12 +590,13 @@ def main(argv=None):
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     g = p.add_argument_group("budget of every run (the same for all, as in the paper's tables)")
     g.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=8, help="examples per step")
     g.add_argument("--warmup", type=int, default=10, help="warmup steps, then linear decay")
     g.add_argument("--lr", type=float, default=2e-3, help="learning rate of LoRA runs")
     g.add_argument("--lr-full", type=float, default=5e-4, help="learning rate of full fine-tuning")
     g.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the scale is alpha/r)")
-    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--lora-dropout", type=float, default=0.1,
+                   help="dropout on the LoRA path (Table 11)")
     g.add_argument("--eval-batches", type=int, default=12,
                    help="validation batches (of --batch-size) per run; 0: the whole split")
     g.add_argument("--quick", action="store_true",
