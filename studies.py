@@ -507,6 +507,7 @@ def study_deltaw(runs: Runs, args) -> dict:
     out = {"layer": layer, "by_rank": {}}
     for r in (args.deltaw_ranks or []):
         if r > C:
+            print(f"note: --deltaw-ranks {r} skipped, above n_embd = {C}")
             continue
         m = runs.model(("q", "v"), r, 0)
         out["by_rank"][str(r)] = {
@@ -542,7 +543,6 @@ def _int_list(s: str):
 
 def run_studies(args) -> dict:
     """Run the chosen studies; write STUDY.json (and PNGs) under args.results. -> the tables."""
-    torch.set_num_threads(torch.get_num_threads())  # the default; nothing pinned here
     results = Path(args.results or args.out)
     results.mkdir(parents=True, exist_ok=True)
     runs = Runs(args)
