@@ -22,7 +22,11 @@ def download(url: str, dest: Path) -> Path:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             shutil.copyfileobj(r, f)
 
-    _atomic_write(dest, fetch)
+    try:
+        _atomic_write(dest, fetch)
+    except OSError as e:  # URLError, timeouts, refused connections
+        raise OSError(f"could not download {url} ({getattr(e, 'reason', e)}): offline, pass "
+                      f"--raw-dir DIR with a local copy of the raw files") from None
     return dest
 
 

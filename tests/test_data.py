@@ -125,3 +125,18 @@ def test_unknown_and_unprepared_data_name_the_way_forward(tmp_path, monkeypatch)
         load_data("e2e", 64)
     with pytest.raises(FileNotFoundError, match="unknown data 'nope'.*e2e"):
         load_data("nope", 64)
+
+
+def test_a_failed_download_names_raw_dir_and_leaves_no_file(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from data.common import download
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(OSError, match="could not download .*--raw-dir DIR"):
+        download("https://example.invalid/e2e.zip", tmp_path / "raw" / "e2e.zip")
+    assert list((tmp_path / "raw").iterdir()) == []  # no half-written file
