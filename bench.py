@@ -536,7 +536,8 @@ def bench_train(args) -> dict:
 
 # ---------------------------------------------------------------- targets and report
 
-# (description, where the figure is in the results, the bound, <= or >=), from issue 6
+# What this implementation should reach: (description, where the figure is in the results,
+# the bound, <= or >=)
 TARGETS = [
     ("forward seq 128: lora_merged / base", ("forward128", "lora_merged"), 1.01, "<="),
     ("forward seq 128: lora_unmerged / base", ("forward128", "lora_unmerged"), 1.05, "<="),
@@ -610,7 +611,7 @@ def print_report(res: dict):
                               f"{s['ratio_to_base']:.3f}", f"{s['tokens_per_s']:.0f}",
                               f"{s['peak_bytes'] / 2 ** 20:.0f}",
                               f"{s['memory_ratio_to_full']:.3f}", f"{s['mfu']:.0%}"))
-    print("\nTargets (issue 6):")
+    print("\nTargets:")
     for t in res["targets"]:
         print(f"  {'met ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.3f} "
               f"(target {t['bound']})")
