@@ -251,3 +251,18 @@ def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "could not get 'gpt2'" in lines[0] and "--init" in lines[0] and "train.py" in lines[0]
+
+
+@pytest.mark.parametrize("case", ["unknown name", "truncated file"])
+def test_scripts_report_a_bad_checkpoint_in_one_line(hf, tmp_path, case):
+    if case == "unknown name":
+        init, expected = "gpt3", "use one of gpt2, gpt2-medium, gpt2-large, gpt2-xl"
+    else:
+        hf.save_pretrained(tmp_path)
+        data = (tmp_path / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(data[:100])
+        init, expected = str(tmp_path), "truncated or corrupt"
+    r = subprocess.run([sys.executable, "sample.py", "--init", init, "--no-adapter"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
