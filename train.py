@@ -1,5 +1,11 @@
 """Setup shared by every script (device, base model, tokenizer, error handling) and, below it,
-the one training loop used by train.py (pretraining, full fine-tuning) and finetune.py (LoRA)."""
+the one training loop used by train.py (pretraining, full fine-tuning) and finetune.py (LoRA).
+
+The training loss is eq. 2 of the LoRA paper as one big batch would compute it: the sum of the
+per-token losses (with label smoothing) over every target token of the effective batch
+(--batch-size x --grad-accum micro-batches x torchrun processes), divided by the number of
+those target tokens. Accumulation and DDP therefore change nothing but memory and speed.
+"""
 
 import argparse
 import json
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data.datasets import IGNORE, load_data  # noqa: F401  (load_data is part of this API)
 from model import GPT, GPTConfig, _atomic_write
@@ -218,6 +225,57 @@ def _write_log(path: Path, history: list[dict]):
     _atomic_write(path, lambda p: Path(p).write_text(text))
 
 
+def token_loss_sum(fwd, x, y, label_smoothing=0.0):
+    """Σ over the target tokens of x of -log p(y_t | x_<t) (with label smoothing): eq. 2's sum,
+    not a mean, so that micro-batches and processes can be weighted by their token counts."""
+    logits = fwd(x).float()  # (B, T, vocab); the loss in fp32 under autocast
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                           label_smoothing=label_smoothing, reduction="sum")
+
+
+def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast) -> float:
+    """One optimizer step over the micro-batches [(x, y), ...] of this process; -> the mean
+    training loss per target token of the whole effective batch.
+
+    The loss is normalized as one big batch would be: the sum of the token losses of every
+    micro-batch on every process, divided by the number N of target tokens (targets != -100)
+    in all of them. So a micro-batch with 2 target tokens weighs 2/N, not as much as one with
+    40, and --grad-accum or torchrun give the gradient of --batch-size × both. N is counted
+    before the backward passes (and summed over processes); DDP averages the gradients of its
+    W processes, hence the factor W. Only requires_grad parameters get gradients (for LoRA,
+    A and B: §4.2's memory saving), so nothing here knows about LoRA.
+    """
+    device = next(model.parameters()).device
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+               for x, y in batches]
+    count = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in batches)), device=device)
+    loss_sum = torch.zeros((), device=device)
+    if world > 1:
+        dist.all_reduce(count)
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        with nullcontext() if (world == 1 or last) else fwd.no_sync():  # one all-reduce a step
+            with autocast():
+                loss = token_loss_sum(fwd, x, y, cfg.label_smoothing)
+            scaler.scale(loss * world / count.clamp(min=1)).backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    train_loss = float(loss_sum / count.clamp(min=1))
+    if not math.isfinite(train_loss):  # no update from it: the caller stops the run
+        optimizer.zero_grad(set_to_none=True)
+        return train_loss
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss
+
+
 # ---------------------------------------------------------------- checkpoints
 
 CKPT = "ckpt.pt"
@@ -336,33 +394,15 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
             # Dropout (LoRA's included) draws from a seed fixed by (seed, step, rank): a resumed
             # run repeats the uninterrupted one exactly, with no RNG state to save.
             torch.manual_seed(cfg.seed + 1_000_003 * step + 7919 * rank)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = train_data.get_batch(B, (step * accum + micro) * world + rank, cfg.seed)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                last = micro == accum - 1
-                sync = nullcontext() if (world == 1 or last) else fwd.no_sync()
-                with sync:
-                    with autocast():
-                        loss = fwd(x, y, label_smoothing=cfg.label_smoothing)
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach()
-                tokens += x.numel() * world
-            if world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss = float(loss_sum) / accum
+            batches = [train_data.get_batch(B, (step * accum + micro) * world + rank, cfg.seed)
+                       for micro in range(accum)]
+            train_loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
+            tokens += sum(x.numel() for x, _ in batches) * world
             if not math.isfinite(train_loss):  # stop; the last checkpoint stays as it is
                 kept = (f"; {out_dir} keeps the last checkpoint (step {saved_step})"
                         if out_dir is not None and saved_step is not None else "")
                 raise TrainingDiverged(f"the loss is {train_loss} at step {step + 1}: stopping"
                                        f"{kept}. Try a lower --lr, or --amp off")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             pending["loss"] += train_loss
             pending["steps"] += 1

@@ -2,6 +2,7 @@
 evaluation, pretraining and full fine-tuning from the command line, AMP, non-finite loss."""
 import json
 import math
+from contextlib import nullcontext
 from datetime import timedelta
 
 import numpy as np
@@ -168,7 +169,11 @@ def test_train_py_full_finetuning_updates_every_weight(tiny_base, shakespeare_di
 
 def test_ddp_all_reduces_only_the_trainable_parameters(tmp_path):
     """What train() relies on under torchrun: DDP's gradient buckets hold only the parameters
-    with requires_grad (for LoRA: A and B), so frozen W0 costs no communication."""
+    with requires_grad (for LoRA: A and B), so frozen W0 costs no communication.
+
+    The hook does no collective and registers no Python callback on a gloo future: such a
+    callback, still alive when the process group is destroyed, deadlocked this test at
+    teardown (the main thread waiting for gloo's worker, the worker for the GIL)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -180,15 +185,111 @@ def test_ddp_all_reduces_only_the_trainable_parameters(tmp_path):
     try:
         ddp, reduced = DDP(model), []
 
-        def hook(state, bucket):
+        def hook(state, bucket):  # world size 1: the all-reduced bucket is the bucket itself
             reduced.extend(bucket.parameters())
-            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
-                lambda f: f.value()[0])
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
 
         ddp.register_comm_hook(None, hook)
         x, y = _toy_data().get_batch(2)
         ddp(x, y).backward()
+        del ddp
     finally:
         dist.destroy_process_group()
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in reduced} == trainable and len(trainable) == 4  # A, B of q and v
+
+
+def _uneven_data():
+    """8 examples whose completions have 2 or 20 tokens: a mean per micro-batch would weigh a
+    2-token completion as much as a 20-token one."""
+    rng = np.random.default_rng(1)
+    tokens, index = [], []
+    for i in range(8):
+        n = 2 if i % 2 else 20
+        index.append((len(tokens), 3, 3 + n))
+        tokens += rng.integers(0, 50, 3 + n).tolist()
+    return Examples(np.array(tokens, dtype=np.uint16), index, 32, "uneven")
+
+
+def _sgd_update(model, batches, **cfg):
+    """The parameter update of one train_step with SGD(lr=1): minus the gradient it used."""
+    cfg = train.TrainConfig(grad_clip=0.0, label_smoothing=0.1, **cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    opt = torch.optim.SGD(trainable, lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.train_step(model, model, opt, scaler, batches, cfg, nullcontext)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(trainable, before)])
+
+
+def _lora_toy():
+    from lora import apply_lora
+    model = apply_lora(_toy_model(), rank=2, dropout=0.0)
+    with torch.no_grad():  # B != 0, so that A gets a gradient too
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch():
+    """Eq. 2 summed over the target tokens of the effective batch, divided by their number:
+    batch 2 x accumulation 2 == batch 4 (label smoothing included), and a mean per
+    micro-batch would not be (the 2-token completions would weigh as much as the 20-token)."""
+    data = _uneven_data()
+    one = _sgd_update(_lora_toy(), [data.get_batch(4, 0)])
+    two = _sgd_update(_lora_toy(), [data.get_batch(2, 0), data.get_batch(2, 1)])
+    assert one.norm() > 0
+    assert (one - two).norm() <= 1e-5 * one.norm()
+    # the batches really differ in target tokens, so the test can tell the two normalizations
+    counts = [int((y != IGNORE).sum()) for _, y in (data.get_batch(2, 0), data.get_batch(2, 1))]
+    assert counts[0] != counts[1]
+
+
+_DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from contextlib import nullcontext
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from test_train import _lora_toy, _uneven_data, _sgd_update
+import train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = _lora_toy()
+data = _uneven_data()
+# rank r takes batch number r of size 2, as train() does with 2 processes: rows 2r, 2r + 1
+batches = [data.get_batch(2, rank)]
+trainable = [p for p in model.parameters() if p.requires_grad]
+before = [p.detach().clone() for p in trainable]
+cfg = train.TrainConfig(grad_clip=0.0, label_smoothing=0.1)
+opt = torch.optim.SGD(trainable, lr=1.0)
+train.train_step(DDP(model), model, opt, torch.amp.GradScaler("cpu", enabled=False), batches,
+                 cfg, nullcontext)
+update = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainable, before)])
+if rank == 0:
+    torch.save(update, {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_two_ddp_processes_give_the_gradient_of_one_big_batch(tmp_path):
+    """torchrun, 2 gloo processes x batch 2 == one process with batch 4."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = tmp_path / "ddp_step.py"
+    script.write_text(_DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"),
+                                         out=str(tmp_path / "update.pt")))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = torch.load(tmp_path / "update.pt", weights_only=True)
+    one = _sgd_update(_lora_toy(), [_uneven_data().get_batch(4, 0)])
+    assert (one - ddp).norm() <= 1e-5 * one.norm()
