@@ -175,7 +175,7 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
 
     def num_params(self) -> int:
-        """Parameters counted once (lm_head shares wte's tensor)."""
+        """Parameters counted once (a tied lm_head shares wte's tensor)."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, *, label_smoothing=0.0, cache=None, last_only=False):
@@ -264,11 +264,22 @@ class GPT(nn.Module):
         sd = _to_our_layout(sd)
         if config_dict is None:
             config_dict = _infer_config(sd, path)
+        tie = config_dict.pop("tie_word_embeddings", None)  # None: no config.json
         unknown = set(overrides) - {f.name for f in fields(GPTConfig)}
         if unknown:
             raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
         config = GPTConfig(**{**config_dict, **overrides})
         model = cls(config)
+        # The head is wte, or the file's own lm_head.weight where it differs from wte (refused if
+        # config.json says tied: transformers 4 then uses wte, 5 the stored head).
+        head = sd.get("lm_head.weight")
+        if head is not None and torch.equal(head, sd.get("wte.weight", head)):
+            del sd["lm_head.weight"]  # a stored copy of wte
+        elif head is not None and tie:
+            raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but config.json "
+                             f"has tie_word_embeddings true")
+        elif head is not None or tie is False:
+            model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())  # untie
         model.load_state_dict_checked(sd, source=path)
         model.name = str(source)
         return model
@@ -278,7 +289,8 @@ class GPT(nn.Module):
         """Copy sd (our layout, nn.Linear orientation) into the model; every mismatch is an error
         that names the tensors."""
         ours = self.state_dict()
-        ours.pop("lm_head.weight")  # tied to wte.weight
+        if self.lm_head.weight is self.wte.weight:
+            ours.pop("lm_head.weight")  # tied: loaded as wte.weight
         missing = sorted(set(ours) - set(sd))
         unexpected = sorted(set(sd) - set(ours))
         if missing or unexpected:
@@ -303,23 +315,24 @@ class GPT(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         c = self.config
+        tied = self.lm_head.weight is self.wte.weight
         hf_config = {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
             "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
             "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": tied,
         }
         if c.vocab_size > EOT_TOKEN:  # GPT-2's vocabulary: <|endoftext|> starts and ends texts
             hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
         sd = {}
         for k, v in self.state_dict().items():
-            if k == "lm_head.weight":
-                continue  # tied to wte.weight; transformers ties it back on load
+            if k == "lm_head.weight" and tied:
+                continue  # transformers ties it back to wte on load
             if k.endswith(_CONV1D):
                 v = v.t()
-            sd["transformer." + k] = v.detach().contiguous().cpu()
+            sd[k if k == "lm_head.weight" else "transformer." + k] = v.detach().contiguous().cpu()
         _atomic_write(directory / "config.json",
                       lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
         meta = {"format": "pt", "gpt_config": json.dumps(asdict(c))}
@@ -391,11 +404,32 @@ def _from_hub(name: str):
     return _config_from_json(Path(cfg)), Path(weights)
 
 
+# config.json fields that change transformers' GPT-2 and that this model does not implement, with
+# the values it computes (GPT-2's first); any other value is refused, not silently ignored.
+# No logit depends on dropouts, init, token ids, summary_* or reorder_and_upcast_attn (same math).
+_GPT2_VALUES = {
+    "model_type": ("gpt2",),
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate",
+                            "gelu_python_tanh"),  # five names of the same tanh GELU
+    "scale_attn_weights": (True,),  # q.k / sqrt(head size) ...
+    "scale_attn_by_inverse_layer_idx": (False,),  # ... and not also / (layer index + 1)
+    "add_cross_attention": (False,),  # a decoder reading an encoder, not a language model
+    "n_inner": (None,),  # null: the MLP is 4 * n_embd wide
+}
+
+
 def _config_from_json(path: Path) -> dict:
     try:
         c = json.loads(path.read_text())
+        if c.get("n_inner") == 4 * c.get("n_embd", 0):
+            c["n_inner"] = None  # GPT-2's MLP width, written out
+        for field, ok in _GPT2_VALUES.items():
+            if c.get(field, ok[0]) not in ok:
+                raise ValueError(f"{path}: {field}={json.dumps(c[field])} is not supported "
+                                 f"(GPT-2: {json.dumps(ok[0])})")
         out = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                   block_size=c["n_positions"], vocab_size=c["vocab_size"])
+                   block_size=c["n_positions"], vocab_size=c["vocab_size"],
+                   tie_word_embeddings=c.get("tie_word_embeddings", True))
     except (json.JSONDecodeError, KeyError) as e:
         raise ValueError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from None
     if "layer_norm_epsilon" in c:
@@ -415,13 +449,14 @@ def _read_state_dict(path: Path) -> dict:
 
 
 def _to_our_layout(sd: dict) -> dict:
-    """Both layouts in the wild -> our names: drop the `transformer.` prefix (save_pretrained) and
-    lm_head.weight (tied), skip attention-mask buffers, transpose the Conv1D weights."""
+    """Both layouts in the wild -> our names: drop the `transformer.` prefix (save_pretrained),
+    skip attention-mask buffers, transpose the Conv1D weights. lm_head.weight, where a file has
+    it, is kept: from_pretrained decides whether it is tied."""
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("transformer.")
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # causal-mask buffers (no weights), and the tied output matrix
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers, no weights
         out[k] = v.t() if k.endswith(_CONV1D) else v
     return out
 

@@ -170,6 +170,108 @@ def test_init_matches_its_docstring():
     assert m.h[0].attn.c_attn.bias.abs().max() == 0 and torch.all(m.ln_f.weight == 1)
 
 
+# ---------------------------------------------------------------- GPT2Config fields
+
+
+def _hf_with(d, **fields):
+    """A tiny GPT2LMHeadModel with GPT2Config `fields` set, written to d by transformers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=32, vocab_size=100,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                     eos_token_id=None, **fields)
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(d)
+    return hf
+
+
+IDX = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tie_word_embeddings", False),  # the file has its own lm_head.weight
+    ("layer_norm_epsilon", 1e-2),
+    ("n_inner", 128),  # 4 * n_embd written out
+    ("attn_implementation", "eager"), ("reorder_and_upcast_attn", True),  # with eager attention
+    *[("activation_function", a) for a in ("gelu_pytorch_tanh", "gelu_fast", "gelu_accurate",
+                                          "gelu_python_tanh")],  # gelu_new under other names
+])
+def test_config_fields_load_with_logit_parity(tmp_path, field, value):
+    extra = {"attn_implementation": "eager"} if field == "reorder_and_upcast_attn" else {}
+    hf = _hf_with(tmp_path, **{field: value}, **extra)
+    assert field == "attn_implementation" or getattr(hf.config, field) == value
+    model = GPT.from_pretrained(tmp_path).eval()
+    _logits_match(model, hf, IDX)
+    assert (model.lm_head.weight is model.wte.weight) == (field != "tie_word_embeddings")
+
+
+def test_untied_head_round_trips_through_save_pretrained(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    hf = _hf_with(tmp_path / "hf", tie_word_embeddings=False)
+    model = GPT.from_pretrained(tmp_path / "hf").eval()
+    model.save_pretrained(tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(tmp_path / "ours" / "model.safetensors")
+    _logits_match(model, GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval(), IDX)
+    for src in (tmp_path / "ours", tmp_path / "ours" / "model.safetensors"):  # dir, bare file
+        back = GPT.from_pretrained(src).eval()
+        assert back.lm_head.weight is not back.wte.weight
+        _logits_match(back, hf, IDX)
+    tied = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    tied.save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
+
+
+@pytest.mark.parametrize("head", ["copy of wte", "different"])
+def test_tied_config_with_a_stored_head(tmp_path, head):
+    """tie_word_embeddings true and the file holds lm_head.weight: a copy of wte is the tied head;
+    a different matrix is refused (transformers 5 uses it as the head, 4 ties wte over it)."""
+    from transformers import GPT2LMHeadModel
+
+    _hf_with(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    wte = sd["transformer.wte.weight"]
+    sd["lm_head.weight"] = wte.clone() if head == "copy of wte" else torch.randn_like(wte)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    if head == "different":
+        _expect(ValueError, "lm_head.weight differs from wte.weight, but config.json has "
+                            "tie_word_embeddings true", tmp_path)
+        return
+    model = GPT.from_pretrained(tmp_path).eval()
+    assert model.lm_head.weight is model.wte.weight
+    _logits_match(model, GPT2LMHeadModel.from_pretrained(tmp_path).eval(), IDX)
+
+
+def test_untied_config_without_a_stored_head_is_refused(tmp_path):
+    """transformers would start such a head from random numbers; here it is a missing tensor."""
+    _hf_with(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _expect(ValueError, r"missing tensors lm_head\.weight", tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("activation_function", "gelu"), ("activation_function", "relu"),
+    ("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
+    ("add_cross_attention", True), ("n_inner", 64), ("model_type", "gptj"),
+])
+def test_config_fields_this_model_does_not_compute_are_refused(tmp_path, field, value):
+    if field == "model_type":  # not a GPT2Config argument: edit the file
+        _hf_with(tmp_path)
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
+    else:
+        _hf_with(tmp_path, **{field: value})
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(tmp_path)
+    assert f"{field}={json.dumps(value)} is not supported" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- bad input
 
 
