@@ -92,6 +92,13 @@ class LoRALinear(nn.Linear):
         for B in self.lora_B.values():
             nn.init.zeros_(B)
 
+    def reset_parameters(self):
+        """What meta-device materialization and FSDP call on every module. nn.Linear's would
+        re-draw W0, the pretrained weight: here W0 stays and only A and B start again (§4.1).
+        A merged layer is unmerged first (W0 back bit for bit), so ΔW = 0 after, merged or not."""
+        self.unmerge()
+        self.reset_lora_parameters()
+
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)  # W0 x (+ b); already W0 + ΔW when merged
         if self.merged:
@@ -170,6 +177,10 @@ class LoRALinear(nn.Linear):
         """Row i of the batch adds the ΔW x of adapter adapter_ids[i] from the stacked bank that
         load_adapters filled (-1: no adapter). Batched matmuls, no loop over rows or adapters."""
         ids = self.adapter_ids
+        if x.size(0) != ids.numel():
+            raise ValueError(f"use_adapters was given {ids.numel()} adapter ids for a batch of "
+                             f"{x.size(0)} rows: one id per row (decoding that expands each "
+                             f"prompt into k rows repeats them with repeat_adapter_ids)")
         pick = ids.clamp(min=0)
         s = (self.bank_scaling[pick] * (ids >= 0))[:, None, None].to(x.dtype)  # (B, 1, 1)
         for n, (a, b) in self.slices.items():
@@ -181,6 +192,32 @@ class LoRALinear(nn.Linear):
     def extra_repr(self):
         return (f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"slices={self.slices}, merged={self.merged}")
+
+    # What LoRALinear inherits from nn.Module would see only W0 + ΔW in a merged weight.
+
+    def _apply(self, fn, recurse=True):
+        """Under .to(), .half(), .cuda() and the like a merged layer is unmerged, converted and
+        merged again: its weights are then what converting it unmerged and merging would give,
+        and unmerge still restores the converted W0 bit for bit (the merge record follows)."""
+        merged = self.merged
+        self.unmerge()
+        super()._apply(fn, recurse)
+        if merged and not self.weight.is_meta:  # a meta tensor has no values to merge
+            self.merge()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A merged layer saves W0, not W0 + ΔW: A and B are saved beside it, so loading the
+        state dict into an unmerged model would otherwise add ΔW twice."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + "weight"] = self.base_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.merged:  # a state dict holds W0 (see above): loaded, merged would be a lie
+            raise ValueError(f"load_state_dict into merged LoRA layer {prefix.rstrip('.')}: "
+                             f"call unmerge_lora first")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _delta_weight(A, B, scaling):
@@ -266,6 +303,7 @@ def lora_layers(model):
 def merge_lora(model):
     """W = W0 + B A in every LoRA layer (§4.1): inference then costs exactly the base model's.
     Explicit and idempotent: merging a merged model changes nothing. Returns the model."""
+    _refuse_inside_use_adapters(model, "merge_lora")
     for layer in lora_layers(model).values():
         layer.merge()
     return model
@@ -286,6 +324,7 @@ def unload_lora(model, merge=True):
     """Replace every LoRA layer by a plain nn.Linear holding W0 + ΔW (merge=True) or W0: the
     model is a plain GPT again (all parameters trainable, no LoRA keys), so save_pretrained
     writes a checkpoint that GPT.from_pretrained and transformers load. Returns the model."""
+    _refuse_inside_use_adapters(model, "unload_lora")
     if merge:
         merge_lora(model)
     else:
@@ -306,15 +345,18 @@ def unload_lora(model, merge=True):
 def lora_state_dict(model) -> dict:
     """The tensors an adapter consists of: every lora_A / lora_B, plus the biases that train
     under the bias option ("all", "lora_only")."""
-    bias = _lora_config(model)["bias"]
-    adapted = set(lora_layers(model))
-    out = {}
-    for name, p in model.named_parameters():
-        is_bias = name.endswith(".bias")
-        if (".lora_" in name or (bias == "all" and is_bias)
-                or (bias == "lora_only" and is_bias and name.removesuffix(".bias") in adapted)):
-            out[name] = p.detach()
-    return out
+    biases = _adapter_biases(model, _lora_config(model))
+    return {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n or n in biases}
+
+
+def _adapter_biases(model, cfg) -> set:
+    """Names of the biases that an adapter with settings cfg trains, and so carries: bias="all"
+    every bias, "lora_only" those of the adapted modules, "none" none."""
+    if cfg["bias"] == "none":
+        return set()
+    adapted = {path for t in cfg["targets"] for path, *_ in _TARGETS[t]}  # e.g. attn.c_attn
+    return {n for n, _ in model.named_parameters() if n.endswith(".bias") and (
+        cfg["bias"] == "all" or n.removesuffix(".bias").split(".", 2)[-1] in adapted)}
 
 
 def count_trainable(model) -> int:
@@ -359,20 +401,25 @@ def _lora_config(model) -> dict:
 # Around the paper: adapter files, task switching, several adapters per batch, PEFT.
 # =====================================================================================
 
-_FINGERPRINT_SAMPLES = 8  # values of each base weight tensor recorded in an adapter file
+_FINGERPRINT_SAMPLES = 8  # values of each base tensor recorded in an adapter file
 
 
-def base_fingerprint(model) -> dict:
-    """A few values of every base weight tensor (W0, even when merged): {name: [floats]}.
+def base_fingerprint(model, lora_config=None) -> dict:
+    """A few values of every base tensor (W0, even when merged): {name: [floats]}.
 
+    Base tensors are the weights and the biases, except A and B and the biases that an adapter
+    with settings lora_config (default: the model's own) trains: those are the adapter's. So a
+    bias="none" adapter does not load onto a base whose biases were fine-tuned (BitFit).
     Values rather than a hash, so that an adapter saved from an fp32 model still loads onto the
     same base in bf16 or fp16: they are compared up to the rounding of the coarser dtype."""
+    cfg = lora_config or getattr(model, "lora_config", None) or {"bias": "none"}
+    skip = _adapter_biases(model, cfg)
     out = {}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not name.endswith(".weight") or ".lora_" in name:
-                continue  # biases may be trained (bias="all"); A and B are not the base
+            if ".lora_" in name or name in skip:
+                continue
             layer = layers.get(name.removesuffix(".weight"))
             flat = (layer.base_weight() if layer is not None else p).detach().flatten()
             k, n = _FINGERPRINT_SAMPLES, flat.numel()
@@ -440,12 +487,12 @@ def _check_base(model, meta, source):
     if diff:
         raise ValueError(f"{source}: adapter is for another base model{name}: "
                          + ", ".join(f"{k}={theirs.get(k)} (this model: {ours[k]})" for k in diff))
-    fp = base_fingerprint(model)
+    fp = base_fingerprint(model, meta["lora_config"])  # without the biases the adapter has
     dtypes = [getattr(torch, meta.get("base_dtype", "float32")), model.wte.weight.dtype]
     coarse = max((torch.finfo(d) for d in dtypes), key=lambda fi: fi.eps)
     for k, theirs_v in meta["base_fingerprint"].items():
         if k not in fp:
-            raise ValueError(f"{source}: adapter is for another base model{name}: it has weight "
+            raise ValueError(f"{source}: adapter is for another base model{name}: it has tensor "
                              f"{k}, this model does not")
         a, b = torch.tensor(theirs_v), torch.tensor(fp[k])
         if (a - b).abs().gt(coarse.eps * a.abs() + coarse.tiny).any():
@@ -456,6 +503,7 @@ def _check_base(model, meta, source):
 def _copy_lora(model, tensors, source):
     """Copy LoRA tensors into the model, strictly: same keys, same shapes. Keeps the merge state
     (a merged model is unmerged exactly, updated, and merged again)."""
+    _refuse_inside_use_adapters(model, "loading an adapter")
     ours = lora_state_dict(model)
     _check_keys(set(ours), tensors, source)
     for k, v in tensors.items():
@@ -524,6 +572,7 @@ def load_adapters(model, adapters: dict) -> list:
     first (its own A and B are not used by use_adapters). The model must not be merged."""
     if not adapters:
         raise ValueError("load_adapters: give at least one adapter")
+    _refuse_inside_use_adapters(model, "load_adapters")  # ids would point into another bank
     files = {name: read_adapter(p) for name, p in adapters.items()}
     for name, (_, meta) in files.items():
         _check_base(model, meta, adapters[name])
@@ -593,15 +642,42 @@ def use_adapters(model, ids):
         ids = torch.tensor([names.index(i) if isinstance(i, str) else i for i in ids])
     if ids.dim() != 1 or ((ids < -1) | (ids >= len(names))).any():
         raise ValueError(f"adapter ids must be a 1-d list in -1 .. {len(names) - 1}")
-    layers = lora_layers(model).values()
-    ids = ids.to(device=next(iter(layers)).weight.device, dtype=torch.long)
+    layers = list(lora_layers(model).values())
+    with _adapter_ids(layers, ids.to(device=layers[0].weight.device, dtype=torch.long)):
+        yield model
+
+
+@contextmanager
+def repeat_adapter_ids(model, k):
+    """Inside the block, each row's adapter id (use_adapters) counts for k rows in a row: for
+    decoding that expands every prompt row into k rows after use_adapters was entered (samples,
+    beams), as PEFT's generate does. Does nothing outside use_adapters or without LoRA."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)
+              and m.adapter_ids is not None]
+    ids = layers[0].adapter_ids.repeat_interleave(k) if layers else None
+    with _adapter_ids(layers, ids):
+        yield model
+
+
+@contextmanager
+def _adapter_ids(layers, ids):
+    """Set the layers' adapter ids inside the block and put back what was there before, so that
+    leaving a nested block does not end the outer one's."""
+    before = [layer.adapter_ids for layer in layers]
     for layer in layers:
         layer.adapter_ids = ids
     try:
-        yield model
+        yield
     finally:
-        for layer in layers:
-            layer.adapter_ids = None
+        for layer, old in zip(layers, before):
+            layer.adapter_ids = old
+
+
+def _refuse_inside_use_adapters(model, what):
+    """Merging, unloading or loading inside use_adapters would make its ids silently stop
+    applying (a merged layer skips them) or point at other adapters: refused."""
+    if any(isinstance(m, LoRALinear) and m.adapter_ids is not None for m in model.modules()):
+        raise ValueError(f"{what} inside a use_adapters block: leave the block first")
 
 
 # PEFT (huggingface/peft) interoperability. PEFT keeps GPT-2's Conv1D modules and adapts whole

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune import ADAPTER, OUT_DIR as FINETUNE_OUT
+from lora import repeat_adapter_ids
 from model import EOT_TOKEN, KVCache, _atomic_write
 from train import DTYPES, get_device, get_tokenizer, load_base, run_main
 
@@ -77,6 +78,7 @@ def complete(model, ids, *, num_samples=1, max_new_tokens=64, temperature=1.0, t
 
     beams > 1: beam search (one completion). Otherwise model.generate, which runs the prompt once
     and then one token per step against the KV cache; num_samples rows are sampled together.
+    Under lora.use_adapters(model, [id]) every sample (or beam) is decoded with adapter id.
     """
     check_fits(model, len(ids), max_new_tokens)
     idx = torch.tensor([ids], dtype=torch.long, device=model.wte.weight.device)  # (1, T)
@@ -89,9 +91,11 @@ def complete(model, ids, *, num_samples=1, max_new_tokens=64, temperature=1.0, t
             for t in out[0, len(ids):]:
                 stream(t[None])
     else:
-        out = model.generate(idx.expand(num_samples, -1), max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, greedy=greedy, eos_token=EOT_TOKEN,
-                             generator=generator, stream=stream)  # (num_samples, T + n)
+        with repeat_adapter_ids(model, num_samples):  # the prompt's adapter for each sample
+            out = model.generate(idx.expand(num_samples, -1), max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 greedy=greedy, eos_token=EOT_TOKEN, generator=generator,
+                                 stream=stream)  # (num_samples, T + n)
     completions, n_generated = [], 0
     for row in out[:, len(ids):].tolist():
         end = row.index(EOT_TOKEN) if EOT_TOKEN in row else len(row)
@@ -147,7 +151,8 @@ def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat
     - a continuation among the best `beams` that emits eos_token (or any of them at the last step)
       becomes a hypothesis with score sum(log p) / n**length_penalty, n = tokens generated,
       eos included; the best `beams` hypotheses are kept;
-    - the best `beams` continuations that do not end go on; the KV cache rows follow their beams;
+    - the best `beams` continuations that do not end go on; the KV cache rows follow their beams
+      (under lora.use_adapters, every beam keeps the prompt's adapter);
     - stop when `beams` hypotheses exist and (early_stopping, or the best running beam's score
       divided by its current length**length_penalty is no better than the worst hypothesis).
     no_repeat_ngram_size n > 0: a token that would repeat an n-gram of the sequence (prompt
@@ -194,7 +199,8 @@ def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat
         if len(hyps) == beams and (early_stopping
                                    or scores[0].item() / step ** length_penalty <= hyps[-1][0]):
             break
-        logits = model(tok[keep, None], cache=cache, last_only=True)[:, -1]  # (beams, V)
+        with repeat_adapter_ids(model, beams):  # one prompt's adapter id for all its beams
+            logits = model(tok[keep, None], cache=cache, last_only=True)[:, -1]  # (beams, V)
     return hyps[0][1][None]
 
 
@@ -258,7 +264,9 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
     """One output per distinct MR of the split (data/e2e/prepare.py: format_prompt, the same
     prompt as in fine-tuning), scored against all its references. Greedy decoding batches MRs
     whose prompts have the same number of tokens (no padding needed, so every row is exactly
-    what it would be alone); beam search runs MR by MR."""
+    what it would be alone); beam search runs MR by MR. Under lora.use_adapters(model, [id])
+    every MR is decoded with adapter id (the batches are this function's, not the caller's, so
+    more ids are refused)."""
     from tqdm import tqdm
 
     from data.e2e.prepare import format_prompt, load_references
@@ -281,11 +289,12 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
                       for k in range(0, len(g), batch_size)]
         for group in groups:
             idx = torch.tensor([prompts[i] for i in group], device=device)  # (b, T), one T
-            if beams > 1:
-                out = beam_search(model, idx, beams, max_new_tokens, length_penalty,
-                                  no_repeat_ngram_size, EOT_TOKEN, early_stopping)
-            else:
-                out = model.generate(idx, max_new_tokens, greedy=True, eos_token=EOT_TOKEN)
+            with repeat_adapter_ids(model, len(group)):  # use_adapters([id]): id for each MR
+                if beams > 1:
+                    out = beam_search(model, idx, beams, max_new_tokens, length_penalty,
+                                      no_repeat_ngram_size, EOT_TOKEN, early_stopping)
+                else:
+                    out = model.generate(idx, max_new_tokens, greedy=True, eos_token=EOT_TOKEN)
             for i, row in zip(group, out[:, idx.size(1):].tolist()):
                 end = row.index(EOT_TOKEN) if EOT_TOKEN in row else len(row)
                 outputs[i] = one_line(enc.decode(row[:end]))

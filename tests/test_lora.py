@@ -216,11 +216,70 @@ def test_half_precision_merge_forms_delta_in_fp32_and_unmerges_exactly(dtype):
     assert torch.equal(layer.weight, W0)
 
 
-def test_unmerge_refuses_after_dtype_change():
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half()],
+                         ids=["to_bfloat16", "half"])
+def test_dtype_change_of_a_merged_model_keeps_W0_restorable(convert):
+    """.to(dtype) on a merged model: the weights are what converting it unmerged and merging
+    would give, and unmerge gives back the converted W0 bit for bit (the record follows)."""
     model = lora.merge_lora(randomize_lora(lora.apply_lora(tiny_gpt())))
-    model.to(torch.bfloat16)
+    want = lora.merge_lora(convert(randomize_lora(lora.apply_lora(tiny_gpt()))))
+    convert(model)
+    assert lora.is_merged(model)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), want.parameters()))
+    lora.unmerge_lora(model)
+    W0 = convert(tiny_gpt()).h[0].attn.c_attn.weight
+    assert W0.dtype != torch.float32 and torch.equal(model.h[0].attn.c_attn.weight, W0)
+
+
+def test_unmerge_refuses_after_dtype_change_behind_its_back():
+    """A weight swapped without Module.to (so without the merge record) cannot give W0 back."""
+    model = lora.merge_lora(randomize_lora(lora.apply_lora(tiny_gpt())))
+    layer = model.h[0].attn.c_attn
+    layer.weight.data = layer.weight.data.to(torch.bfloat16)
     with pytest.raises(ValueError, match="unmerge before changing dtype"):
         lora.unmerge_lora(model)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_reset_parameters_keeps_W0_and_restarts_A_and_B(merged):
+    """Meta-device materialization and FSDP call reset_parameters on every module: nn.Linear's
+    would re-draw W0, the pretrained weight. Here W0 stays and only A and B restart (§4.1)."""
+    model = randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "mlp")))
+    if merged:
+        lora.merge_lora(model)
+    A = model.h[0].attn.c_attn.lora_A["q"].detach().clone()
+    for m in model.modules():
+        if isinstance(m, lora.LoRALinear):
+            m.reset_parameters()
+    base = tiny_gpt()
+    assert not lora.is_merged(model)
+    assert all(torch.equal(model.get_parameter(n), p) for n, p in base.named_parameters())
+    layer = model.h[0].attn.c_attn
+    assert all(torch.count_nonzero(B) == 0 for B in layer.lora_B.values())  # ΔW = 0
+    A2 = layer.lora_A["q"].detach()
+    assert not torch.equal(A2, A) and A2.abs().max() <= 1 / math.sqrt(32)  # redrawn, U(±1/√in)
+    assert torch.equal(model(ids()), base(ids()))
+
+
+def test_state_dict_of_a_merged_model_holds_W0():
+    """A merged layer's weight is W0 + ΔW, and its A and B are saved too: saving that weight
+    would add ΔW twice in a model that loads the state dict unmerged."""
+    model = randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "o")))
+    unmerged_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    want = model(ids())
+    lora.merge_lora(model)
+    W = model.h[0].attn.c_attn.weight.detach().clone()
+    sd = model.state_dict()
+    assert torch.equal(model.h[0].attn.c_attn.weight, W) and lora.is_merged(model)
+    assert sd.keys() == unmerged_sd.keys()
+    assert all(torch.equal(sd[k], unmerged_sd[k]) for k in sd)
+    fresh = lora.apply_lora(tiny_gpt(seed=3), targets=("q", "v", "o"))
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(ids()), want)
+    with pytest.raises(ValueError, match="merged LoRA layer h.0.attn.c_attn: call unmerge_lora"):
+        model.load_state_dict(sd)  # W0 copied into a layer that says it holds W0 + ΔW
+    lora.unmerge_lora(model).load_state_dict(sd)
+    assert torch.equal(model(ids()), want)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -210,3 +210,111 @@ def test_gpt2_124m_adapter_file_is_about_0_6_mb(tmp_path):
     lora.apply_lora(model, rank=4, targets=("q", "v"))
     path = lora.save_adapter(model, tmp_path / "gpt2.safetensors")
     assert 147_456 * 4 < path.stat().st_size < 0.62e6
+
+
+# ---------------------------------------------------------------- ids and rows (§4.2)
+
+@pytest.fixture
+def two_adapters(tmp_path):
+    """(model with adapters "a" and "b" loaded side by side, {name: file})."""
+    paths = {n: lora.save_adapter(randomize_lora(lora.apply_lora(tiny_gpt()), seed=s),
+                                  tmp_path / f"{n}.safetensors") for n, s in (("a", 1), ("b", 2))}
+    model = tiny_gpt()
+    lora.load_adapters(model, paths)
+    return model, paths
+
+
+def test_wrong_number_of_adapter_ids_is_a_clear_error(two_adapters):
+    model, _ = two_adapters
+    with lora.use_adapters(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="2 adapter ids for a batch of 3 rows"):
+            model(ids(batch=3))
+
+
+def test_repeat_adapter_ids_gives_each_row_its_id_k_times(two_adapters):
+    """Decoding that expands each prompt row into k rows (samples, beams) repeats the ids the
+    same way, as PEFT does: rows a, a, a, b, b, b."""
+    model, paths = two_adapters
+    idx = ids(batch=2).repeat_interleave(3, dim=0)  # (6, T)
+    with lora.use_adapters(model, ["a", "b"]), lora.repeat_adapter_ids(model, 3):
+        mixed = model(idx)
+    with lora.use_adapters(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="2 adapter ids for a batch of 6 rows"):
+            model(idx)  # the helper's block is over: two ids again
+    for name, rows in (("a", range(3)), ("b", range(3, 6))):
+        single = lora.load_adapter(tiny_gpt(), paths[name])
+        for r in rows:
+            assert (mixed[r] - single(idx[r:r + 1])[0]).abs().max() <= 1e-5
+    plain = tiny_gpt()
+    with lora.repeat_adapter_ids(plain, 3):  # no LoRA, no use_adapters: nothing to repeat
+        assert torch.equal(plain(ids()), tiny_gpt()(ids()))
+
+
+def test_nested_use_adapters_leaves_the_outer_ids_in_place(two_adapters):
+    model, _ = two_adapters
+    with lora.use_adapters(model, ["a", "b"]):
+        before = model(ids())
+        with lora.use_adapters(model, ["b", "b"]):
+            pass
+        assert torch.equal(model(ids()), before)  # not the base model's (ids None)
+    assert model.h[0].attn.c_attn.adapter_ids is None
+
+
+@pytest.mark.parametrize("op", ["merge_lora", "unload_lora", "unload_lora_unmerged",
+                                "load_adapter", "switch_adapter", "load_adapters"])
+def test_what_would_make_ids_stop_applying_is_refused_inside_use_adapters(two_adapters, op):
+    """A merged layer skips the per-row path, an unloaded model has none, and loading replaces
+    the bank the ids point into: inside use_adapters each is a ValueError, and nothing changed."""
+    model, paths = two_adapters
+    calls = {
+        "merge_lora": lambda: lora.merge_lora(model),
+        "unload_lora": lambda: lora.unload_lora(model),
+        "unload_lora_unmerged": lambda: lora.unload_lora(model, merge=False),
+        "load_adapter": lambda: lora.load_adapter(model, paths["a"]),
+        "switch_adapter": lambda: lora.switch_adapter(model, paths["a"]),
+        "load_adapters": lambda: lora.load_adapters(model, {"b": paths["b"]}),
+    }
+    own = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    with lora.use_adapters(model, ["a", "b"]):
+        before = model(ids())
+        with pytest.raises(ValueError, match="inside a use_adapters block"):
+            calls[op]()
+        assert torch.equal(model(ids()), before)
+    assert not lora.is_merged(model) and model.lora_adapters == ["a", "b"]
+    assert all(torch.equal(v, own[k]) for k, v in lora.lora_state_dict(model).items())
+
+
+# ---------------------------------------------------------------- the base's biases
+
+def shift_bias(model, name, by=0.1):
+    with torch.no_grad():
+        model.get_parameter(name).add_(by)
+    return model
+
+
+def test_bias_none_adapter_refuses_a_base_with_other_biases(trained):
+    """Biases fine-tuned on the base (BitFit) make it another base for a bias="none" adapter."""
+    _, path, logits = trained
+    for name in ("h.1.mlp.c_fc.bias", "h.0.attn.c_attn.bias", "ln_f.bias"):
+        with pytest.raises(ValueError, match=f"other base weights: {name} differs"):
+            lora.load_adapter(shift_bias(tiny_gpt(), name), path)
+        with pytest.raises(ValueError, match=f"{name} differs"):
+            lora.load_adapters(shift_bias(tiny_gpt(), name), {"a": path})
+    fresh = lora.load_adapter(tiny_gpt(), path)  # the unchanged base still takes it
+    assert torch.equal(fresh(ids()), logits)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_adapter_that_trains_biases_loads_onto_a_base_with_other_values_of_those(tmp_path, bias):
+    """The biases an adapter trains are its own, not the base's: a base with other values of
+    them is its base (they are overwritten); any other bias still has to match."""
+    model = randomize_lora(lora.apply_lora(tiny_gpt(), bias=bias, targets=("q", "v")))
+    shift_bias(model, "h.0.attn.c_attn.bias", 0.3)  # trained with the adapter
+    path = lora.save_adapter(model, tmp_path / "a.safetensors")
+    other = lora.load_adapter(shift_bias(tiny_gpt(), "h.0.attn.c_attn.bias", -0.2), path)
+    assert torch.equal(other(ids()), model(ids()))
+    if bias == "lora_only":  # ln_f.bias is not the adapter's: it belongs to the base
+        with pytest.raises(ValueError, match="ln_f.bias differs"):
+            lora.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)
+    else:
+        lora.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)

@@ -150,6 +150,75 @@ def test_ban_repeated_ngrams_by_hand():
     assert banned(6).nonzero().numel() == 0  # no 6-gram fits yet
 
 
+# ---------------------------------------------------------------- several adapters (LoRA §4.2)
+
+@pytest.fixture(scope="module")
+def side_by_side(tiny_base, adapter, tmp_path_factory):
+    """(base with adapters "a" and "b" loaded side by side, {name: the model with it alone})."""
+    from lora import load_adapter, load_adapters
+
+    b = make_adapter(tiny_base, tmp_path_factory.mktemp("b") / "b.safetensors", seed=1)
+    files = {"a": adapter, "b": b}
+    model = GPT.from_pretrained(tiny_base).eval()
+    load_adapters(model, files)
+    alone = {n: load_adapter(GPT.from_pretrained(tiny_base).eval(), f) for n, f in files.items()}
+    return model, alone
+
+
+def test_beam_search_under_use_adapters_equals_the_adapter_alone(side_by_side):
+    """Beam search expands the prompt's row into `beams` rows after the prompt has run: each beam
+    keeps the prompt's adapter id (PEFT repeats it per beam the same way)."""
+    from lora import use_adapters
+
+    model, alone = side_by_side
+    for idx in prompts(2, seed=2):
+        outs = {}
+        for name, single in alone.items():
+            want = beam_search(single, idx, 3, 12, length_penalty=0.9, no_repeat_ngram_size=2)
+            with use_adapters(model, [name]):
+                got = beam_search(model, idx, 3, 12, length_penalty=0.9, no_repeat_ngram_size=2)
+            assert got.tolist() == want.tolist()
+            outs[name] = got.tolist()
+        assert outs["a"] != outs["b"]  # the ids matter
+    with use_adapters(model, ["a", "b"]), pytest.raises(ValueError, match="2 adapter ids for a "
+                                                                           "batch of 1 rows"):
+        beam_search(model, idx, 3, 12)  # one prompt, one row: two ids cannot both apply
+
+
+def test_num_samples_under_use_adapters_equals_the_adapter_alone(side_by_side):
+    """complete(num_samples=3) samples 3 rows of one prompt: each with the prompt's adapter."""
+    from lora import use_adapters
+
+    model, alone = side_by_side
+    prompt = prompts(1, seed=3)[0][0].tolist()
+    sampling = dict(num_samples=3, max_new_tokens=10, top_k=50)
+    for name, single in alone.items():
+        want = complete(single, prompt, generator=torch.Generator().manual_seed(0), **sampling)
+        with use_adapters(model, [name]):
+            got = complete(model, prompt, generator=torch.Generator().manual_seed(0), **sampling)
+        assert got == want
+        assert len({tuple(c) for c in got[0]}) > 1  # three samples, not one row copied
+        with use_adapters(model, [name]):  # and beams through complete
+            assert complete(model, prompt, max_new_tokens=8, beams=3) == \
+                complete(single, prompt, max_new_tokens=8, beams=3)
+
+
+def test_e2e_evaluation_under_use_adapters_equals_the_adapter_alone(side_by_side):
+    """evaluate_e2e batches MRs itself (greedy) or expands one into beams: one id applies to
+    every MR either way; two ids cannot be matched to its rows and are refused."""
+    from lora import use_adapters
+
+    model, alone = side_by_side
+    enc = get_tokenizer()
+    for kw in (dict(limit=12), dict(limit=2, beams=3)):  # 12 MRs: some batch has several
+        want = evaluate_e2e(alone["b"], enc, raw_dir=E2E_RAW, max_new_tokens=5, **kw)
+        with use_adapters(model, ["b"]):
+            got = evaluate_e2e(model, enc, raw_dir=E2E_RAW, max_new_tokens=5, **kw)
+        assert got["outputs"] == want["outputs"]
+        with use_adapters(model, ["b", "a"]), pytest.raises(ValueError, match="adapter ids"):
+            evaluate_e2e(model, enc, raw_dir=E2E_RAW, max_new_tokens=5, **kw)
+
+
 # ---------------------------------------------------------------- metrics on hand-made cases
 
 def test_corpus_bleu_known_scores():
