@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, make_hf_gpt2
+from decoding import generate
 from model import GPT, PRETRAINED, GPTConfig, KVCache
 
 TOL = 1e-4
@@ -70,8 +71,8 @@ def test_greedy_generation_matches_transformers_with_and_without_cache(hf, tmp_p
     hf.save_pretrained(tmp_path)
     model = GPT.from_pretrained(tmp_path).eval()
     prompt = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
-    cached = model.generate(prompt, 20, greedy=True)
-    uncached = model.generate(prompt, 20, greedy=True, use_cache=False)
+    cached = generate(model, prompt, 20, greedy=True)
+    uncached = generate(model, prompt, 20, greedy=True, use_cache=False)
     ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
                       do_sample=False, pad_token_id=0)
     assert cached.shape == (2, 27)
@@ -320,7 +321,7 @@ def test_sequence_longer_than_block_size(hf, tmp_path):
     with pytest.raises(ValueError, match="longer than the model's block_size 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds the model's block_size 64"):
-        model.generate(torch.zeros(1, 60, dtype=torch.long), 5)
+        generate(model, torch.zeros(1, 60, dtype=torch.long), 5)
 
 
 def _hub_cache(home, hf):
@@ -345,7 +346,7 @@ def test_hub_name_loads_from_the_hf_cache_offline(hf, tmp_path, monkeypatch):
 
 
 def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
-    code = "from model import GPT; from train import run_main; run_main(lambda: GPT.from_pretrained('gpt2'))"
+    code = "from model import GPT; from common import run_main; run_main(lambda: GPT.from_pretrained('gpt2'))"
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)

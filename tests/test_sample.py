@@ -1,5 +1,6 @@
-"""sample.py: merged == unmerged generation, seeded sampling, beam search against transformers,
-the E2E evaluation and its metrics on hand-made cases, and bad input on the command line."""
+"""sample.py, decoding.py, metrics.py: merged == unmerged generation, seeded sampling, beam search
+against transformers, the E2E evaluation and its metrics on hand-made cases, the base model taken
+from the adapter's metadata, and bad input on the command line."""
 import json
 import math
 import os
@@ -9,18 +10,21 @@ import sys
 import pytest
 import torch
 
+from common import EOT_TOKEN, get_tokenizer
 from conftest import ROOT, SHARED_DATA
-from model import EOT_TOKEN, GPT
-from sample import (ban_repeated_ngrams, beam_search, complete, corpus_bleu, evaluate_e2e, main,
-                    one_line, rouge_l)
-from train import get_tokenizer
+from decoding import ban_repeated_ngrams, beam_search, generate
+from metrics import corpus_bleu, evaluate_e2e, one_line, rouge_l
+from model import GPT
+from sample import complete, load_model, main, parser
 
 E2E_RAW = SHARED_DATA / "e2e"
 
 
-def make_adapter(base_dir, path, seed=0):
-    """An adapter whose B is random and non-zero (a trained one; B = 0 at init changes nothing)."""
-    from lora import apply_lora, save_adapter
+def make_adapter(base_dir, path, seed=0, record_base=True):
+    """An adapter whose B is random and non-zero (a trained one; B = 0 at init changes nothing).
+    It records base_dir as its base (save_adapter's base_name), unless record_base is False."""
+    from adapters import save_adapter
+    from lora import apply_lora
 
     model = GPT.from_pretrained(base_dir)
     apply_lora(model, rank=4, alpha=32)
@@ -29,6 +33,8 @@ def make_adapter(base_dir, path, seed=0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    if not record_base:
+        model.name = ""  # as for a model built in code rather than loaded by name
     save_adapter(model, path)
     return path
 
@@ -65,8 +71,6 @@ def test_merged_greedy_equals_unmerged_and_differs_from_base(tiny_base, adapter,
 
 def test_merge_really_merges(tiny_base, adapter):
     """--merge leaves plain weights that compute what the unmerged adapter computes."""
-    from sample import load_model
-
     base, _ = load_model(tiny_base)
     merged, label = load_model(tiny_base, adapter, merge=True)
     unmerged, _ = load_model(tiny_base, adapter)
@@ -105,9 +109,9 @@ def prompts(n, T=5, seed=0):
 
 def test_beam_search_with_one_beam_is_greedy(tiny):
     for idx in prompts(4):
-        free = tiny.generate(idx, 16, greedy=True)[0, 5:].tolist()
+        free = generate(tiny, idx, 16, greedy=True)[0, 5:].tolist()
         for eos in (EOT_TOKEN, free[4]):  # the second one ends the greedy text early
-            greedy = tiny.generate(idx, 16, greedy=True, eos_token=eos)
+            greedy = generate(tiny, idx, 16, greedy=True, eos_token=eos)
             for lp in (1.0, 0.5):
                 assert torch.equal(beam_search(tiny, idx, 1, 16, length_penalty=lp,
                                                eos_token=eos), greedy)
@@ -155,7 +159,7 @@ def test_ban_repeated_ngrams_by_hand():
 @pytest.fixture(scope="module")
 def side_by_side(tiny_base, adapter, tmp_path_factory):
     """(base with adapters "a" and "b" loaded side by side, {name: the model with it alone})."""
-    from lora import load_adapter, load_adapters
+    from adapters import load_adapter, load_adapters
 
     b = make_adapter(tiny_base, tmp_path_factory.mktemp("b") / "b.safetensors", seed=1)
     files = {"a": adapter, "b": b}
@@ -168,7 +172,7 @@ def side_by_side(tiny_base, adapter, tmp_path_factory):
 def test_beam_search_under_use_adapters_equals_the_adapter_alone(side_by_side):
     """Beam search expands the prompt's row into `beams` rows after the prompt has run: each beam
     keeps the prompt's adapter id (PEFT repeats it per beam the same way)."""
-    from lora import use_adapters
+    from adapters import use_adapters
 
     model, alone = side_by_side
     for idx in prompts(2, seed=2):
@@ -187,7 +191,7 @@ def test_beam_search_under_use_adapters_equals_the_adapter_alone(side_by_side):
 
 def test_num_samples_under_use_adapters_equals_the_adapter_alone(side_by_side):
     """complete(num_samples=3) samples 3 rows of one prompt: each with the prompt's adapter."""
-    from lora import use_adapters
+    from adapters import use_adapters
 
     model, alone = side_by_side
     prompt = prompts(1, seed=3)[0][0].tolist()
@@ -206,7 +210,7 @@ def test_num_samples_under_use_adapters_equals_the_adapter_alone(side_by_side):
 def test_e2e_evaluation_under_use_adapters_equals_the_adapter_alone(side_by_side):
     """evaluate_e2e batches MRs itself (greedy) or expands one into beams: one id applies to
     every MR either way; two ids cannot be matched to its rows and are refused."""
-    from lora import use_adapters
+    from adapters import use_adapters
 
     model, alone = side_by_side
     enc = get_tokenizer()
@@ -289,31 +293,101 @@ def test_eval_batches_equal_single_rows_and_beam_path(tiny):
     assert beam["decoding"]["beams"] == 3 and len(beam["outputs"]) == 2
 
 
+# ---------------------------------------------------------------- the base model and --help
+
+def test_init_defaults_to_the_base_the_adapter_records(tiny_base, adapter, tmp_path, capsys):
+    """Without --init, the base is the one save_adapter recorded (finetune.py's --init), not
+    gpt2: offline, without a hub cache, gpt2 could not even load."""
+    from adapters import read_adapter
+
+    assert read_adapter(adapter)[1]["base_name"] == str(tiny_base)
+    args = ["--adapter", adapter, "--greedy", "--no-stream", "--max-new-tokens", 8,
+            "--prompt", "The restaurant is"]
+    assert run_main(capsys, *args) == run_main(capsys, "--init", tiny_base, *args)
+    out = tmp_path / "e2e.json"
+    run_main(capsys, "--adapter", adapter, "--eval", "e2e", "--eval-limit", 2,
+             "--raw-dir", E2E_RAW, "--max-new-tokens", 4, "--out", out)
+    assert json.loads(out.read_text())["init"] == str(tiny_base)
+
+
+def test_help_shows_defaults_and_every_option_has_help(capsys):
+    p = parser()
+    for action in p._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 64)" in shown and "(default: out/finetune/adapter.safetensors)" in shown
+    assert "python sample.py --merge --eval e2e --beams 10" in shown  # the examples, unwrapped
+
+
 # ---------------------------------------------------------------- bad input
 
-def test_bad_input_one_line_and_nonzero_exit(tiny_base, adapter, tmp_path):
-    other_base = tmp_path / "other_base"  # same shapes, other weights: the fingerprint differs
+BAD_INPUT = ["missing adapter", "not an adapter", "other base", "init unloadable",
+             "recorded base gone", "no recorded base", "empty prompt", "too long"]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_base, adapter, tmp_path_factory):
+    """Every case of BAD_INPUT run through `python sample.py`, all started at once (each process
+    imports torch, so together they take about the time of one) -> {case: (process, the start
+    and the end of the one line expected on stderr)}."""
+    import shutil
+
     from conftest import make_hf_gpt2
-    make_hf_gpt2(seed=1).save_pretrained(other_base)
-    other = make_adapter(other_base, tmp_path / "other.safetensors")
-    init = ["--init", str(tiny_base)]
+
+    tmp = tmp_path_factory.mktemp("bad_input")
+    other_base, gone = tmp / "other_base", tmp / "gone_base"
+    make_hf_gpt2(seed=1).save_pretrained(other_base)  # same shapes, other weights
+    make_hf_gpt2(seed=2).save_pretrained(gone)
+    other = make_adapter(other_base, tmp / "other.safetensors")
+    orphan = make_adapter(gone, tmp / "orphan.safetensors")
+    shutil.rmtree(gone)  # the adapter still records it
+    anonymous = make_adapter(tiny_base, tmp / "anonymous.safetensors", record_base=False)
+    (tmp / "text.safetensors").write_text("not safetensors")
+    init, nope = ["--init", str(tiny_base)], tmp / "nope"
     cases = {
-        "missing": (init + ["--adapter", str(tmp_path / "nope.safetensors")],
-                    f"error: adapter file not found: {tmp_path / 'nope.safetensors'} "
-                    f"(train one with finetune.py or pass --adapter)"),
-        "other base": (init + ["--adapter", str(other)], f"error: {other}: adapter was trained "
-                                                         f"on other base weights"),
-        "empty prompt": (init + ["--no-adapter", "--prompt", ""], "error: the prompt is empty"),
-        "too long": (init + ["--adapter", str(adapter), "--max-new-tokens", "500"],
-                     "error: prompt ("),
+        "missing adapter": (init + ["--adapter", tmp / "nope.safetensors"],
+                            f"error: adapter file not found: {tmp / 'nope.safetensors'} "
+                            f"(train one with finetune.py or pass --adapter)", ""),
+        "not an adapter": (init + ["--adapter", tmp / "text.safetensors"],
+                           f"error: {tmp / 'text.safetensors'}: cannot read the adapter", ""),
+        "other base": (init + ["--adapter", other],
+                       f"error: {other}: adapter was trained on other base weights",
+                       f"(pass --init {other_base})"),
+        "init unloadable": (["--init", nope, "--adapter", adapter],
+                            f"error: {nope}: no such file or directory",
+                            f"({adapter} was trained on '{tiny_base}': pass --init {tiny_base})"),
+        "recorded base gone": (["--adapter", orphan], f"error: {gone}: no such file or directory",
+                               f"(the base recorded in {orphan}; pass --init with the model it "
+                               f"was trained on, or --no-adapter)"),
+        "no recorded base": (["--adapter", anonymous], "error: could not get 'gpt2'", ""),
+        "empty prompt": (init + ["--no-adapter", "--prompt", ""], "error: the prompt is empty",
+                         ""),
+        "too long": (init + ["--adapter", adapter, "--max-new-tokens", 500], "error: prompt (",
+                     ""),
     }
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = {k: subprocess.Popen([sys.executable, "sample.py", *args], cwd=ROOT, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, (args, _) in cases.items()}
-    for k, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1, (k, err)
-        assert len(err.strip().splitlines()) == 1, (k, err)
-        assert err.startswith(cases[k][1]), (k, err)
-        assert out == "", (k, out)
+    assert list(cases) == BAD_INPUT
+    # Offline and an empty Hugging Face cache: gpt2 cannot load, wherever the tests run.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
+    runs = {k: (subprocess.Popen([sys.executable, "sample.py", *map(str, args)], cwd=ROOT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True), start, end)
+            for k, (args, start, end) in cases.items()}
+    yield runs
+    for proc, _, _ in runs.values():  # a deselected case leaves no process behind
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_one_line_and_nonzero_exit(bad_input_runs, case):
+    proc, start, end = bad_input_runs[case]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(start), err
+    assert err.rstrip("\n").endswith(end), err
+    assert out == "", out

@@ -1,0 +1,187 @@
+"""Decoding: how tokens are chosen from GPT-2's next-token distribution.
+
+    sample_next          argmax, or a sample after temperature, top-k and top-p
+    generate             one prompt pass, then one token per step against the KV cache
+    beam_search          the paper's E2E decoding: 10 beams, length penalty 0.9, no repeated
+                         4-grams (LoRA Table 11), with transformers' semantics
+    ban_repeated_ngrams  the n-gram ban beam search applies each step
+    completions          the generated part of each row, cut at <|endoftext|>
+
+None of this depends on LoRA: a merged adapter is plain weights (§4.1), an unmerged one is part
+of the model's forward. Only beam search needs to know about adapters, for one reason: under
+adapters.use_adapters each row has its adapter id, and the beams it grows into must keep it.
+
+Reading order: sample_next -> generate -> beam_search -> ban_repeated_ngrams.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from adapters import repeat_adapter_ids
+from common import EOT_TOKEN
+from model import KVCache
+
+
+def check_fits(model, prompt_len, max_new_tokens):
+    """Bad lengths as one clear ValueError, before any token is generated (or printed): an empty
+    prompt, max_new_tokens < 1, or prompt + new tokens longer than the model's block_size."""
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's block_size {model.config.block_size}")
+
+
+def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """Pick the next token of each row from logits (B, vocab) -> (B,): argmax, or a sample after
+    temperature, top-k (keep the k largest) and top-p (keep the smallest set whose probability
+    reaches p)."""
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before it already >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+             greedy=False, eos_token=None, use_cache=True, generator=None, stream=None):
+    """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).
+
+    With the cache (default) the prompt runs once and each step feeds only the new token;
+    use_cache=False recomputes the whole sequence every step: the slow, obvious reference.
+    A row that emits eos_token keeps emitting it; generation stops when every row has.
+    stream: optional callable given each new column of tokens (B,) as it is produced.
+    Bad lengths are a ValueError (check_fits).
+    """
+    B, T = idx.size()
+    check_fits(model, T, max_new_tokens)
+    cache = None
+    if use_cache:
+        cache = KVCache(model.config, B, T + max_new_tokens, idx.device,
+                        model.wte.weight.dtype)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    step_input = idx
+    for _ in range(max_new_tokens):
+        if cache is None:
+            step_input = idx
+        logits = model(step_input, cache=cache, last_only=True)[:, -1, :]  # (B, vocab)
+        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                          greedy=greedy, generator=generator)  # (B,)
+        if eos_token is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
+            done |= nxt == eos_token
+        idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, T + steps so far)
+        step_input = nxt[:, None]  # (B, 1)
+        if stream is not None:
+            stream(nxt)
+        if eos_token is not None and bool(done.all()):
+            break
+    return idx
+
+
+@torch.no_grad()
+def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat_ngram_size=0,
+                eos_token=EOT_TOKEN, early_stopping=False):
+    """Beam search for one prompt idx (1, T) -> the best sequence (1, T + n), its eos_token
+    included when it has one. The paper decodes E2E with 10 beams, length penalty 0.9 and no
+    repeated 4-grams (LoRA Table 11).
+
+    The semantics are transformers' generate(num_beams=beams, length_penalty=...,
+    no_repeat_ngram_size=..., early_stopping=...) (tested for equality):
+    - each step, every beam's log-probabilities are added to its score and the best 2*beams
+      continuations are taken over all beams (so at least `beams` of them do not end);
+    - a continuation among the best `beams` that emits eos_token (or any of them at the last step)
+      becomes a hypothesis with score sum(log p) / n**length_penalty, n = tokens generated,
+      eos included; the best `beams` hypotheses are kept;
+    - the best `beams` continuations that do not end go on; the KV cache rows follow their beams
+      (under adapters.use_adapters, every beam keeps the prompt's adapter id);
+    - stop when `beams` hypotheses exist and (early_stopping, or the best running beam's score
+      divided by its current length**length_penalty is no better than the worst hypothesis).
+    no_repeat_ngram_size n > 0: a token that would repeat an n-gram of the sequence (prompt
+    included) gets probability 0. With beams=1 and no n-gram ban this is greedy decoding.
+    ValueError: idx not (1, T), beams < 1, or bad lengths (check_fits).
+    """
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError("beam_search takes one prompt: idx of shape (1, T)")
+    if beams < 1:
+        raise ValueError(f"beams must be at least 1, got {beams}")
+    T = idx.size(1)
+    check_fits(model, T, max_new_tokens)
+    cache = KVCache(model.config, 1, T + max_new_tokens, idx.device, model.wte.weight.dtype)
+    logits = model(idx, cache=cache, last_only=True)[:, -1]  # (1, V): the prompt runs once
+    # Every beam starts as the prompt: copy its cache rows; only beam 0 may extend at step 1,
+    # or all beams would pick the same tokens.
+    cache.reorder(torch.zeros(beams, dtype=torch.long, device=idx.device))
+    logits = logits.expand(beams, -1)  # (beams, V)
+    seqs = idx.expand(beams, T)  # (beams, T)
+    scores = torch.full((beams,), float("-inf"), device=idx.device)
+    scores[0] = 0.0
+    hyps = []  # (score, tokens (T + n,)), best first
+    for step in range(1, max_new_tokens + 1):
+        logp = F.log_softmax(logits.float(), dim=-1)  # (beams, V)
+        if no_repeat_ngram_size > 0:
+            logp = ban_repeated_ngrams(seqs, logp, no_repeat_ngram_size)
+        V = logp.size(-1)
+        cand, flat = (scores[:, None] + logp).view(-1).topk(2 * beams)  # (2*beams,), best first
+        src, tok = flat // V, flat % V  # which beam it extends, with which token
+        last = step == max_new_tokens
+        ends = torch.full_like(tok, last, dtype=torch.bool)  # at the last step, all end
+        if eos_token is not None:
+            ends |= tok == eos_token
+        for r in range(beams):  # only the best `beams` continuations may become hypotheses
+            if ends[r]:
+                hyps.append((cand[r].item() / step ** length_penalty,
+                             torch.cat([seqs[src[r]], tok[r:r + 1]])))
+        hyps = sorted(hyps, key=lambda h: h[0], reverse=True)[:beams]
+        if last:
+            break
+        keep = (~ends).nonzero().squeeze(1)[:beams]  # the best continuations that go on
+        scores = cand[keep]
+        seqs = torch.cat([seqs[src[keep]], tok[keep, None]], dim=1)  # (beams, T + step)
+        cache.reorder(src[keep])
+        if len(hyps) == beams and (early_stopping
+                                   or scores[0].item() / step ** length_penalty <= hyps[-1][0]):
+            break
+        # The prompt ran as one row; its adapter id (use_adapters) must follow all its beams.
+        with repeat_adapter_ids(model, beams):
+            logits = model(tok[keep, None], cache=cache, last_only=True)[:, -1]  # (beams, V)
+    return hyps[0][1][None]
+
+
+def ban_repeated_ngrams(seqs, logp, n):
+    """seqs (B, T), logp (B, V) -> logp with -inf for every token that would complete an n-gram
+    already in the row's sequence (transformers' NoRepeatNGramLogitsProcessor; Table 11 bans
+    repeated 4-grams). logp is not modified in place."""
+    T = seqs.size(1)
+    if T + 1 < n:
+        return logp
+    logp = logp.clone()
+    for row, seq in enumerate(seqs.tolist()):
+        prefix = seq[T - n + 1:]  # the last n - 1 tokens
+        banned = [seq[i + n - 1] for i in range(T - n + 1) if seq[i:i + n - 1] == prefix]
+        logp[row, banned] = float("-inf")
+    return logp
+
+
+def completions(out, prompt_len, eos_token=EOT_TOKEN):
+    """The generated part of each row of out (B, prompt_len + n) -> (completions, n_generated):
+    each row's new tokens as a list, cut before eos_token, and how many tokens were produced in
+    all (an eos_token that ends a row counts; the eos_token generate repeats after it does not)."""
+    comps, n_generated = [], 0
+    for row in out[:, prompt_len:].tolist():
+        end = row.index(eos_token) if eos_token in row else len(row)
+        comps.append(row[:end])
+        n_generated += min(end + 1, len(row))
+    return comps, n_generated
