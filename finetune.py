@@ -1,42 +1,35 @@
 """Fine-tune GPT-2 with LoRA: load a base model, add low-rank adapters, train only A and B.
 
     python finetune.py --rank 4                         # GPT-2 on E2E, the paper's recipe
-    python finetune.py --init out/train --data e2e --max-iters 200 --warmup 20
+    python finetune.py --init out/base --data e2e --max-iters 200 --warmup 20
 
 Each adapted weight W0 becomes W0 + (α/r) B A with W0 frozen (LoRA §4.1): the optimizer holds
 state for A and B only, the gradients of W0 are never computed, and what is saved is the adapter,
 a few hundred KB against the base model's hundreds of MB. The loop is train.train, the same one
 full fine-tuning (python train.py --init gpt2) uses.
 
-Output (--out, default out/finetune): adapter.safetensors (load it with
-lora.load_adapter, or sample.py --adapter), ckpt.pt (for --resume), log.jsonl, loss.png.
+Output (--out, default out/finetune): adapter.safetensors (sample.py --adapter, or
+adapters.load_adapter), ckpt.pt (for --resume), log.jsonl, loss.png.
 """
 
 import argparse
-import hashlib
+import inspect
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from lora import apply_lora, describe_trainable, lora_state_dict, save_adapter
-from train import (HelpFormatter, add_data_args, add_train_args, config_from_args, file_size,
-                   load_base, prepare_data, run_main, setup_distributed, train)
+from adapters import save_adapter
+from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, file_size, run_main
+from lora import TARGETS, apply_lora, describe_trainable
+from model import GPT
+from train import add_data_args, add_train_args, config_from_args, prepare_data, \
+    setup_distributed, train
 
-OUT_DIR = "out/finetune"
-ADAPTER = "adapter.safetensors"
-
-
-def adapter_digest(model) -> str:
-    """sha256 over the adapter's tensors (names and bytes): equal digests, equal adapters."""
-    h = hashlib.sha256()
-    for name, t in sorted(lora_state_dict(model).items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+LORA = inspect.signature(apply_lora).parameters  # the defaults are apply_lora's (Table 11)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Run `python data/e2e/prepare.py` once first (add "
                                        "--raw-dir DIR to use local CSVs).",
@@ -47,40 +40,47 @@ def main(argv=None):
                         "download), a directory with config.json + model.safetensors (e.g. "
                         "what train.py wrote), or a weights file")
     g = p.add_argument_group("LoRA (defaults: the paper's GPT-2 setting, Table 11)")
-    g.add_argument("--rank", type=int, default=4, help="r, the rank of B A")
-    g.add_argument("--alpha", type=float, default=32, help="α; the update is scaled by α/r")
-    g.add_argument("--targets", default="q,v",
-                   help="comma-separated weights to adapt: q, k, v, qkv, o, mlp")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout on LoRA's input")
+    g.add_argument("--rank", type=int, default=LORA["rank"].default, help="r, the rank of B A")
+    g.add_argument("--alpha", type=float, default=LORA["alpha"].default,
+                   help="α; the update is scaled by α/r")
+    g.add_argument("--targets", default=",".join(LORA["targets"].default),
+                   help=f"comma-separated weights to adapt: {', '.join(TARGETS)}")
+    g.add_argument("--dropout", type=float, default=LORA["dropout"].default,
+                   help="dropout on LoRA's input")
     g.add_argument("--bias", default="none", choices=("none", "all", "lora_only"),
                    help="biases that train too")
     g.add_argument("--rslora", action="store_true", help="scale by α/√r instead of α/r")
     add_data_args(p, default="e2e")
-    add_train_args(p, out=OUT_DIR)
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    add_train_args(p, out=FINETUNE_OUT)
+    return p
 
+
+def finetune(args):
+    """Base model + apply_lora + train.train; the adapter goes to args.out. -> the model."""
+    cfg = config_from_args(args)
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(cfg.seed)  # the same A on every process
-    model = load_base(args.init, device)
+    model = GPT.from_pretrained(args.init, device=device)
     train_data, val_data = prepare_data(args, model)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     apply_lora(model, rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                bias=args.bias, rslora=args.rslora)
-    model.to(device)
     if rank == 0:
         print(describe_trainable(model))
-
     out = Path(args.out)
     train(model, train_data, val_data, cfg, out, resume=args.resume,
-          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER, base_name=args.init))
+          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init))
     if rank == 0:
         base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                          if ".lora_" not in n)
-        print(f"adapter: {out / ADAPTER} ({file_size(out / ADAPTER)}); the base model's "
-              f"weights: {base_bytes / 2**20:.1f} MB")
-    if world > 1:
-        print(f"rank {rank}: adapter sha256 {adapter_digest(model)}")
+        print(f"adapter: {out / ADAPTER_FILE} ({file_size(out / ADAPTER_FILE)}); the base "
+              f"model's weights: {base_bytes / 2**20:.1f} MB")
+    return model
+
+
+def main(argv=None):
+    finetune(parser().parse_args(argv))
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -5,20 +5,22 @@ h.N.ln_2, h.N.mlp.c_fc, h.N.mlp.c_proj, ln_f), so a checkpoint loads by name and
 at the matrices the paper adapts: `attn.c_attn` is W_q, W_k and W_v fused into one (C, 3C) linear
 map, `attn.c_proj` is W_o (LoRA §4.2, Table 5).
 
-Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT (forward, generate) ->
-loading and saving checkpoints. `transformers` is not used here; the tests compare against it.
+Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> KVCache -> GPT.forward ->
+loading and saving checkpoints. Choosing tokens (sampling, greedy, beam search) is decoding.py's.
+`transformers` is not used here; the tests compare against it.
 """
 
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import EOT_TOKEN, atomic_write, check_tensors
 
 
 @dataclass
@@ -40,8 +42,6 @@ PRETRAINED = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-
-EOT_TOKEN = 50256  # <|endoftext|>, which GPT-2 also uses as end of a generated text
 
 
 class CausalSelfAttention(nn.Module):
@@ -205,57 +205,17 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, label_smoothing=label_smoothing)
 
-    # ---------------------------------------------------------------- generation
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
-                 greedy=False, eos_token=None, use_cache=True, generator=None, stream=None):
-        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).
-
-        With the cache (default) the prompt runs once and each step feeds only the new token;
-        use_cache=False recomputes the whole sequence every step: the slow, obvious reference.
-        A row that emits eos_token keeps emitting it; generation stops when every row has.
-        stream: optional callable given each new column of tokens (B,) as it is produced.
-        """
-        B, T = idx.size()
-        if T == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the model's block_size {self.config.block_size}")
-        cache = None
-        if use_cache:
-            cache = KVCache(self.config, B, T + max_new_tokens, idx.device,
-                            self.wte.weight.dtype)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        step_input = idx
-        for _ in range(max_new_tokens):
-            if cache is None:
-                step_input = idx
-            logits = self(step_input, cache=cache, last_only=True)[:, -1, :]  # (B, vocab)
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                              greedy=greedy, generator=generator)  # (B,)
-            if eos_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
-                done |= nxt == eos_token
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if stream is not None:
-                stream(nxt)
-            if eos_token is not None and bool(done.all()):
-                break
-        return idx
-
     # ---------------------------------------------------------------- checkpoints
 
     @classmethod
-    def from_pretrained(cls, source, **overrides):
+    def from_pretrained(cls, source, *, device="cpu", dtype=torch.float32, **overrides):
         """Load GPT-2 weights. source is one of:
         - a released size: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", fetched with
           huggingface_hub into the standard HF cache (nothing is downloaded when it is there);
         - a directory with config.json and model.safetensors (or pytorch_model.bin), as written
           by transformers' save_pretrained or by GPT.save_pretrained;
         - a single .safetensors or .bin file (the config is read from the tensors' shapes).
+        device, dtype: where and in which dtype the model is returned.
         overrides: GPTConfig fields to set (e.g. dropout=0.1; n_head for a bare file whose head
         size is not GPT-2's 64).
         """
@@ -282,28 +242,17 @@ class GPT(nn.Module):
             model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())  # untie
         model.load_state_dict_checked(sd, source=path)
         model.name = str(source)
-        return model
+        return model.to(device=device, dtype=dtype)
 
     @torch.no_grad()
     def load_state_dict_checked(self, sd: dict, source="checkpoint"):
         """Copy sd (our layout, nn.Linear orientation) into the model; every mismatch is an error
-        that names the tensors."""
+        that names the tensors (common.check_tensors)."""
         ours = self.state_dict()
         if self.lm_head.weight is self.wte.weight:
             ours.pop("lm_head.weight")  # tied: loaded as wte.weight
-        missing = sorted(set(ours) - set(sd))
-        unexpected = sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing tensors {_short_list(missing)}")
-            if unexpected:
-                parts.append(f"unexpected tensors {_short_list(unexpected)}")
-            raise ValueError(f"{source}: " + "; ".join(parts))
+        check_tensors({k: v.shape for k, v in ours.items()}, sd, source)
         for k, v in sd.items():
-            if v.shape != ours[k].shape:
-                raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, "
-                                 f"the model expects {tuple(ours[k].shape)}")
             ours[k].copy_(v)
 
     def save_pretrained(self, directory):
@@ -333,30 +282,10 @@ class GPT(nn.Module):
             if k.endswith(_CONV1D):
                 v = v.t()
             sd[k if k == "lm_head.weight" else "transformer." + k] = v.detach().contiguous().cpu()
-        _atomic_write(directory / "config.json",
+        atomic_write(directory / "config.json",
                       lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
         meta = {"format": "pt", "gpt_config": json.dumps(asdict(c))}
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata=meta))
-
-
-def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
-    """Pick the next token of each row from logits (B, vocab): argmax, or a sample after
-    temperature, top-k (keep the k largest) and top-p (keep the smallest set whose probability
-    reaches p)."""
-    if greedy or temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before it already >= p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata=meta))
 
 
 # ---------------------------------------------------------------- checkpoint helpers
@@ -476,24 +405,3 @@ def _infer_config(sd: dict, path: Path) -> dict:
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
     return dict(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd,
                 block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size)
-
-
-def _short_list(names, n=6):
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _atomic_write(path: Path, write):
-    """write(tmp_path) then rename over path: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

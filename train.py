@@ -1,10 +1,18 @@
-"""Setup shared by every script (device, base model, tokenizer, error handling) and, below it,
-the one training loop used by train.py (pretraining, full fine-tuning) and finetune.py (LoRA).
+"""The one training loop, and the script that pretrains a small GPT or fine-tunes every weight.
 
-The training loss is eq. 2 of the LoRA paper as one big batch would compute it: the sum of the
-per-token losses (with label smoothing) over every target token of the effective batch
-(--batch-size x --grad-accum micro-batches x torchrun processes), divided by the number of
-those target tokens. Accumulation and DDP therefore change nothing but memory and speed.
+    python train.py                       # a small GPT from scratch on Tiny Shakespeare
+    python train.py --init gpt2 --data e2e   # full fine-tuning: the baseline LoRA is compared to
+
+finetune.py calls the same `train()` on a model whose only trainable parameters are LoRA's A
+and B: a LoRA step is an ordinary step over the parameters with requires_grad (`train_step`).
+
+The loss is eq. 2 of the LoRA paper as one big batch would compute it: the sum of the per-token
+losses (with label smoothing) over every target token of the effective batch (--batch-size x
+--grad-accum micro-batches x torchrun processes), divided by the number of those tokens. So
+accumulation and DDP change memory and speed, never the gradient.
+
+Reading order: TrainConfig -> lr_at, make_optimizer -> train_step -> evaluate -> train ->
+checkpoints and logs -> main.
 """
 
 import argparse
@@ -14,97 +22,53 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.datasets import IGNORE, load_data  # noqa: F401  (load_data is part of this API)
-from model import GPT, GPTConfig, _atomic_write
+from common import HelpFormatter, atomic_write, check_tensors, file_size, get_device, run_main, \
+    save_figure
+from data.datasets import IGNORE, load_data
+from model import GPT, GPTConfig
 
 
-def get_device(name: str = "auto") -> str:
-    """'auto' -> cuda when there is a GPU, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_base(init: str, device: str = "cpu", dtype: str = "float32", **overrides) -> GPT:
-    """The base model: a released GPT-2 size, a directory or a weights file (GPT.from_pretrained)."""
-    model = GPT.from_pretrained(init, **overrides)
-    return model.to(device=device, dtype=DTYPES[dtype])
-
-
-def get_tokenizer():
-    """GPT-2's BPE (tiktoken 'gpt2'). Offline: TIKTOKEN_CACHE_DIR must hold its files."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise OSError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
-                      f"TIKTOKEN_CACHE_DIR to a folder with its files (see README)") from None
-
-
-def run_main(main):
-    """Run a script's main(): a bad input (ValueError, OSError) ends in one line on stderr and
-    exit code 1, not a traceback; Ctrl-C exits with 130."""
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-# ================================================================ the training loop
+def knob(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of the loop. Defaults are the paper's GPT-2 recipe on E2E (LoRA Table 11):
-    AdamW, lr 2e-4, weight decay 0.01, batch 8, 5 epochs, 500 warmup steps then linear decay,
-    label smoothing 0.1."""
+    """Every setting of the loop, with its --help. The defaults are the paper's GPT-2 recipe on
+    E2E (LoRA Table 11): AdamW, lr 2e-4, weight decay 0.01, batch 8, 5 epochs, 500 warmup steps
+    then linear decay, label smoothing 0.1."""
 
-    # optimisation
-    lr: float = 2e-4
-    weight_decay: float = 0.01  # on matrices (LoRA's A and B included), not biases/LayerNorms
-    betas: tuple = (0.9, 0.999)
-    batch_size: int = 8  # sequences per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    epochs: float = 5.0
-    max_iters: int | None = None  # optimizer steps; None: epochs over the training set
-    warmup: int = 500  # steps of linear warmup from 0 to lr
-    decay: str = "linear"  # after warmup: "linear" (the paper's) or "cosine" to 0, or "constant"
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    # evaluation, logging, checkpoints
-    eval_interval: int = 500  # steps between validation runs (and one at the end)
-    eval_batches: int | None = 100  # validation batches per run; None: the whole split
-    log_interval: int = 10  # steps per history entry / log line
-    ckpt_interval: int | None = None  # steps between checkpoints; None: at each evaluation
-    # system
-    seed: int = 1337
-    amp: str = "auto"  # auto: bf16 (fp16 + GradScaler without it) on CUDA, fp32 on CPU; off,
-    #                    bf16, fp16
-    compile: bool = False
-    progress: bool = True  # tqdm bar (rank 0 only)
-    stop_at: int | None = None  # testing: behave as if Ctrl-C came right after this step
+    lr: float = knob(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = knob(0.01, "AdamW weight decay, on matrices (A and B included)")
+    batch_size: int = knob(8, "sequences per process per micro-step")
+    grad_accum: int = knob(1, "micro-steps per optimizer step")
+    epochs: float = knob(5.0, "passes over the training set (unless --max-iters)")
+    max_iters: int = knob(None, "optimizer steps (overrides --epochs)")
+    warmup: int = knob(500, "steps of linear warmup from 0 to --lr")
+    decay: str = knob("linear", "after warmup: linear or cosine to 0 at the end, or constant")
+    label_smoothing: float = knob(0.1, "of the training loss (validation has none)")
+    grad_clip: float = knob(1.0, "max global gradient norm; 0: no clipping")
+    seed: int = knob(1337, "initialisation, data order and dropout")
+    eval_interval: int = knob(500, "steps between validation runs (and one at the end)")
+    eval_batches: int = knob(100, "validation batches per run (0: the whole split)")
+    log_interval: int = knob(10, "steps per line of log.jsonl")
+    ckpt_interval: int = knob(None, "steps between checkpoints (default: at each validation)")
+    amp: str = knob("auto", "autocast: auto = bf16 on CUDA (fp16 + loss scaling without "
+                            "bf16), fp32 on CPU; off, bf16, fp16")
+    compile: bool = knob(False, "torch.compile the model")
+    progress: bool = knob(True, "progress bar")
 
 
 class TrainingDiverged(ValueError):
     """The loss became nan or inf."""
 
-
-# ---------------------------------------------------------------- pieces of the loop
 
 def lr_at(step: int, cfg: TrainConfig, max_iters: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to cfg.lr over cfg.warmup
@@ -122,30 +86,26 @@ def lr_at(step: int, cfg: TrainConfig, max_iters: int) -> float:
 def make_optimizer(model, cfg: TrainConfig):
     """AdamW over the parameters with requires_grad, and only those: for LoRA that is A and B,
     so freezing W0 needs no special case here and the optimizer holds no state for it (the
-    memory saving of LoRA §4.2). Fused kernels when available (the step is a large share of a
-    small model's CPU time)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    memory saving of LoRA §4.2). No weight decay on vectors (biases, LayerNorms). Fused kernels
+    when available (the step is a large share of a small model's CPU time)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def amp_setup(amp: str, device_type: str):
     """-> (autocast context factory, GradScaler). Weights and optimizer stay fp32; only the
     forward runs in bf16/fp16. fp16 needs loss scaling (its range is narrow), bf16 does not."""
     if amp == "auto":
-        if device_type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            amp = "off"
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") \
+            if device_type == "cuda" else "off"
     if amp not in ("off", "bf16", "fp16"):
         raise ValueError(f"unknown --amp '{amp}': use auto, off, bf16 or fp16")
     if amp == "fp16" and device_type != "cuda":
@@ -157,161 +117,70 @@ def amp_setup(amp: str, device_type: str):
     return (lambda: torch.autocast(device_type, dtype=dtype)), scaler
 
 
-@torch.no_grad()
-def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off") -> float:
-    """Mean loss per target token (positions with target -100 excluded) over data's
-    evaluation batches, without label smoothing."""
-    device = next(model.parameters()).device
-    autocast, _ = amp_setup(amp, device.type)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in data.eval_batches(batch_size, max_batches):
-        n = int((y != IGNORE).sum())
-        if n == 0:
-            continue
-        with autocast():
-            loss = model(x.to(device), y.to(device))
-        total += float(loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def setup_distributed(device: str = "auto"):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU.
-    -> (rank, world_size, device of this process)."""
-    device = get_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return dist.get_rank(), world, device
-
-
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def plot_history(history: list[dict], path):
-    """Train and validation loss against step, as a PNG (written atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    tr = [h for h in history if h.get("train_loss") is not None]
-    ax.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], label="train")
-    val = [h for h in history if h.get("val_loss") is not None]
-    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-
-
-def _write_log(path: Path, history: list[dict]):
-    text = "".join(json.dumps(h) + "\n" for h in history)
-    _atomic_write(path, lambda p: Path(p).write_text(text))
-
+# ---------------------------------------------------------------- one step, one evaluation
 
 def token_loss_sum(fwd, x, y, label_smoothing=0.0):
-    """Σ over the target tokens of x of -log p(y_t | x_<t) (with label smoothing): eq. 2's sum,
-    not a mean, so that micro-batches and processes can be weighted by their token counts."""
+    """Σ over the target tokens of -log p(y_t | x_<t) (with label smoothing): eq. 2's sum, not a
+    mean, so that micro-batches and processes can be weighted by their token counts."""
     logits = fwd(x).float()  # (B, T, vocab); the loss in fp32 under autocast
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                            label_smoothing=label_smoothing, reduction="sum")
 
 
 def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast) -> float:
-    """One optimizer step over the micro-batches [(x, y), ...] of this process; -> the mean
-    training loss per target token of the whole effective batch.
+    """One optimizer step over this process's micro-batches [(x, y), ...] -> the mean loss per
+    target token of the whole effective batch. A step that gives a non-finite loss updates
+    nothing (the caller stops).
 
-    The loss is normalized as one big batch would be: the sum of the token losses of every
-    micro-batch on every process, divided by the number N of target tokens (targets != -100)
-    in all of them. So a micro-batch with 2 target tokens weighs 2/N, not as much as one with
-    40, and --grad-accum or torchrun give the gradient of --batch-size × both. N is counted
-    before the backward passes (and summed over processes); DDP averages the gradients of its
-    W processes, hence the factor W. Only requires_grad parameters get gradients (for LoRA,
-    A and B: §4.2's memory saving), so nothing here knows about LoRA.
+    Normalized as one big batch: each micro-batch's summed loss is divided by N, the number of
+    target tokens (y != -100) of all micro-batches of all W processes, counted before the
+    backward passes. DDP averages gradients over processes, hence the factor W. Only the
+    requires_grad parameters get gradients (for LoRA: A and B), so nothing here knows LoRA.
     """
     device = next(model.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
-    batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-               for x, y in batches]
-    count = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in batches)), device=device)
-    loss_sum = torch.zeros((), device=device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    n = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in batches)), device=device)
     if world > 1:
-        dist.all_reduce(count)
+        dist.all_reduce(n)
+    n = n.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
-        with nullcontext() if (world == 1 or last) else fwd.no_sync():  # one all-reduce a step
+        with nullcontext() if world == 1 or last else fwd.no_sync():  # all-reduce once a step
             with autocast():
                 loss = token_loss_sum(fwd, x, y, cfg.label_smoothing)
-            scaler.scale(loss * world / count.clamp(min=1)).backward()
+            scaler.scale(loss * world / n).backward()
         loss_sum += loss.detach()
     if world > 1:
         dist.all_reduce(loss_sum)
-    train_loss = float(loss_sum / count.clamp(min=1))
-    if not math.isfinite(train_loss):  # no update from it: the caller stops the run
-        optimizer.zero_grad(set_to_none=True)
-        return train_loss
-    if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    train_loss = float(loss_sum / n)
+    if math.isfinite(train_loss):
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return train_loss
 
 
-# ---------------------------------------------------------------- checkpoints
-
-CKPT = "ckpt.pt"
-
-
-def save_checkpoint(path, model, optimizer, scaler, step, history, pending):
-    """Everything to continue exactly: the trainable tensors (for LoRA only A and B), the
-    optimizer's moments, the step, and the history; one file, written atomically."""
-    state = {
-        "step": step,
-        "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "history": history,
-        "pending": pending,
-    }
-    _atomic_write(Path(path), lambda p: torch.save(state, p))
-
-
 @torch.no_grad()
-def load_checkpoint(path, model, optimizer, scaler):
-    """Restore what save_checkpoint wrote; the model must have the same trainable tensors."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(ours) != set(state["params"]) or any(
-            ours[n].shape != t.shape for n, t in state["params"].items()):
-        raise ValueError(f"{path} was written for other trainable tensors (different model, "
-                         f"rank or targets?): resume with the same settings")
-    for n, t in state["params"].items():
-        ours[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    return state["step"], state["history"], state["pending"]
+def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off") -> float:
+    """Mean loss per target token (targets -100 excluded) over data's evaluation batches,
+    without label smoothing."""
+    device = next(model.parameters()).device
+    autocast, _ = amp_setup(amp, device.type)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.eval_batches(batch_size, max_batches):
+        with autocast():
+            total += float(token_loss_sum(model, x.to(device), y.to(device)))
+        count += int((y != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 # ---------------------------------------------------------------- the loop
@@ -321,186 +190,239 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     """Train the parameters of `model` that have requires_grad; -> history, one dict per
     log_interval steps: step, train_loss, lr, tokens_per_s, and val_loss where evaluated.
 
-    save(model, out_dir) writes the result (full model or LoRA adapter) at each checkpoint
-    and at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png.
-    Under torchrun the gradients are averaged over processes (only the trainable ones: DDP
-    hooks only parameters with requires_grad); rank 0 evaluates, logs and saves.
+    save(model, out_dir) writes the result (full model or LoRA adapter) at each checkpoint and
+    at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png. Under
+    torchrun, rank 0 evaluates, logs and saves; DDP lives in `wrap_model` alone.
     """
-    rank, world = _dist_info()
-    main_proc = rank == 0
-    device = next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     B, accum = cfg.batch_size, cfg.grad_accum
-    if B < 1 or accum < 1:
-        raise ValueError("batch_size and grad_accum must be at least 1")
     if len(train_data) < B * world:
         raise ValueError(f"{train_data.name} has {len(train_data):,} samples, fewer than one "
                          f"batch ({B} x {world} processes): use more data or a smaller batch")
-    steps_per_epoch = math.ceil(len(train_data) / (B * accum * world))
-    max_iters = cfg.max_iters or max(1, round(cfg.epochs * steps_per_epoch))
-    eval_every = cfg.eval_interval
-    ckpt_every = cfg.ckpt_interval or eval_every
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None and main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
+    per_epoch = math.ceil(len(train_data) / (B * accum * world))
+    max_iters = cfg.max_iters or max(1, round(cfg.epochs * per_epoch))
     optimizer = make_optimizer(model, cfg)
-    autocast, scaler = amp_setup(cfg.amp, device.type)
-    step, history, pending = 0, [], {"loss": 0.0, "steps": 0}
-    if resume:
-        if out_dir is None:
-            raise ValueError("resume needs an output directory")
-        step, history, pending = load_checkpoint(out_dir / CKPT, model, optimizer, scaler)
-    if main_proc and out_dir is not None:
-        _write_log(out_dir / "log.jsonl", history)  # drops lines past the checkpoint
+    autocast, scaler = amp_setup(cfg.amp, next(model.parameters()).device.type)
+    log = RunLog(out_dir if rank == 0 else None, max_iters, cfg.progress and rank == 0)
+    step = load_checkpoint(out_dir, model, optimizer, scaler, log) if resume else 0
+    fwd = wrap_model(model, cfg, world)
 
-    fwd = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        fwd = torch.compile(fwd)
+    def validate():  # on rank 0; its time is not counted in tokens/s
+        t0 = time.perf_counter()
+        val = evaluate(model, val_data, B, cfg.eval_batches, cfg.amp) if rank == 0 else None
+        log.t_last += time.perf_counter() - t0
+        return val
 
-    saved_step = step if resume else None
-
-    def checkpoint():
-        nonlocal saved_step
-        saved_step = step
-        if out_dir is not None and main_proc:
-            if save is not None:
-                save(model, out_dir)
-            save_checkpoint(out_dir / CKPT, model, optimizer, scaler, step, history, pending)
-            _write_log(out_dir / "log.jsonl", history)
-
-    if main_proc:
-        print(f"training {max_iters:,} steps ({steps_per_epoch:,} per epoch of "
-              f"{len(train_data):,} samples; batch {B} x {accum} accum x {world} processes)")
-    if step == 0 and main_proc:  # where training starts from
-        val0 = evaluate(model, val_data, B, cfg.eval_batches, cfg.amp)
-        history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
-                        "val_loss": val0})
-        print(f"validation loss before training: {val0:.4f}")
-        if out_dir is not None:
-            _write_log(out_dir / "log.jsonl", history)
-    from tqdm import tqdm
-    bar = tqdm(total=max_iters, initial=step, disable=not (main_proc and cfg.progress),
-               dynamic_ncols=True)
-    tokens, t_last = 0, time.perf_counter()
+    if rank == 0:
+        print(f"training {max_iters:,} steps ({per_epoch:,} per epoch of {len(train_data):,} "
+              f"samples; batch {B} x {accum} accum x {world} processes)")
+    if step == 0:
+        log.start(validate())
     model.train()
     try:
         while step < max_iters:
             lr = lr_at(step, cfg, max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # Dropout (LoRA's included) draws from a seed fixed by (seed, step, rank): a resumed
-            # run repeats the uninterrupted one exactly, with no RNG state to save.
+            # Dropout (LoRA's too) draws from a seed fixed by (seed, step, rank): a resumed run
+            # repeats the uninterrupted one exactly, with no RNG state to save.
             torch.manual_seed(cfg.seed + 1_000_003 * step + 7919 * rank)
             batches = [train_data.get_batch(B, (step * accum + micro) * world + rank, cfg.seed)
                        for micro in range(accum)]
-            train_loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
-            tokens += sum(x.numel() for x, _ in batches) * world
-            if not math.isfinite(train_loss):  # stop; the last checkpoint stays as it is
-                kept = (f"; {out_dir} keeps the last checkpoint (step {saved_step})"
-                        if out_dir is not None and saved_step is not None else "")
-                raise TrainingDiverged(f"the loss is {train_loss} at step {step + 1}: stopping"
+            loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
+            if not math.isfinite(loss):  # stop; the last checkpoint stays as it is
+                kept = f"; {out_dir} keeps the last checkpoint (step {log.saved_step})" \
+                    if out_dir is not None and log.saved_step is not None else ""
+                raise TrainingDiverged(f"the loss is {loss} at step {step + 1}: stopping"
                                        f"{kept}. Try a lower --lr, or --amp off")
             step += 1
-            pending["loss"] += train_loss
-            pending["steps"] += 1
-
-            val_loss = None
-            if step % eval_every == 0 or step == max_iters:
-                if main_proc:
-                    t_eval = time.perf_counter()
-                    val_loss = evaluate(model, val_data, B, cfg.eval_batches, cfg.amp)
-                    t_last += time.perf_counter() - t_eval  # tokens/s counts training only
-                model.train()
-            if step % cfg.log_interval == 0 or val_loss is not None or step == max_iters:
-                now = time.perf_counter()
-                entry = {"step": step, "train_loss": pending["loss"] / pending["steps"], "lr": lr,
-                         "tokens_per_s": tokens / max(now - t_last, 1e-9), "val_loss": val_loss}
-                history.append(entry)
-                pending = {"loss": 0.0, "steps": 0}
-                tokens, t_last = 0, now
-                if main_proc and out_dir is not None:
-                    with open(out_dir / "log.jsonl", "a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", lr=f"{lr:.2e}",
-                                tok_s=f"{entry['tokens_per_s']:.0f}",
-                                **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-            bar.update(1)
-            if step % ckpt_every == 0 and step < max_iters:
-                checkpoint()
-            if cfg.stop_at is not None and step == cfg.stop_at:
-                raise KeyboardInterrupt
+            end = step == max_iters
+            val = validate() if step % cfg.eval_interval == 0 or end else None
+            log.step(step, loss, lr, sum(x.numel() for x, _ in batches) * world, val,
+                     write=step % cfg.log_interval == 0 or val is not None or end)
+            if not end and step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
+                save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
     except KeyboardInterrupt:
-        bar.close()
-        checkpoint()
-        if main_proc and out_dir is not None:
+        log.close()
+        save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
+        if rank == 0 and out_dir is not None:
             print(f"stopped at step {step}; saved to {out_dir}, continue with --resume",
                   file=sys.stderr)
         raise
-    bar.close()
-    checkpoint()
-    if main_proc and out_dir is not None and history:
-        plot_history(history, out_dir / "loss.png")
-    return history
+    log.close()
+    save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
+    log.plot()
+    return log.history
+
+
+def wrap_model(model, cfg: TrainConfig, world: int):
+    """What the loop calls forward on: the model, in DDP under torchrun (it all-reduces the
+    gradients of the requires_grad parameters only: for LoRA, A and B), compiled if asked."""
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        device = next(model.parameters()).device
+        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(fwd) if cfg.compile else fwd
+
+
+def setup_distributed(device: str = "auto"):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU.
+    -> (rank, world_size, device of this process)."""
+    device = get_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ---------------------------------------------------------------- checkpoints and logs
+
+CKPT = "ckpt.pt"
+
+
+def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None):
+    """Everything to continue exactly, in one file written atomically (rank 0, with an out_dir):
+    the trainable tensors (for LoRA only A and B), the optimizer's moments, the step, the
+    history; save(model, out_dir) writes the result beside it."""
+    log.saved_step = step
+    if out_dir is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if save is not None:
+        save(model, out_dir)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "params": {n: p.detach().cpu() for n, p in model.named_parameters()
+                        if p.requires_grad},
+             "history": log.history, "pending": log.pending}
+    atomic_write(Path(out_dir) / CKPT, lambda p: torch.save(state, p))
+    log.rewrite()
+
+
+@torch.no_grad()
+def load_checkpoint(out_dir, model, optimizer, scaler, log) -> int:
+    """Restore what save_checkpoint wrote into the model, optimizer and log; -> the step."""
+    if out_dir is None:
+        raise ValueError("resume needs an output directory")
+    path = Path(out_dir) / CKPT
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_tensors({n: p.shape for n, p in ours.items()}, state["params"],
+                  f"{path} was written for other trainable tensors (resume with the same "
+                  f"model, rank and targets)")
+    for n, t in state["params"].items():
+        ours[n].copy_(t)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    log.history, log.pending, log.saved_step = state["history"], state["pending"], state["step"]
+    log.rewrite()  # drops the lines written after the checkpoint
+    log.bar.update(state["step"])
+    return state["step"]
+
+
+class RunLog:
+    """The run's history (one entry per log_interval steps), log.jsonl, loss.png and the
+    progress bar; files only where out_dir is given (rank 0)."""
+
+    def __init__(self, out_dir, total: int, progress: bool):
+        from tqdm import tqdm
+
+        self.dir = Path(out_dir) if out_dir is not None else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.history, self.pending, self.saved_step = [], {"loss": 0.0, "steps": 0}, None
+        self.bar = tqdm(total=total, disable=not progress, dynamic_ncols=True)
+        self.tokens, self.t_last = 0, time.perf_counter()
+
+    def start(self, val_loss):
+        if val_loss is not None:
+            print(f"validation loss before training: {val_loss:.4f}")
+        self.history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
+                             "val_loss": val_loss})
+        self.rewrite()
+
+    def step(self, step, loss, lr, tokens, val_loss, write):
+        self.pending = {"loss": self.pending["loss"] + loss, "steps": self.pending["steps"] + 1}
+        self.tokens += tokens
+        self.bar.update(1)
+        if not write:
+            return
+        now = time.perf_counter()
+        entry = {"step": step, "train_loss": self.pending["loss"] / self.pending["steps"],
+                 "lr": lr, "tokens_per_s": self.tokens / max(now - self.t_last, 1e-9),
+                 "val_loss": val_loss}
+        self.history.append(entry)
+        self.pending, self.tokens, self.t_last = {"loss": 0.0, "steps": 0}, 0, now
+        if self.dir is not None:
+            with open(self.dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        self.bar.set_postfix(loss=f"{entry['train_loss']:.3f}", lr=f"{lr:.2e}",
+                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+
+    def rewrite(self):
+        if self.dir is not None:
+            text = "".join(json.dumps(h) + "\n" for h in self.history)
+            atomic_write(self.dir / "log.jsonl", lambda p: Path(p).write_text(text))
+
+    def close(self):
+        self.bar.close()
+        final = [h["val_loss"] for h in self.history if h.get("val_loss") is not None]
+        if self.dir is not None and final:  # rank 0, writing a run
+            print(f"final validation loss: {final[-1]:.4f} (log: {self.dir / 'log.jsonl'})")
+
+    def plot(self):
+        if self.dir is not None and self.history:
+            plot_history(self.history, self.dir / "loss.png", title=str(self.dir))
+
+
+def plot_history(history: list[dict], path, title=""):
+    """Train and validation loss against step, as a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    tr = [h for h in history if h.get("train_loss") is not None]
+    ax.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], label="train")
+    val = [h for h in history if h.get("val_loss") is not None]
+    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats / target token)", title=title)
+    ax.legend(title="train: with label smoothing" if tr else None)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path, dpi=100)
 
 
 # ================================================================ command line (finetune.py too)
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except None and flags' (their help says what happens)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool) or \
-                action.help is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+_GROUPS = {"lr": "training (defaults: the paper's GPT-2 E2E recipe, LoRA Table 11)",
+           "eval_interval": "evaluation and output", "amp": "system"}  # first field: heading
+_CHOICES = {"decay": ("linear", "cosine", "constant"), "amp": ("auto", "off", "bf16", "fp16")}
 
 
 def add_train_args(p: argparse.ArgumentParser, out: str):
-    """The loop's options (TrainConfig) as argument groups; defaults from TrainConfig."""
-    d = TrainConfig()
-    g = p.add_argument_group("training (defaults: the paper's GPT-2 E2E recipe, LoRA Table 11)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW weight decay on matrices")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="sequences per process per micro-step")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help="micro-steps per optimizer step")
-    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training set")
-    g.add_argument("--max-iters", type=int, default=d.max_iters,
-                   help="optimizer steps (overrides --epochs)")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    g.add_argument("--decay", choices=("linear", "cosine", "constant"), default=d.decay,
-                   help="learning-rate schedule after warmup")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
-                   help="of the training loss (validation has none)")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="max gradient norm; 0: no clipping")
-    g.add_argument("--seed", type=int, default=d.seed, help="initialisation, data order, dropout")
-    g.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # tests
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval,
-                   help="steps between validation runs")
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches,
-                   help="validation batches per run (0: the whole split)")
-    g.add_argument("--log-interval", type=int, default=d.log_interval,
-                   help="steps per line of log.jsonl")
-    g.add_argument("--ckpt-interval", type=int, default=d.ckpt_interval,
-                   help="steps between checkpoints (default: at each evaluation)")
+    """TrainConfig's fields as --flags (help and defaults from TrainConfig), --out, --resume."""
+    groups = {}
+    for f in fields(TrainConfig):
+        if f.name in _GROUPS:
+            g = groups[f.name] = p.add_argument_group(_GROUPS[f.name])
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.name == "progress":
+            g.add_argument("--no-progress", dest="progress", action="store_false", help="no " + help)
+        elif f.type is bool:
+            g.add_argument(flag, action="store_true", help=help)
+        else:
+            g.add_argument(flag, type=f.type, default=f.default, help=help,
+                           choices=_CHOICES.get(f.name))
+    g = groups["eval_interval"]
     g.add_argument("--out", default=out, help="output directory")
     g.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (same settings)")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", default=d.amp, choices=("auto", "off", "bf16", "fp16"),
-                   help="autocast: auto = bf16 on CUDA (fp16 + loss scaling without bf16), "
-                        "fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    groups["amp"].add_argument("--device", default="auto",
+                               help="auto (cuda if present), cpu, cuda:1, ...")
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str):
@@ -513,10 +435,11 @@ def add_data_args(p: argparse.ArgumentParser, default: str):
 
 
 def config_from_args(args) -> TrainConfig:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                         if hasattr(args, f.name)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if cfg.eval_batches == 0:
         cfg.eval_batches = None
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError("--batch-size and --grad-accum must be at least 1")
     return cfg
 
 
@@ -530,14 +453,6 @@ def prepare_data(args, model):
     return load_data(args.data, block_size)
 
 
-def file_size(path) -> str:
-    n = os.path.getsize(path)
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-
-
 # From scratch: a small GPT that learns Tiny Shakespeare in a few minutes on a laptop CPU.
 SCRATCH = dict(n_layer=4, n_head=4, n_embd=64, block_size=128)
 SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=300, warmup=30, decay="cosine",
@@ -546,12 +461,12 @@ SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=300, warmup=30, decay=
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Pretrain a small GPT from scratch (default: Tiny Shakespeare, minutes on a "
-                    "CPU), or fine-tune every weight of a pretrained one (--init): the full "
-                    "fine-tuning baseline LoRA is compared against. The result is a model "
-                    "directory that finetune.py --init accepts.",
+        description="Pretrain a small GPT from scratch (default: Tiny Shakespeare, about 5 "
+                    "minutes on 2 CPU cores), or fine-tune every weight of a pretrained one "
+                    "(--init): the full fine-tuning baseline LoRA is compared against. The "
+                    "result is a model directory that finetune.py --init accepts.",
         formatter_class=HelpFormatter,
-        epilog="From scratch the training defaults change to: " +
+        epilog="From scratch (no --init) the training defaults are instead: " +
                ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SCRATCH_TRAIN.items()) +
                f", --block-size {SCRATCH['block_size']}")
     g = p.add_argument_group("model")
@@ -574,7 +489,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(cfg.seed)
     if args.init is not None:
-        model = load_base(args.init, device, dropout=args.dropout)
+        model = GPT.from_pretrained(args.init, device=device, dropout=args.dropout)
     else:
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                            block_size=args.block_size, dropout=args.dropout)

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import EOT_TOKEN, get_tokenizer
+
 DATA_DIR = Path(__file__).resolve().parent
 IGNORE = -100  # target id of positions without loss (model.forward, F.cross_entropy)
-PAD = 50256  # input id of padding positions (<|endoftext|>; their targets are IGNORE)
+PAD = EOT_TOKEN  # input id of padding positions (their targets are IGNORE)
 
 
 class TokenStream:
@@ -119,36 +121,38 @@ def _prepared(directory: Path, split: str, block_size: int):
     return TokenStream(tokens, block_size, name)
 
 
+def tokenize_examples(pairs, enc):
+    """[(prompt, completion), ...] -> (tokens, index): every example's prompt tokens, then its
+    completion's and <|endoftext|>, back to back; index rows (start, prompt length, length)."""
+    tokens, index = [], []
+    for prompt, completion in pairs:
+        p, c = enc.encode_ordinary(prompt), enc.encode_ordinary(completion) + [EOT_TOKEN]
+        index.append((len(tokens), len(p), len(p) + len(c)))
+        tokens += p + c
+    return np.array(tokens, dtype=np.uint16), np.array(index, dtype=np.int64).reshape(-1, 3)
+
+
 def _from_jsonl(path: Path, block_size: int):
     """A user's {"prompt": ..., "completion": ...} lines; every 10th line is validation."""
-    from data.e2e.prepare import EOT
-    from train import get_tokenizer
-
-    enc = get_tokenizer()
-    parts = {"train": ([], []), "val": ([], [])}
-    with open(path, encoding="utf-8") as f:
+    pairs = []
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is allowed
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
-                prompt, completion = ex["prompt"], ex["completion"]
+                pairs.append((ex["prompt"], ex["completion"]))
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and "
                                  f"'completion'") from None
-            count = len(parts["train"][1]) + len(parts["val"][1])
-            tokens, index = parts["val" if count % 10 == 9 else "train"]
-            p, c = enc.encode_ordinary(prompt), enc.encode_ordinary(completion) + [EOT]
-            index.append((len(tokens), len(p), len(p) + len(c)))
-            tokens += p + c
-    return tuple(Examples(np.array(t, dtype=np.uint16), i, block_size, f"{path.name} ({s})")
-                 for s, (t, i) in parts.items())
+    enc = get_tokenizer()
+    parts = {"train": [p for i, p in enumerate(pairs) if i % 10 != 9], "val": pairs[9::10]}
+    return tuple(Examples(*tokenize_examples(ps, enc), block_size, f"{path.name} ({s})")
+                 for s, ps in parts.items())
 
 
 def _from_text(path: Path, block_size: int):
     """A user's plain text: the first 90% of its tokens for training, the rest for validation."""
-    from train import get_tokenizer
-
     ids = np.array(get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8")),
                    dtype=np.uint16)
     cut = int(0.9 * len(ids))

@@ -9,7 +9,7 @@ import torch
 from conftest import SHARED_DATA
 from data.datasets import IGNORE, PAD, Examples, TokenStream, load_data
 from data.e2e import prepare as e2e
-from train import get_tokenizer
+from common import get_tokenizer
 
 E2E_RAW = SHARED_DATA / "e2e"
 
@@ -131,7 +131,7 @@ def test_a_failed_download_names_raw_dir_and_leaves_no_file(tmp_path, monkeypatc
     import urllib.error
     import urllib.request
 
-    from data.common import download
+    from data.files import download
 
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")

@@ -4,8 +4,6 @@ in one line."""
 import hashlib
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 
@@ -15,10 +13,13 @@ from safetensors.torch import load_file
 
 import finetune
 import train
+from adapters import load_adapter
+from common import run_main, tensors_digest
 from conftest import ROOT, SHARED_DATA
 from data.e2e.prepare import prepare as prepare_e2e
-from lora import load_adapter, paper_num_params
+from lora import lora_state_dict, paper_num_params
 from model import GPT
+from train import prepare_data
 
 FAST = ["--eval-batches", "2", "--batch-size", "4", "--lr", "2e-3", "--warmup", "2",
         "--no-progress"]
@@ -77,14 +78,27 @@ def test_finetune_trains_only_a_and_b_and_leaves_the_base_bit_identical(tiny_bas
     assert (out / "loss.png").exists()
 
 
+def _interrupt_at(batch, train_data, val_data):
+    """The data, except that drawing training batch number `batch` is a Ctrl-C."""
+    class Interrupting(type(train_data)):
+        def get_batch(self, batch_size, index=0, seed=0):
+            if index == batch:
+                raise KeyboardInterrupt
+            return super().get_batch(batch_size, index, seed)
+    train_data.__class__ = Interrupting
+    return train_data, val_data
+
+
 def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, e2e_dir,
-                                                                  tmp_path):
+                                                                  tmp_path, monkeypatch):
     args = ["--init", str(scratch_base), "--data", str(e2e_dir), "--max-iters", "6",
             "--ckpt-interval", "2", "--eval-interval", "3", "--log-interval", "1", *FAST]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     finetune.main(args + ["--out", str(whole)])
-    with pytest.raises(KeyboardInterrupt):  # as Ctrl-C after step 4: saves, then exits
-        finetune.main(args + ["--out", str(parts), "--stop-at", "4"])
+    with pytest.raises(KeyboardInterrupt):  # as Ctrl-C before step 5: saves, then exits
+        with monkeypatch.context() as m:
+            m.setattr(finetune, "prepare_data", lambda *a: _interrupt_at(4, *prepare_data(*a)))
+            finetune.main(args + ["--out", str(parts)])
     assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 4
     with open(parts / "log.jsonl", "a") as f:  # a hard kill may leave lines past the checkpoint
         f.write(json.dumps({"step": 5, "train_loss": 0.0}) + "\n")
@@ -98,32 +112,43 @@ def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_RANKS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+import finetune
+from lora import lora_state_dict
+model = finetune.finetune(finetune.parser().parse_args({argv!r}))
+rank = torch.distributed.get_rank()
+torch.save(lora_state_dict(model), {out!r} + f"/rank{{rank}}.pt")
+torch.distributed.destroy_process_group()
+"""
 
 
 def test_torchrun_two_cpu_processes_end_with_identical_adapters(tiny_base, e2e_dir, tmp_path):
+    """Under torchrun both processes hold the same adapter at the end (DDP all-reduces A and
+    B's gradients), and rank 0 saved it."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "finetune.py", "--init", str(tiny_base),
-           "--data", str(e2e_dir), "--max-iters", "3", "--eval-interval", "3",
-           "--out", str(out), *FAST]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    argv = ["--init", str(tiny_base), "--data", str(e2e_dir), "--max-iters", "3",
+            "--eval-interval", "3", "--out", str(out), *FAST]
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT.format(root=str(ROOT), argv=argv, out=str(tmp_path)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    digests = dict(re.findall(r"rank (\d): adapter sha256 (\w+)", r.stdout))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
     model = GPT.from_pretrained(tiny_base)
     load_adapter(model, out / "adapter.safetensors")
-    assert finetune.adapter_digest(model) == digests["0"]  # what rank 0 saved
+    assert tensors_digest(ranks[0]) == tensors_digest(ranks[1])
+    assert tensors_digest(lora_state_dict(model)) == tensors_digest(ranks[0])  # what 0 saved
     assert _log(out)[-1]["step"] == 3
 
 
 def _error_line(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        train.run_main(lambda: finetune.main(argv))
+        run_main(lambda: finetune.main(argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ")
     return err[0]

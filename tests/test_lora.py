@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import adapters
 import lora
 from model import GPT, GPTConfig
 
@@ -328,7 +329,7 @@ def test_unload_lora_gives_a_plain_gpt_with_merged_weights(tmp_path):
     model = randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "mlp")))
     want = model(ids())
     plain_keys = set(tiny_gpt().state_dict())
-    lora.unload_lora(model)
+    adapters.unload_lora(model)
     assert set(model.state_dict()) == plain_keys
     assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
@@ -337,7 +338,7 @@ def test_unload_lora_gives_a_plain_gpt_with_merged_weights(tmp_path):
     again = GPT.from_pretrained(tmp_path / "merged").eval()
     assert torch.equal(again(ids()), model(ids()))
     base = tiny_gpt()
-    lora.unload_lora(randomize_lora(lora.apply_lora(base)), merge=False)
+    adapters.unload_lora(randomize_lora(lora.apply_lora(base)), merge=False)
     assert torch.equal(base(ids()), tiny_gpt()(ids()))  # merge=False: W0 exactly
 
 
@@ -368,4 +369,4 @@ def test_merge_keeps_only_a_few_percent_of_W0():
     lora.merge_lora(model)
     for layer in lora.lora_layers(model).values():
         for n, (a, b) in layer.slices.items():
-            assert 0 < len(layer._merge_record[n][2]) < 0.05 * (b - a) * layer.in_features
+            assert 0 < len(layer._merges[n].lost) < 0.05 * (b - a) * layer.in_features

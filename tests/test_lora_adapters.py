@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import adapters
 import lora
 from test_lora import TINY, ids, randomize_lora, tiny_gpt
 
@@ -13,14 +14,14 @@ from test_lora import TINY, ids, randomize_lora, tiny_gpt
 def trained(tmp_path):
     """(model with a random non-zero adapter, its file, logits on ids())."""
     model = randomize_lora(lora.apply_lora(tiny_gpt(), rank=4, targets=("q", "v", "o")))
-    path = lora.save_adapter(model, tmp_path / "a.safetensors")
+    path = adapters.save_adapter(model, tmp_path / "a.safetensors")
     return model, path, model(ids())
 
 
 def test_save_then_load_on_fresh_base_reproduces_logits(trained):
     model, path, logits = trained
     fresh = tiny_gpt()  # same seed: the same base weights, no LoRA yet
-    lora.load_adapter(fresh, path)
+    adapters.load_adapter(fresh, path)
     assert fresh.lora_config == model.lora_config
     assert torch.equal(fresh(ids()), logits)
 
@@ -44,9 +45,9 @@ def test_saving_a_merged_model_writes_the_same_adapter(trained, tmp_path):
     model, path, _ = trained
     lora.merge_lora(model)
     W = model.h[1].attn.c_attn.weight.detach().clone()
-    p2 = lora.save_adapter(model, tmp_path / "merged.safetensors")
+    p2 = adapters.save_adapter(model, tmp_path / "merged.safetensors")
     assert torch.equal(model.h[1].attn.c_attn.weight, W)  # saving leaves the weights alone
-    (t1, m1), (t2, m2) = lora.read_adapter(path), lora.read_adapter(p2)
+    (t1, m1), (t2, m2) = adapters.read_adapter(path), adapters.read_adapter(p2)
     assert m1 == m2  # the fingerprint is taken of W0, not of W0 + ΔW
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
     assert lora.is_merged(model)
@@ -55,15 +56,15 @@ def test_saving_a_merged_model_writes_the_same_adapter(trained, tmp_path):
 def test_load_onto_another_base_is_an_error(trained):
     _, path, _ = trained
     with pytest.raises(ValueError, match="other base weights.*fingerprint"):
-        lora.load_adapter(tiny_gpt(seed=5), path)
+        adapters.load_adapter(tiny_gpt(seed=5), path)
     with pytest.raises(ValueError, match=r"another base model: n_embd=32 \(this model: 64\)"):
-        lora.load_adapter(tiny_gpt(n_embd=64), path)
+        adapters.load_adapter(tiny_gpt(n_embd=64), path)
 
 
 def test_load_onto_same_base_in_bf16_is_fine(trained):
     _, path, logits = trained
     model = tiny_gpt().to(torch.bfloat16)
-    lora.load_adapter(model, path)
+    adapters.load_adapter(model, path)
     assert (model(ids()).float() - logits).abs().max() < 0.1  # bf16 rounding, same function
 
 
@@ -72,13 +73,13 @@ def test_truncated_missing_and_non_adapter_files(trained, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        lora.load_adapter(tiny_gpt(), cut)
+        adapters.load_adapter(tiny_gpt(), cut)
     with pytest.raises(FileNotFoundError):
-        lora.load_adapter(tiny_gpt(), tmp_path / "nope.safetensors")
+        adapters.load_adapter(tiny_gpt(), tmp_path / "nope.safetensors")
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not a LoRA adapter"):
-        lora.load_adapter(tiny_gpt(), tmp_path / "plain.safetensors")
+        adapters.load_adapter(tiny_gpt(), tmp_path / "plain.safetensors")
 
 
 def test_missing_unexpected_keys_and_other_settings(trained, tmp_path):
@@ -94,17 +95,17 @@ def test_missing_unexpected_keys_and_other_settings(trained, tmp_path):
     save_file(sd, tmp_path / "bad.safetensors", metadata=meta)
     with pytest.raises(ValueError, match=r"missing tensors h.1.attn.c_proj.lora_B.o; "
                                          r"unexpected tensors h.0.attn.c_attn.lora_A.k"):
-        lora.load_adapter(tiny_gpt(), tmp_path / "bad.safetensors")
+        adapters.load_adapter(tiny_gpt(), tmp_path / "bad.safetensors")
     other = lora.apply_lora(tiny_gpt(), rank=2)
     with pytest.raises(ValueError, match=r"rank=4 \(model: 2\), targets=\['q', 'v', 'o'\]"):
-        lora.load_adapter(other, path)
+        adapters.load_adapter(other, path)
 
 
 def test_load_adapter_on_merged_model_stays_merged_and_exact(trained, tmp_path):
     model, path, logits = trained
     other = randomize_lora(lora.apply_lora(tiny_gpt(), targets=("q", "v", "o")), seed=3)
     lora.merge_lora(other)
-    lora.load_adapter(other, path)
+    adapters.load_adapter(other, path)
     assert lora.is_merged(other)
     lora.merge_lora(model)
     assert all(torch.equal(p, q) for p, q in zip(other.parameters(), model.parameters()))
@@ -114,14 +115,14 @@ def test_task_switch_on_merged_model_equals_fresh_merge(tmp_path):
     base_w = tiny_gpt().h[0].attn.c_attn.weight.detach().clone()
     task_a = randomize_lora(lora.apply_lora(tiny_gpt()), seed=1)
     task_b = randomize_lora(lora.apply_lora(tiny_gpt()), seed=2)
-    path_b = lora.save_adapter(task_b, tmp_path / "b.safetensors")
+    path_b = adapters.save_adapter(task_b, tmp_path / "b.safetensors")
     lora.merge_lora(task_a)
-    lora.switch_adapter(task_a, path_b)  # subtract B A, add B' A' (§4.1)
+    adapters.switch_adapter(task_a, path_b)  # subtract B A, add B' A' (§4.1)
     lora.merge_lora(task_b)
     assert lora.is_merged(task_a)
     assert all(torch.equal(p, q) for p, q in zip(task_a.parameters(), task_b.parameters()))
     assert torch.equal(task_a(ids()), task_b(ids()))
-    lora.switch_adapter(task_a, lora.lora_state_dict(lora.unmerge_lora(tiny_gpt_with_zero())))
+    adapters.switch_adapter(task_a, lora.lora_state_dict(lora.unmerge_lora(tiny_gpt_with_zero())))
     assert torch.equal(task_a.h[0].attn.c_attn.weight, base_w)  # B = 0: back to W0 exactly
 
 
@@ -133,20 +134,20 @@ def test_mixed_batch_rows_equal_single_adapters(tmp_path):
     paths = {}
     for k, (rank, alpha) in enumerate([(4, 32), (2, 8), (8, 16)]):  # ranks may differ
         m = randomize_lora(lora.apply_lora(tiny_gpt(), rank=rank, alpha=alpha), seed=10 + k)
-        paths[f"task{k}"] = lora.save_adapter(m, tmp_path / f"task{k}.safetensors")
+        paths[f"task{k}"] = adapters.save_adapter(m, tmp_path / f"task{k}.safetensors")
     model = tiny_gpt()
-    names = lora.load_adapters(model, paths)
+    names = adapters.load_adapters(model, paths)
     assert names == ["task0", "task1", "task2"]
     idx = ids(batch=5)
     choice = [2, 0, -1, 1, 2]
-    with lora.use_adapters(model, choice):
+    with adapters.use_adapters(model, choice):
         mixed = model(idx)
     for row, k in enumerate(choice):
         single = tiny_gpt()
         if k >= 0:
-            lora.load_adapter(single, paths[names[k]])
+            adapters.load_adapter(single, paths[names[k]])
         assert (mixed[row] - single(idx[row:row + 1])[0]).abs().max() <= 1e-5
-    with lora.use_adapters(model, ["task1"] * 5):  # names work too
+    with adapters.use_adapters(model, ["task1"] * 5):  # names work too
         by_name = model(idx)
     assert (by_name[3] - mixed[3]).abs().max() <= 1e-5
     assert model.h[0].attn.c_attn.adapter_ids is None  # the context manager cleans up
@@ -169,31 +170,31 @@ def test_mixed_batch_is_vectorized(tmp_path):
         paths = {}
         for k in range(n_adapters):
             m = randomize_lora(lora.apply_lora(tiny_gpt()), seed=k)
-            paths[str(k)] = lora.save_adapter(m, tmp_path / f"{n_adapters}-{k}.safetensors")
+            paths[str(k)] = adapters.save_adapter(m, tmp_path / f"{n_adapters}-{k}.safetensors")
         model = tiny_gpt()
-        lora.load_adapters(model, paths)
-        with lora.use_adapters(model, [i % n_adapters for i in range(batch)]), _CountOps() as c:
+        adapters.load_adapters(model, paths)
+        with adapters.use_adapters(model, [i % n_adapters for i in range(batch)]), _CountOps() as c:
             model(ids(batch=batch))
         return c.n
     assert count(1, 1) == count(3, 6)
 
 
 def test_mixed_batch_errors(tmp_path):
-    a = lora.save_adapter(lora.apply_lora(tiny_gpt()), tmp_path / "a.safetensors")
-    b = lora.save_adapter(lora.apply_lora(tiny_gpt(), targets=("q",)), tmp_path / "b.safetensors")
+    a = adapters.save_adapter(lora.apply_lora(tiny_gpt()), tmp_path / "a.safetensors")
+    b = adapters.save_adapter(lora.apply_lora(tiny_gpt(), targets=("q",)), tmp_path / "b.safetensors")
     with pytest.raises(ValueError, match="must share targets"):
-        lora.load_adapters(tiny_gpt(), {"a": a, "b": b})
+        adapters.load_adapters(tiny_gpt(), {"a": a, "b": b})
     model = tiny_gpt()
-    lora.load_adapters(model, {"a": a})
+    adapters.load_adapters(model, {"a": a})
     with pytest.raises(ValueError, match="adapter ids must be"):
-        with lora.use_adapters(model, [0, 1]):
+        with adapters.use_adapters(model, [0, 1]):
             pass
     with pytest.raises(ValueError, match="unknown adapters"):
-        with lora.use_adapters(model, ["zz"]):
+        with adapters.use_adapters(model, ["zz"]):
             pass
     lora.merge_lora(model)
     with pytest.raises(ValueError, match="unmerged"):
-        with lora.use_adapters(model, [0]):
+        with adapters.use_adapters(model, [0]):
             pass
 
 
@@ -208,7 +209,7 @@ def test_gpt2_124m_adapter_file_is_about_0_6_mb(tmp_path):
         for p in model.parameters():
             p.zero_()
     lora.apply_lora(model, rank=4, targets=("q", "v"))
-    path = lora.save_adapter(model, tmp_path / "gpt2.safetensors")
+    path = adapters.save_adapter(model, tmp_path / "gpt2.safetensors")
     assert 147_456 * 4 < path.stat().st_size < 0.62e6
 
 
@@ -217,16 +218,16 @@ def test_gpt2_124m_adapter_file_is_about_0_6_mb(tmp_path):
 @pytest.fixture
 def two_adapters(tmp_path):
     """(model with adapters "a" and "b" loaded side by side, {name: file})."""
-    paths = {n: lora.save_adapter(randomize_lora(lora.apply_lora(tiny_gpt()), seed=s),
+    paths = {n: adapters.save_adapter(randomize_lora(lora.apply_lora(tiny_gpt()), seed=s),
                                   tmp_path / f"{n}.safetensors") for n, s in (("a", 1), ("b", 2))}
     model = tiny_gpt()
-    lora.load_adapters(model, paths)
+    adapters.load_adapters(model, paths)
     return model, paths
 
 
 def test_wrong_number_of_adapter_ids_is_a_clear_error(two_adapters):
     model, _ = two_adapters
-    with lora.use_adapters(model, ["a", "b"]):
+    with adapters.use_adapters(model, ["a", "b"]):
         with pytest.raises(ValueError, match="2 adapter ids for a batch of 3 rows"):
             model(ids(batch=3))
 
@@ -236,25 +237,25 @@ def test_repeat_adapter_ids_gives_each_row_its_id_k_times(two_adapters):
     same way, as PEFT does: rows a, a, a, b, b, b."""
     model, paths = two_adapters
     idx = ids(batch=2).repeat_interleave(3, dim=0)  # (6, T)
-    with lora.use_adapters(model, ["a", "b"]), lora.repeat_adapter_ids(model, 3):
+    with adapters.use_adapters(model, ["a", "b"]), adapters.repeat_adapter_ids(model, 3):
         mixed = model(idx)
-    with lora.use_adapters(model, ["a", "b"]):
+    with adapters.use_adapters(model, ["a", "b"]):
         with pytest.raises(ValueError, match="2 adapter ids for a batch of 6 rows"):
             model(idx)  # the helper's block is over: two ids again
     for name, rows in (("a", range(3)), ("b", range(3, 6))):
-        single = lora.load_adapter(tiny_gpt(), paths[name])
+        single = adapters.load_adapter(tiny_gpt(), paths[name])
         for r in rows:
             assert (mixed[r] - single(idx[r:r + 1])[0]).abs().max() <= 1e-5
     plain = tiny_gpt()
-    with lora.repeat_adapter_ids(plain, 3):  # no LoRA, no use_adapters: nothing to repeat
+    with adapters.repeat_adapter_ids(plain, 3):  # no LoRA, no use_adapters: nothing to repeat
         assert torch.equal(plain(ids()), tiny_gpt()(ids()))
 
 
 def test_nested_use_adapters_leaves_the_outer_ids_in_place(two_adapters):
     model, _ = two_adapters
-    with lora.use_adapters(model, ["a", "b"]):
+    with adapters.use_adapters(model, ["a", "b"]):
         before = model(ids())
-        with lora.use_adapters(model, ["b", "b"]):
+        with adapters.use_adapters(model, ["b", "b"]):
             pass
         assert torch.equal(model(ids()), before)  # not the base model's (ids None)
     assert model.h[0].attn.c_attn.adapter_ids is None
@@ -268,14 +269,14 @@ def test_what_would_make_ids_stop_applying_is_refused_inside_use_adapters(two_ad
     model, paths = two_adapters
     calls = {
         "merge_lora": lambda: lora.merge_lora(model),
-        "unload_lora": lambda: lora.unload_lora(model),
-        "unload_lora_unmerged": lambda: lora.unload_lora(model, merge=False),
-        "load_adapter": lambda: lora.load_adapter(model, paths["a"]),
-        "switch_adapter": lambda: lora.switch_adapter(model, paths["a"]),
-        "load_adapters": lambda: lora.load_adapters(model, {"b": paths["b"]}),
+        "unload_lora": lambda: adapters.unload_lora(model),
+        "unload_lora_unmerged": lambda: adapters.unload_lora(model, merge=False),
+        "load_adapter": lambda: adapters.load_adapter(model, paths["a"]),
+        "switch_adapter": lambda: adapters.switch_adapter(model, paths["a"]),
+        "load_adapters": lambda: adapters.load_adapters(model, {"b": paths["b"]}),
     }
     own = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
-    with lora.use_adapters(model, ["a", "b"]):
+    with adapters.use_adapters(model, ["a", "b"]):
         before = model(ids())
         with pytest.raises(ValueError, match="inside a use_adapters block"):
             calls[op]()
@@ -297,10 +298,10 @@ def test_bias_none_adapter_refuses_a_base_with_other_biases(trained):
     _, path, logits = trained
     for name in ("h.1.mlp.c_fc.bias", "h.0.attn.c_attn.bias", "ln_f.bias"):
         with pytest.raises(ValueError, match=f"other base weights: {name} differs"):
-            lora.load_adapter(shift_bias(tiny_gpt(), name), path)
+            adapters.load_adapter(shift_bias(tiny_gpt(), name), path)
         with pytest.raises(ValueError, match=f"{name} differs"):
-            lora.load_adapters(shift_bias(tiny_gpt(), name), {"a": path})
-    fresh = lora.load_adapter(tiny_gpt(), path)  # the unchanged base still takes it
+            adapters.load_adapters(shift_bias(tiny_gpt(), name), {"a": path})
+    fresh = adapters.load_adapter(tiny_gpt(), path)  # the unchanged base still takes it
     assert torch.equal(fresh(ids()), logits)
 
 
@@ -310,11 +311,11 @@ def test_adapter_that_trains_biases_loads_onto_a_base_with_other_values_of_those
     them is its base (they are overwritten); any other bias still has to match."""
     model = randomize_lora(lora.apply_lora(tiny_gpt(), bias=bias, targets=("q", "v")))
     shift_bias(model, "h.0.attn.c_attn.bias", 0.3)  # trained with the adapter
-    path = lora.save_adapter(model, tmp_path / "a.safetensors")
-    other = lora.load_adapter(shift_bias(tiny_gpt(), "h.0.attn.c_attn.bias", -0.2), path)
+    path = adapters.save_adapter(model, tmp_path / "a.safetensors")
+    other = adapters.load_adapter(shift_bias(tiny_gpt(), "h.0.attn.c_attn.bias", -0.2), path)
     assert torch.equal(other(ids()), model(ids()))
     if bias == "lora_only":  # ln_f.bias is not the adapter's: it belongs to the base
         with pytest.raises(ValueError, match="ln_f.bias differs"):
-            lora.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)
+            adapters.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)
     else:
-        lora.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)
+        adapters.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lora
+import peft_io
 from model import GPT, GPTConfig
 from test_lora import randomize_lora
 
@@ -40,7 +41,7 @@ def test_export_loads_in_peft_with_the_same_logits(tiny_base, tmp_path, kwargs):
     ours = lora.apply_lora(GPT.from_pretrained(tiny_base).eval(), **kwargs)
     randomize_lora(ours)
     randomize_biases(ours, {n for n in lora.lora_state_dict(ours) if n.endswith(".bias")})
-    lora.export_peft(ours, tmp_path / "peft")
+    peft_io.export_peft(ours, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     if kwargs["targets"] == ("q", "v"):
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 64  # rank 2r on c_attn, same α/r
@@ -72,7 +73,7 @@ def test_import_of_a_peft_adapter_gives_peft_logits(tiny_base, tmp_path, peft_kw
     randomize_biases(theirs, {n for n, p in theirs.named_parameters()
                               if p.requires_grad and n.endswith(".bias")})
     theirs.save_pretrained(tmp_path / "peft")
-    ours = lora.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "peft")
+    ours = peft_io.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "peft")
     with torch.no_grad():
         got = ours(idx())
     assert (got - hf_logits(theirs)).abs().max() <= 1e-4
@@ -82,8 +83,8 @@ def test_import_of_a_peft_adapter_gives_peft_logits(tiny_base, tmp_path, peft_kw
 
 def test_export_then_import_round_trip(tiny_base, tmp_path):
     ours = randomize_lora(lora.apply_lora(GPT.from_pretrained(tiny_base).eval()))
-    lora.export_peft(ours, tmp_path / "p")
-    back = lora.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "p")
+    peft_io.export_peft(ours, tmp_path / "p")
+    back = peft_io.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "p")
     assert back.lora_config["targets"] == ["qkv"]  # PEFT's one LoRA over the fused c_attn
     with torch.no_grad():
         assert (back(idx()) - ours(idx())).abs().max() <= 1e-5
@@ -92,27 +93,27 @@ def test_export_then_import_round_trip(tiny_base, tmp_path):
 def test_import_errors(tiny_base, tmp_path):
     base = GPT.from_pretrained(tiny_base).eval()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        lora.import_peft(base, tmp_path)
-    d = lora.export_peft(randomize_lora(lora.apply_lora(GPT.from_pretrained(tiny_base))),
+        peft_io.import_peft(base, tmp_path)
+    d = peft_io.export_peft(randomize_lora(lora.apply_lora(GPT.from_pretrained(tiny_base))),
                          tmp_path / "p")
     cfg = json.loads((d / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
-        lora.import_peft(base, d)
+        peft_io.import_peft(base, d)
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"c_attn": 2}}))
     with pytest.raises(ValueError, match="rank_pattern"):
-        lora.import_peft(base, d)
+        peft_io.import_peft(base, d)
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="only LORA"):
-        lora.import_peft(base, d)
+        peft_io.import_peft(base, d)
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="without LoRA"):
-        lora.import_peft(lora.apply_lora(GPT.from_pretrained(tiny_base)), d)
+        peft_io.import_peft(lora.apply_lora(GPT.from_pretrained(tiny_base)), d)
     with pytest.raises(ValueError, match=r"has shape \(8, 32\), the model expects \(8, 64\)"):
-        lora.import_peft(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64)), d)
+        peft_io.import_peft(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64)), d)
     (d / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        lora.import_peft(base, d)
+        peft_io.import_peft(base, d)
 
 
 def test_peft_default_A_init_is_the_same_uniform_as_ours():

@@ -16,7 +16,8 @@ Splits:
   goes to val, the rest to train, so no MR is in both; test = testset_w_refs.
 
 Writes data/e2e/{train,val,test}.bin (uint16 tokens of all examples, back to back),
-{split}.idx.bin (int64 rows: start, prompt length, length) and meta.json.
+{split}.idx.bin (int64 rows: start, prompt length, length), {val,test}.refs.json (each
+distinct MR with all its references, what sample.py --eval scores against) and meta.json.
 """
 
 import argparse
@@ -31,14 +32,15 @@ if __package__ in (None, ""):  # run as a script: make `data` importable from th
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.common import download, write_meta, write_tokens  # noqa: E402
+from common import atomic_write, get_tokenizer, run_main  # noqa: E402
+from data.datasets import tokenize_examples  # noqa: E402
+from data.files import download, write_meta, write_tokens  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The official release (tuetschek/e2e-dataset, v1.0.0): one ZIP with the four CSVs.
 RELEASE_URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 OFFICIAL = {"train": "trainset.csv", "val": "devset.csv", "test": "testset_w_refs.csv"}
 SPLITS = ("train", "val", "test")
-EOT = 50256  # <|endoftext|> (model.EOT_TOKEN): ends every completion
 
 
 def format_prompt(mr: str) -> str:
@@ -56,19 +58,11 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
         return [(row["mr"].strip(), row["ref"].strip()) for row in csv.DictReader(f)]
 
 
-def default_raw_dir() -> Path:
-    """Where prepare.py last read the CSVs from (meta.json), else data/e2e/raw."""
-    meta = HERE / "meta.json"
-    if meta.exists():
-        return Path(json.loads(meta.read_text())["raw_dir"])
-    return HERE / "raw"
-
-
 def load_pairs(split: str, raw_dir=None) -> list[tuple[str, str]]:
     """(mr, ref) rows of one split, formed as the module docstring says."""
     if split not in SPLITS:
         raise ValueError(f"unknown E2E split '{split}': use one of {', '.join(SPLITS)}")
-    raw = Path(raw_dir) if raw_dir is not None else default_raw_dir()
+    raw = Path(raw_dir) if raw_dir is not None else HERE / "raw"
     if (raw / OFFICIAL["train"]).exists():
         return read_csv(raw / OFFICIAL[split])
     for name in ("devset.csv", "testset_w_refs.csv"):
@@ -83,8 +77,15 @@ def load_pairs(split: str, raw_dir=None) -> list[tuple[str, str]]:
     return [(mr, ref) for mr, ref in dev if (mr in val_mrs) == (split == "val")]
 
 
-def load_references(split: str, raw_dir=None) -> list[tuple[str, list[str]]]:
-    """Distinct MRs of a split in file order, each with all its references (for BLEU etc.)."""
+def load_references(split: str, raw_dir=None, prepared=HERE) -> list[tuple[str, list[str]]]:
+    """Distinct MRs of a split in file order, each with all its references (for BLEU etc.):
+    from the CSVs in raw_dir if given, else from what prepare() wrote to `prepared`."""
+    if raw_dir is None:
+        path = Path(prepared) / f"{split}.refs.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `python data/e2e/prepare.py` (add "
+                                    f"--raw-dir DIR with the E2E CSVs offline)")
+        return [(mr, refs) for mr, refs in json.loads(path.read_text(encoding="utf-8"))]
     refs: dict[str, list[str]] = {}
     for mr, ref in load_pairs(split, raw_dir):
         refs.setdefault(mr, []).append(ref)
@@ -92,14 +93,9 @@ def load_references(split: str, raw_dir=None) -> list[tuple[str, list[str]]]:
 
 
 def tokenize_pairs(pairs, enc):
-    """-> (tokens, index): all examples back to back, and rows (start, prompt length, length)."""
-    tokens, index = [], []
-    for mr, ref in pairs:
-        prompt = enc.encode_ordinary(format_prompt(mr))
-        completion = enc.encode_ordinary(format_completion(ref)) + [EOT]
-        index.append((len(tokens), len(prompt), len(prompt) + len(completion)))
-        tokens += prompt + completion
-    return tokens, np.array(index, dtype=np.int64).reshape(-1, 3)
+    """(mr, ref) pairs -> (tokens, index) of prompt + completion examples (tokenize_examples)."""
+    return tokenize_examples([(format_prompt(mr), format_completion(ref)) for mr, ref in pairs],
+                             enc)
 
 
 def fetch_release(raw_dir: Path) -> Path:
@@ -114,18 +110,19 @@ def fetch_release(raw_dir: Path) -> Path:
 
 
 def prepare(raw_dir=None, out_dir=HERE) -> dict:
-    from train import get_tokenizer
-
     raw_dir = Path(raw_dir) if raw_dir is not None else fetch_release(HERE / "raw")
     out_dir = Path(out_dir)
     enc = get_tokenizer()
-    meta = {"kind": "examples", "raw_dir": str(raw_dir.resolve()),
-            "official_splits": (raw_dir / OFFICIAL["train"]).exists(), "splits": {}}
+    meta = {"kind": "examples", "official_splits": (raw_dir / OFFICIAL["train"]).exists(),
+            "splits": {}}
     for split in SPLITS:
         pairs = load_pairs(split, raw_dir)
         tokens, index = tokenize_pairs(pairs, enc)
         write_tokens(out_dir / f"{split}.bin", tokens)
         write_tokens(out_dir / f"{split}.idx.bin", index, dtype=np.int64)
+        if split != "train":  # what evaluation scores against: every reference of each MR
+            refs = json.dumps(load_references(split, raw_dir), ensure_ascii=False)
+            atomic_write(out_dir / f"{split}.refs.json", lambda p: Path(p).write_text(refs))
         meta["splits"][split] = {"examples": len(pairs), "mrs": len({mr for mr, _ in pairs}),
                                  "tokens": len(tokens)}
         print(f"{split}: {len(pairs):,} examples, {meta['splits'][split]['mrs']:,} distinct MRs, "
@@ -146,5 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train import run_main
     run_main(main)

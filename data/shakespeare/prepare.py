@@ -14,15 +14,14 @@ if __package__ in (None, ""):  # run as a script: make `data` importable from th
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.common import download, write_meta, write_tokens  # noqa: E402
+from common import get_tokenizer, run_main  # noqa: E402
+from data.files import download, write_meta, write_tokens  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def prepare(raw_dir=None, out_dir=HERE) -> dict:
-    from train import get_tokenizer
-
     if raw_dir is None:
         path = download(URL, HERE / "raw" / "input.txt")
     else:
@@ -32,7 +31,7 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
     text = path.read_text(encoding="utf-8")
     cut = int(0.9 * len(text))
     enc = get_tokenizer()
-    meta = {"kind": "stream", "raw_dir": str(path.parent.resolve()), "splits": {}}
+    meta = {"kind": "stream", "splits": {}}
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
         ids = enc.encode_ordinary(part)
         write_tokens(Path(out_dir) / f"{split}.bin", ids)
@@ -52,5 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train import run_main
     run_main(main)

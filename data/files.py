@@ -1,4 +1,4 @@
-"""Helpers shared by the prepare scripts: download, atomic array and metadata writes."""
+"""What the prepare scripts share: download a raw file, write arrays and meta.json atomically."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model import _atomic_write
+from common import atomic_write
 
 
 def download(url: str, dest: Path) -> Path:
@@ -23,7 +23,7 @@ def download(url: str, dest: Path) -> Path:
             shutil.copyfileobj(r, f)
 
     try:
-        _atomic_write(dest, fetch)
+        atomic_write(dest, fetch)
     except OSError as e:  # URLError, timeouts, refused connections
         raise OSError(f"could not download {url} ({getattr(e, 'reason', e)}): offline, pass "
                       f"--raw-dir DIR with a local copy of the raw files") from None
@@ -35,9 +35,9 @@ def write_tokens(path: Path, ids, dtype=np.uint16):
     arr = np.asarray(ids, dtype=dtype)
     if dtype == np.uint16 and len(ids) and max(ids) >= 2**16:
         raise ValueError("token id does not fit in uint16")
-    _atomic_write(Path(path), lambda p: arr.tofile(p))
+    atomic_write(Path(path), lambda p: arr.tofile(p))
 
 
 def write_meta(out_dir: Path, meta: dict):
-    _atomic_write(Path(out_dir) / "meta.json",
+    atomic_write(Path(out_dir) / "meta.json",
                   lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))

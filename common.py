@@ -1,0 +1,122 @@
+"""What every script shares, and nothing else: the device and dtype, the tokenizer, strict
+tensor checks, atomic writes, figures, and the command line's one-line errors and --help format.
+Everything imports this module; it imports nothing of the project. (A base model is loaded by
+name with model.GPT.from_pretrained.)
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every completion, pads batches, stops generation
+FINETUNE_OUT = "out/finetune"  # where finetune.py writes, and sample.py looks, by default
+ADAPTER_FILE = "adapter.safetensors"  # the adapter's name inside a finetune.py output folder
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_device(name: str = "auto") -> str:
+    """'auto' -> cuda when there is a GPU, else cpu. A CUDA device without CUDA is a ValueError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (use cpu or auto)")
+    return name
+
+
+def get_tokenizer():
+    """GPT-2's BPE (tiktoken 'gpt2'). tiktoken downloads its two files on first use and caches
+    them; offline, TIKTOKEN_CACHE_DIR must name a folder that holds them (see README)."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise OSError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
+                      f"TIKTOKEN_CACHE_DIR to a folder with its files (see README)") from None
+
+
+def check_tensors(expected: dict, got: dict, source) -> None:
+    """got {name: tensor} must have exactly the names of expected {name: shape}, with those
+    shapes; otherwise one ValueError naming what is missing, unexpected or of the wrong shape."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    parts = ([f"missing tensors {short_list(missing)}"] if missing else []) + (
+        [f"unexpected tensors {short_list(unexpected)}"] if unexpected else [])
+    if parts:
+        raise ValueError(f"{source}: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(got[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(got[k].shape)}, "
+                             f"the model expects {tuple(shape)}")
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over names and bytes of {name: tensor}: equal digests, equal tensors."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def short_list(names, n=6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename over path: readers never see a half-written file, and a
+    failed write leaves no temporary file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_figure(fig, path, dpi=110):
+    """A matplotlib Figure as a PNG, atomically. Figures are made with matplotlib.figure.Figure,
+    not pyplot: no global backend is switched, so a notebook calling us keeps its own."""
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+
+
+def file_size(path) -> str:
+    n = os.path.getsize(path)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None and flags' (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or \
+                action.help is argparse.SUPPRESS or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def run_main(main):
+    """Run a script's main(): a bad input (ValueError, OSError) ends in one line on stderr and
+    exit code 1, not a traceback; Ctrl-C exits with 130."""
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
