@@ -1,5 +1,6 @@
-"""What every script shares, and nothing else: the device and dtype, the tokenizer, strict
-tensor checks, atomic writes, figures, and the command line's one-line errors and --help format.
+"""What every script shares, and nothing else: the device and dtype (torchrun's too), the
+tokenizer, strict tensor checks, atomic writes, figures, and the command line's one-line errors
+and --help format.
 Everything imports this module; it imports nothing of the project. (A base model is loaded by
 name with model.GPT.from_pretrained.)
 """
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>: ends every completion, pads batches, stops generation
 FINETUNE_OUT = "out/finetune"  # where finetune.py writes, and sample.py looks, by default
@@ -120,3 +122,17 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def setup_distributed(device: str = "auto"):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU.
+    -> (rank, world_size, device of this process)."""
+    device = get_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device

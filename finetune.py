@@ -6,10 +6,8 @@
 Each adapted weight W0 becomes W0 + (α/r) B A with W0 frozen (LoRA §4.1): the optimizer holds
 state for A and B only, the gradients of W0 are never computed, and what is saved is the adapter,
 a few hundred KB against the base model's hundreds of MB. The loop is train.train, the same one
-full fine-tuning (python train.py --init gpt2) uses.
-
-Output (--out, default out/finetune): adapter.safetensors (sample.py --adapter, or
-adapters.load_adapter), ckpt.pt (for --resume), log.jsonl, loss.png.
+full fine-tuning (python train.py --init gpt2) uses. Output (--out): adapter.safetensors (for
+sample.py, or adapters.load_adapter), ckpt.pt (for --resume), log.jsonl, loss.png.
 """
 
 import argparse
@@ -20,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from adapters import save_adapter
-from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, file_size, run_main
+from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, file_size, run_main, \
+    setup_distributed
+from data.datasets import add_data_args, data_from_args
 from lora import TARGETS, apply_lora, describe_trainable
 from model import GPT
-from train import add_data_args, add_train_args, config_from_args, prepare_data, \
-    setup_distributed, train
+from train import add_train_args, config_from_args, train
 
 LORA = inspect.signature(apply_lora).parameters  # the defaults are apply_lora's (Table 11)
 
@@ -61,7 +60,7 @@ def finetune(args):
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(cfg.seed)  # the same A on every process
     model = GPT.from_pretrained(args.init, device=device)
-    train_data, val_data = prepare_data(args, model)
+    train_data, val_data = data_from_args(args, model.config.block_size)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     apply_lora(model, rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                bias=args.bias, rslora=args.rslora)
@@ -71,10 +70,9 @@ def finetune(args):
     train(model, train_data, val_data, cfg, out, resume=args.resume,
           save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init))
     if rank == 0:
-        base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                         if ".lora_" not in n)
+        base_mb = sum(p.nbytes for n, p in model.named_parameters() if ".lora_" not in n) / 2**20
         print(f"adapter: {out / ADAPTER_FILE} ({file_size(out / ADAPTER_FILE)}); the base "
-              f"model's weights: {base_bytes / 2**20:.1f} MB")
+              f"model's weights: {base_mb:.1f} MB")
     return model
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from exact_merge import ExactMerge, fp32_delta
+
 # What each target adapts inside every block: (module, its input width, first row, row after the
 # last) in units of C = n_embd. GPT-2 fuses W_q, W_k, W_v into one (3C, C) matrix, c_attn; each of
 # q, k, v is a slice of its rows with its own A and B. "qkv" is one LoRA over the whole fused
@@ -42,14 +44,12 @@ class _KeepW0:
     merged sum, or save the merged sum as if it were W0."""
 
     def reset_parameters(self):
-        """Called by meta-device materialization and FSDP. nn.Linear's would re-draw W0, the
-        pretrained weight: here W0 stays (unmerged, bit for bit) and only A and B restart."""
+        """(Meta-device materialization, FSDP) W0 stays, unmerged; only A and B restart."""
         self.unmerge()
         self.reset_lora_parameters()
 
     def _apply(self, fn, recurse=True):
-        """.to(), .half(), .cuda(): a merged layer is unmerged, converted and merged again, so
-        unmerge still restores the converted W0 bit for bit."""
+        """.to(), .half(), .cuda(): unmerge, convert, merge again (so W0 stays restorable)."""
         merged = self.merged
         self.unmerge()
         super()._apply(fn, recurse)
@@ -58,8 +58,7 @@ class _KeepW0:
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """A merged layer saves W0, not W0 + ΔW: A and B are saved beside it, so loading the
-        state dict into an unmerged model would otherwise add ΔW twice."""
+        """Saves W0, not W0 + ΔW: A and B are beside it (loaded, ΔW would count twice)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
             destination[prefix + "weight"] = self.base_weight()
@@ -138,11 +137,12 @@ class LoRALinear(_KeepW0, nn.Linear):
 
     def delta_weight(self, name) -> torch.Tensor:
         """ΔW = (α/r) B A of slice `name`, in fp32: (stop - start, in_features)."""
-        return _delta_weight(self.lora_A[name].detach(), self.lora_B[name].detach(), self.scaling)
+        return fp32_delta(self.lora_A[name].detach(), self.lora_B[name].detach(), self.scaling)
 
     @torch.no_grad()
     def merge(self):
-        """W0 <- W0 + ΔW in place, ΔW formed in fp32 (also for bf16/fp16 weights). Idempotent."""
+        """W0 <- W0 + ΔW in place, ΔW formed in fp32 (also for bf16/fp16 weights). Idempotent.
+        exact_merge.ExactMerge keeps what unmerge needs to give W0 back bit for bit."""
         if not self.merged:
             for n, (a, b) in self.slices.items():
                 self._merges[n] = ExactMerge(self.weight[a:b], self.lora_A[n], self.lora_B[n],
@@ -170,49 +170,6 @@ class LoRALinear(_KeepW0, nn.Linear):
     def extra_repr(self):
         return (f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"slices={self.slices}, merged={self.merged}")
-
-
-def _delta_weight(A, B, scaling):
-    """ΔW = scaling · B A in fp32, (out, in). Summed one rank-1 term at a time: IEEE elementwise
-    ops whose bits depend on no BLAS kernel or TF32 setting, so unmerge recomputes exactly the
-    ΔW that merge added, on any device."""
-    A, B = A.float(), B.float() * scaling
-    delta = torch.zeros(B.size(0), A.size(1), device=A.device)
-    for j in range(A.size(0)):
-        delta += B[:, j, None] * A[None, j]  # (out, 1) * (1, in)
-    return delta
-
-
-class ExactMerge:
-    """W0 += ΔW in place, undoable bit for bit without a copy of W0.
-
-    (W0 + ΔW) - ΔW rounds back to W0 almost everywhere; this keeps A and B as they were (tiny)
-    and only the entries of W0 that do not round back (a share roughly proportional to
-    |ΔW| / |W0|, a few percent when ΔW is small next to W0)."""
-
-    def __init__(self, w0, A, B, scaling):
-        self.A, self.B, self.scaling = A.detach().clone(), B.detach().clone(), scaling
-        delta = _delta_weight(self.A, self.B, scaling)
-        merged = (w0.float() + delta).to(w0.dtype)
-        back = (merged.float() - delta).to(w0.dtype)
-        lost = (_bits(back) != _bits(w0)).flatten().nonzero().squeeze(1)
-        self.lost, self.values = lost.int(), w0.flatten()[lost].clone()  # int32: half the memory
-        w0.copy_(merged)
-
-    def undo(self, w):
-        """w (the merged rows) -> W0, in place."""
-        if self.values.dtype != w.dtype:
-            raise ValueError(f"weights were merged in {self.values.dtype} and are now {w.dtype}: "
-                             f"W0 cannot be restored exactly; unmerge before changing dtype")
-        delta = _delta_weight(self.A.to(w.device), self.B.to(w.device), self.scaling)
-        rows = (w.float() - delta).to(w.dtype)
-        rows.view(-1)[self.lost.to(w.device, torch.long)] = self.values.to(w.device)
-        w.copy_(rows)
-
-
-def _bits(t):
-    """The raw bits of t, so that comparisons are exact (-0.0 != 0.0, NaN == same NaN)."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="none",

@@ -13,8 +13,11 @@ loading and saving checkpoints. Choosing tokens (sampling, greedy, beam search) 
 import json
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -64,8 +67,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, S, hs): all positions so far, S >= T
+        if cache is not None:  # this layer's KVCache.append: all positions so far, S >= T
+            k, v = cache(k, v)  # (B, nh, S, hs)
         S = k.size(2)
         # Query t (at absolute position S - T + t) may attend to keys 0 .. S - T + t.
         if T == S:  # no past: the usual causal mask
@@ -119,28 +122,20 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, max_len, hs)  # (B, nh, T_max, hs)
-        self.layers = [_LayerCache(self, shape, device, dtype) for _ in range(config.n_layer)]
-        self.length = 0  # positions filled, the same in every layer
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled, the same in every layer: (B, nh, T_max, hs) each
+
+    def append(self, layer: int, k, v):
+        """Store layer's k, v (B, nh, T, hs) of the new positions; -> those of all so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, S, hs)
 
     def reorder(self, index: torch.Tensor):
         """Keep rows `index` of the batch (beam search keeps the best beams)."""
-        for layer in self.layers:
-            layer.k, layer.v = layer.k[index], layer.v[index]
-
-
-class _LayerCache:
-    def __init__(self, owner: KVCache, shape, device, dtype):
-        self.owner = owner
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def append(self, k, v):
-        start, T = self.owner.length, k.size(2)
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
-        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+        self.k, self.v = [k[index] for k in self.k], [v[index] for v in self.v]
 
 
 class GPT(nn.Module):
@@ -195,7 +190,7 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, cache.layers[i] if cache is not None else None)
+            x = block(x, partial(cache.append, i) if cache is not None else None)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
@@ -240,39 +235,31 @@ class GPT(nn.Module):
                              f"has tie_word_embeddings true")
         elif head is not None or tie is False:
             model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())  # untie
-        model.load_state_dict_checked(sd, source=path)
+        ours = model.state_dict()
+        if model.lm_head.weight is model.wte.weight:
+            ours.pop("lm_head.weight")  # tied: loaded as wte.weight
+        check_tensors({k: v.shape for k, v in ours.items()}, sd, path)  # names every mismatch
+        with torch.no_grad():
+            for k, v in sd.items():
+                ours[k].copy_(v)
         model.name = str(source)
         return model.to(device=device, dtype=dtype)
 
-    @torch.no_grad()
-    def load_state_dict_checked(self, sd: dict, source="checkpoint"):
-        """Copy sd (our layout, nn.Linear orientation) into the model; every mismatch is an error
-        that names the tensors (common.check_tensors)."""
-        ours = self.state_dict()
-        if self.lm_head.weight is self.wte.weight:
-            ours.pop("lm_head.weight")  # tied: loaded as wte.weight
-        check_tensors({k: v.shape for k, v in ours.items()}, sd, source)
-        for k, v in sd.items():
-            ours[k].copy_(v)
-
     def save_pretrained(self, directory):
-        """Write config.json and model.safetensors in the layout of transformers' GPT2LMHeadModel
-        (transformer. prefix, Conv1D orientation), so the model loads here and in transformers.
-        Each file is written to a temporary name and renamed, so no half-written file remains."""
+        """Write config.json and model.safetensors (each atomically) in the layout of transformers'
+        GPT2LMHeadModel (transformer. prefix, Conv1D orientation): it loads here and there."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         c = self.config
         tied = self.lm_head.weight is self.wte.weight
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-            "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
-            "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-            "tie_word_embeddings": tied,
-        }
+        hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                     "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+                     "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+                     "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+                     "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+                     "tie_word_embeddings": tied}
         if c.vocab_size > EOT_TOKEN:  # GPT-2's vocabulary: <|endoftext|> starts and ends texts
             hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
         sd = {}
@@ -318,12 +305,17 @@ def _resolve(source: str):
 
 
 def _from_hub(name: str):
-    """Fetch config.json and model.safetensors of a released size (HF cache first)."""
-    from huggingface_hub import hf_hub_download
+    """config.json and model.safetensors of a released size: from the HF cache when they are
+    there (no network), else downloaded into it; offline, one error at once, not after retries."""
+    from huggingface_hub import constants, hf_hub_download
 
+    files = ("config.json", "model.safetensors")
     try:
-        cfg = hf_hub_download(name, "config.json")
-        weights = hf_hub_download(name, "model.safetensors")
+        try:
+            cfg, weights = (hf_hub_download(name, f, local_files_only=True) for f in files)
+        except Exception:  # not cached: is the hub reachable at all? (retries take ~25 s)
+            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), 5).close()
+            cfg, weights = (hf_hub_download(name, f) for f in files)
     except Exception as e:  # offline and not cached, hub down, ...
         raise OSError(
             f"could not get '{name}' from the Hugging Face hub or its cache "

@@ -5,22 +5,17 @@
 
 finetune.py calls the same `train()` on a model whose only trainable parameters are LoRA's A
 and B: a LoRA step is an ordinary step over the parameters with requires_grad (`train_step`).
+The loss is eq. 2 of the LoRA paper as one big batch would compute it: the sum of the token
+losses over every target token of the effective batch (--batch-size x --grad-accum x torchrun
+processes) divided by their number, so accumulation and DDP never change the gradient.
 
-The loss is eq. 2 of the LoRA paper as one big batch would compute it: the sum of the per-token
-losses (with label smoothing) over every target token of the effective batch (--batch-size x
---grad-accum micro-batches x torchrun processes), divided by the number of those tokens. So
-accumulation and DDP change memory and speed, never the gradient.
-
-Reading order: TrainConfig -> lr_at, make_optimizer -> train_step -> evaluate -> train ->
-checkpoints and logs -> main.
+Reading order: TrainConfig -> lr_at, make_optimizer -> train_step -> evaluate -> train -> main.
+The run's records (checkpoints for --resume, log.jsonl, loss.png) are runs.py's.
 """
 
 import argparse
-import json
 import math
-import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,10 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import HelpFormatter, atomic_write, check_tensors, file_size, get_device, run_main, \
-    save_figure
-from data.datasets import IGNORE, load_data
+from common import HelpFormatter, file_size, run_main, setup_distributed
+from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
+from runs import RunLog, load_checkpoint, save_checkpoint
 
 
 def knob(default, help):
@@ -168,14 +163,14 @@ def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocas
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off") -> float:
-    """Mean loss per target token (targets -100 excluded) over data's evaluation batches,
-    without label smoothing."""
+    """Mean loss per target token (targets -100 excluded) over data's first max_batches
+    evaluation batches (None or 0: all), without label smoothing."""
     device = next(model.parameters()).device
     autocast, _ = amp_setup(amp, device.type)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in data.eval_batches(batch_size, max_batches):
+    for x, y in data.eval_batches(batch_size, max_batches or None):
         with autocast():
             total += float(token_loss_sum(model, x.to(device), y.to(device)))
         count += int((y != IGNORE).sum())
@@ -207,11 +202,9 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     step = load_checkpoint(out_dir, model, optimizer, scaler, log) if resume else 0
     fwd = wrap_model(model, cfg, world)
 
-    def validate():  # on rank 0; its time is not counted in tokens/s
-        t0 = time.perf_counter()
-        val = evaluate(model, val_data, B, cfg.eval_batches, cfg.amp) if rank == 0 else None
-        log.t_last += time.perf_counter() - t0
-        return val
+    def validate():  # on rank 0, not counted in tokens/s
+        return log.paused(evaluate, model, val_data, B, cfg.eval_batches, cfg.amp) \
+            if rank == 0 else None
 
     if rank == 0:
         print(f"training {max_iters:,} steps ({per_epoch:,} per epoch of {len(train_data):,} "
@@ -251,7 +244,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
         raise
     log.close()
     save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
-    log.plot()
+    log.plot(cfg.label_smoothing)
     return log.history
 
 
@@ -264,136 +257,6 @@ def wrap_model(model, cfg: TrainConfig, world: int):
         device = next(model.parameters()).device
         fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(fwd) if cfg.compile else fwd
-
-
-def setup_distributed(device: str = "auto"):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU.
-    -> (rank, world_size, device of this process)."""
-    device = get_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-# ---------------------------------------------------------------- checkpoints and logs
-
-CKPT = "ckpt.pt"
-
-
-def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None):
-    """Everything to continue exactly, in one file written atomically (rank 0, with an out_dir):
-    the trainable tensors (for LoRA only A and B), the optimizer's moments, the step, the
-    history; save(model, out_dir) writes the result beside it."""
-    log.saved_step = step
-    if out_dir is None or (dist.is_initialized() and dist.get_rank() != 0):
-        return
-    if save is not None:
-        save(model, out_dir)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "params": {n: p.detach().cpu() for n, p in model.named_parameters()
-                        if p.requires_grad},
-             "history": log.history, "pending": log.pending}
-    atomic_write(Path(out_dir) / CKPT, lambda p: torch.save(state, p))
-    log.rewrite()
-
-
-@torch.no_grad()
-def load_checkpoint(out_dir, model, optimizer, scaler, log) -> int:
-    """Restore what save_checkpoint wrote into the model, optimizer and log; -> the step."""
-    if out_dir is None:
-        raise ValueError("resume needs an output directory")
-    path = Path(out_dir) / CKPT
-    if not path.exists():
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_tensors({n: p.shape for n, p in ours.items()}, state["params"],
-                  f"{path} was written for other trainable tensors (resume with the same "
-                  f"model, rank and targets)")
-    for n, t in state["params"].items():
-        ours[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    log.history, log.pending, log.saved_step = state["history"], state["pending"], state["step"]
-    log.rewrite()  # drops the lines written after the checkpoint
-    log.bar.update(state["step"])
-    return state["step"]
-
-
-class RunLog:
-    """The run's history (one entry per log_interval steps), log.jsonl, loss.png and the
-    progress bar; files only where out_dir is given (rank 0)."""
-
-    def __init__(self, out_dir, total: int, progress: bool):
-        from tqdm import tqdm
-
-        self.dir = Path(out_dir) if out_dir is not None else None
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        self.history, self.pending, self.saved_step = [], {"loss": 0.0, "steps": 0}, None
-        self.bar = tqdm(total=total, disable=not progress, dynamic_ncols=True)
-        self.tokens, self.t_last = 0, time.perf_counter()
-
-    def start(self, val_loss):
-        if val_loss is not None:
-            print(f"validation loss before training: {val_loss:.4f}")
-        self.history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
-                             "val_loss": val_loss})
-        self.rewrite()
-
-    def step(self, step, loss, lr, tokens, val_loss, write):
-        self.pending = {"loss": self.pending["loss"] + loss, "steps": self.pending["steps"] + 1}
-        self.tokens += tokens
-        self.bar.update(1)
-        if not write:
-            return
-        now = time.perf_counter()
-        entry = {"step": step, "train_loss": self.pending["loss"] / self.pending["steps"],
-                 "lr": lr, "tokens_per_s": self.tokens / max(now - self.t_last, 1e-9),
-                 "val_loss": val_loss}
-        self.history.append(entry)
-        self.pending, self.tokens, self.t_last = {"loss": 0.0, "steps": 0}, 0, now
-        if self.dir is not None:
-            with open(self.dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        self.bar.set_postfix(loss=f"{entry['train_loss']:.3f}", lr=f"{lr:.2e}",
-                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-
-    def rewrite(self):
-        if self.dir is not None:
-            text = "".join(json.dumps(h) + "\n" for h in self.history)
-            atomic_write(self.dir / "log.jsonl", lambda p: Path(p).write_text(text))
-
-    def close(self):
-        self.bar.close()
-        final = [h["val_loss"] for h in self.history if h.get("val_loss") is not None]
-        if self.dir is not None and final:  # rank 0, writing a run
-            print(f"final validation loss: {final[-1]:.4f} (log: {self.dir / 'log.jsonl'})")
-
-    def plot(self):
-        if self.dir is not None and self.history:
-            plot_history(self.history, self.dir / "loss.png", title=str(self.dir))
-
-
-def plot_history(history: list[dict], path, title=""):
-    """Train and validation loss against step, as a PNG."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    tr = [h for h in history if h.get("train_loss") is not None]
-    ax.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], label="train")
-    val = [h for h in history if h.get("val_loss") is not None]
-    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss (nats / target token)", title=title)
-    ax.legend(title="train: with label smoothing" if tr else None)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path, dpi=100)
 
 
 # ================================================================ command line (finetune.py too)
@@ -411,7 +274,8 @@ def add_train_args(p: argparse.ArgumentParser, out: str):
             g = groups[f.name] = p.add_argument_group(_GROUPS[f.name])
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.name == "progress":
-            g.add_argument("--no-progress", dest="progress", action="store_false", help="no " + help)
+            g.add_argument("--no-progress", dest="progress", action="store_false",
+                           help="no " + help)
         elif f.type is bool:
             g.add_argument(flag, action="store_true", help=help)
         else:
@@ -425,32 +289,11 @@ def add_train_args(p: argparse.ArgumentParser, out: str):
                                help="auto (cuda if present), cpu, cuda:1, ...")
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str):
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=default,
-                   help="a prepared set (e2e, shakespeare: run data/NAME/prepare.py first), a "
-                        ".txt file, or a .jsonl file of {\"prompt\", \"completion\"} lines")
-    g.add_argument("--block-size", type=int, default=None,
-                   help="longest sequence trained on (default: the model's n_positions)")
-
-
 def config_from_args(args) -> TrainConfig:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.eval_batches == 0:
-        cfg.eval_batches = None
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError("--batch-size and --grad-accum must be at least 1")
     return cfg
-
-
-def prepare_data(args, model):
-    """Check --block-size against the model, then load --data."""
-    n_positions = model.config.block_size
-    block_size = args.block_size or n_positions
-    if not 1 <= block_size <= n_positions:
-        raise ValueError(f"--block-size {block_size} is outside 1..{n_positions}, the model's "
-                         f"n_positions")
-    return load_data(args.data, block_size)
 
 
 # From scratch: a small GPT that learns Tiny Shakespeare in a few minutes on a laptop CPU.
@@ -494,7 +337,7 @@ def main(argv=None):
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                            block_size=args.block_size, dropout=args.dropout)
         model = GPT(config).to(device)
-    train_data, val_data = prepare_data(args, model)
+    train_data, val_data = data_from_args(args, model.config.block_size)
     if rank == 0:
         print(f"{'fine-tuning ' + args.init if args.init else 'new model'}: "
               f"{model.num_params():,} parameters, all trained")

@@ -180,3 +180,22 @@ def load_data(name_or_path: str, block_size: int):
     raise FileNotFoundError(f"unknown data '{name_or_path}': use a prepared set "
                             f"({', '.join(known)}), a .txt file, or a .jsonl file of "
                             f'{{"prompt": ..., "completion": ...}} lines')
+
+
+def add_data_args(p, default: str):
+    """--data and --block-size, for the training scripts."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default,
+                   help="a prepared set (e2e, shakespeare: run data/NAME/prepare.py first), a "
+                        ".txt file, or a .jsonl file of {\"prompt\", \"completion\"} lines")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="longest sequence trained on (default: the model's n_positions)")
+
+
+def data_from_args(args, n_positions: int):
+    """(train, val) of --data, with --block-size checked against the model's n_positions."""
+    block_size = args.block_size or n_positions
+    if not 1 <= block_size <= n_positions:
+        raise ValueError(f"--block-size {block_size} is outside 1..{n_positions}, the model's "
+                         f"n_positions")
+    return load_data(args.data, block_size)

@@ -16,10 +16,10 @@ import train
 from adapters import load_adapter
 from common import run_main, tensors_digest
 from conftest import ROOT, SHARED_DATA
+from data.datasets import data_from_args
 from data.e2e.prepare import prepare as prepare_e2e
 from lora import lora_state_dict, paper_num_params
 from model import GPT
-from train import prepare_data
 
 FAST = ["--eval-batches", "2", "--batch-size", "4", "--lr", "2e-3", "--warmup", "2",
         "--no-progress"]
@@ -97,7 +97,7 @@ def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, 
     finetune.main(args + ["--out", str(whole)])
     with pytest.raises(KeyboardInterrupt):  # as Ctrl-C before step 5: saves, then exits
         with monkeypatch.context() as m:
-            m.setattr(finetune, "prepare_data", lambda *a: _interrupt_at(4, *prepare_data(*a)))
+            m.setattr(finetune, "data_from_args", lambda *a: _interrupt_at(4, *data_from_args(*a)))
             finetune.main(args + ["--out", str(parts)])
     assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 4
     with open(parts / "log.jsonl", "a") as f:  # a hard kill may leave lines past the checkpoint
