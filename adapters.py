@@ -153,8 +153,9 @@ def load_adapter(model, path):
     if getattr(model, "lora_config", None) is not None:
         diff = [k for k in _SETTINGS if model.lora_config[k] != cfg[k]]
         if diff:
-            raise ValueError(f"{path}: adapter has other LoRA settings than the model: " + ", ".join(
-                f"{k}={cfg[k]} (model: {model.lora_config[k]})" for k in diff))
+            raise ValueError(f"{path}: adapter has other LoRA settings than the model: "
+                             + ", ".join(f"{k}={cfg[k]} (model: {model.lora_config[k]})"
+                                         for k in diff))
         return _copy_lora(model, tensors, path)
     apply_lora(model, **cfg)
     try:
