@@ -102,11 +102,12 @@ def file_size(path) -> str:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except None and flags' (their help says what happens)."""
+    """--help shows each default, except None, flags' and where the help already speaks of its
+    default (their help says what happens)."""
 
     def _get_help_string(self, action):
         if action.default is None or isinstance(action.default, bool) or \
-                action.help is argparse.SUPPRESS or "%(default)" in (action.help or ""):
+                action.help is argparse.SUPPRESS or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

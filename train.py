@@ -266,12 +266,13 @@ _GROUPS = {"lr": "training (defaults: the paper's GPT-2 E2E recipe, LoRA Table 1
 _CHOICES = {"decay": ("linear", "cosine", "constant"), "amp": ("auto", "off", "bf16", "fp16")}
 
 
-def add_train_args(p: argparse.ArgumentParser, out: str):
+def add_train_args(p: argparse.ArgumentParser, out: str, heading=None):
     """TrainConfig's fields as --flags (help and defaults from TrainConfig), --out, --resume."""
     groups = {}
     for f in fields(TrainConfig):
         if f.name in _GROUPS:
-            g = groups[f.name] = p.add_argument_group(_GROUPS[f.name])
+            title = heading if heading and f.name == "lr" else _GROUPS[f.name]
+            g = groups[f.name] = p.add_argument_group(title)
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.name == "progress":
             g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -308,10 +309,11 @@ def main(argv=None):
                     "minutes on 2 CPU cores), or fine-tune every weight of a pretrained one "
                     "(--init): the full fine-tuning baseline LoRA is compared against. The "
                     "result is a model directory that finetune.py --init accepts.",
-        formatter_class=HelpFormatter,
-        epilog="From scratch (no --init) the training defaults are instead: " +
-               ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SCRATCH_TRAIN.items()) +
-               f", --block-size {SCRATCH['block_size']}")
+        formatter_class=HelpFormatter, epilog="With --init the training defaults are the "
+        "paper's GPT-2 recipe (see `python train.py --init gpt2 --help`).")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--init")
+    scratch = pre.parse_known_args(argv)[0].init is None  # the defaults depend on it
     g = p.add_argument_group("model")
     g.add_argument("--init", default=None,
                    help="fine-tune this model fully (gpt2, gpt2-medium, ..., a directory or "
@@ -322,11 +324,10 @@ def main(argv=None):
                            help="(from scratch)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the model")
     add_data_args(p, default="shakespeare")
-    add_train_args(p, out="out/train")
-    args = p.parse_args(argv)
-    if args.init is None:  # from scratch: the small-model defaults, unless given
+    add_train_args(p, "out/train", heading=scratch and "training (defaults: from scratch)")
+    if scratch:  # the small-model defaults, unless given
         p.set_defaults(**SCRATCH_TRAIN, block_size=SCRATCH["block_size"])
-        args = p.parse_args(argv)
+    args = p.parse_args(argv)
     cfg = config_from_args(args)
 
     rank, world, device = setup_distributed(args.device)

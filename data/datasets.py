@@ -189,7 +189,8 @@ def add_data_args(p, default: str):
                    help="a prepared set (e2e, shakespeare: run data/NAME/prepare.py first), a "
                         ".txt file, or a .jsonl file of {\"prompt\", \"completion\"} lines")
     g.add_argument("--block-size", type=int, default=None,
-                   help="longest sequence trained on (default: the model's n_positions)")
+                   help="longest sequence trained on (default: the model's n_positions; "
+                        "train.py's model from scratch has 128)")
 
 
 def data_from_args(args, n_positions: int):

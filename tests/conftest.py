@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny GPT-2 checkpoints written by transformers, in the hub's HF layout.
+"""What the tests share: the tiny-model factories (ours: tiny_gpt; transformers': make_hf_gpt2,
+and tiny_base, its checkpoint in the hub's HF layout) and the prepared data sets (e2e_dir,
+shakespeare_dir), each made once per session.
 
 Everything runs offline on a 2-core CPU, so the models are tiny but keep GPT-2's real
 vocabulary (tiktoken ids up to 50256) where a test feeds real text.
@@ -38,3 +40,34 @@ def tiny_base(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_base")
     make_hf_gpt2().save_pretrained(d)
     return d
+
+
+TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=128)  # tiny_gpt's default
+
+
+def tiny_gpt(seed=0, **overrides):
+    """Our GPT, randomly initialised from `seed`, in eval mode: TINY unless overridden."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory):
+    """E2E prepared from the shared CSVs (data/e2e/prepare.py) into a temporary directory."""
+    from data.e2e.prepare import prepare
+
+    out = tmp_path_factory.mktemp("e2e")
+    prepare(SHARED_DATA / "e2e", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory):
+    """Tiny Shakespeare prepared from the shared copy into a temporary directory."""
+    from data.shakespeare.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shakespeare")
+    prepare(SHARED_DATA / "tinyshakespeare", out)
+    return out

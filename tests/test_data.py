@@ -14,13 +14,6 @@ from common import get_tokenizer
 E2E_RAW = SHARED_DATA / "e2e"
 
 
-@pytest.fixture(scope="module")
-def e2e_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    e2e.prepare(E2E_RAW, out)
-    return out
-
-
 def test_offline_splits_carve_train_and_val_from_devset_by_distinct_mr():
     dev, test = e2e.read_csv(E2E_RAW / "devset.csv"), e2e.read_csv(E2E_RAW / "testset_w_refs.csv")
     train, val = e2e.load_pairs("train", E2E_RAW), e2e.load_pairs("val", E2E_RAW)

@@ -15,21 +15,13 @@ import finetune
 import train
 from adapters import load_adapter
 from common import run_main, tensors_digest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 from data.datasets import data_from_args
-from data.e2e.prepare import prepare as prepare_e2e
 from lora import lora_state_dict, paper_num_params
 from model import GPT
 
 FAST = ["--eval-batches", "2", "--batch-size", "4", "--lr", "2e-3", "--warmup", "2",
         "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def e2e_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    prepare_e2e(SHARED_DATA / "e2e", out)
-    return out
 
 
 @pytest.fixture(scope="module")

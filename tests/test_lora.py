@@ -9,14 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import adapters
 import lora
+from conftest import TINY as TINY_SIZES
+from conftest import tiny_gpt
 from model import GPT, GPTConfig
 
-TINY = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=128)
-
-
-def tiny_gpt(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY.__dict__, **overrides})).eval()
+TINY = GPTConfig(**TINY_SIZES)
 
 
 def randomize_lora(model, seed=1, std=0.05):

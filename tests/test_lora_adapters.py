@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adapters
 import lora
-from test_lora import TINY, ids, randomize_lora, tiny_gpt
+from conftest import tiny_gpt
+from test_lora import TINY, ids, randomize_lora
 
 
 @pytest.fixture

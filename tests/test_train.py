@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import SHARED_DATA
+from conftest import tiny_gpt
 from data.datasets import IGNORE, Examples
-from model import GPT, GPTConfig
+from model import GPT
 
 
 def _toy_model(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(n_layer=1, n_head=2, n_embd=16, block_size=32), **kw}))
+    """One layer, 16 wide, GPT-2's vocabulary, in training mode."""
+    return tiny_gpt(**{**dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257),
+                       **kw}).train()
 
 
 def _toy_data(n=16, seed=0):
@@ -133,14 +134,6 @@ def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["params"].values())
     assert all(torch.equal(saved[n], t) for n, t in ckpt["params"].items())
-
-
-@pytest.fixture(scope="module")
-def shakespeare_dir(tmp_path_factory):
-    from data.shakespeare.prepare import prepare
-    out = tmp_path_factory.mktemp("shakespeare")
-    prepare(SHARED_DATA / "tinyshakespeare", out)
-    return out
 
 
 def test_train_py_pretrains_from_scratch_and_writes_a_loadable_model(shakespeare_dir, tmp_path):
