@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import atomic_write, check_tensors
+from common import atomic_write, check_finite, check_tensors
 from lora import LoRALinear, adapter_biases, apply_lora, is_merged, lora_config, lora_layers, \
     lora_state_dict, merge_lora, unmerge_lora
 
@@ -85,6 +85,7 @@ def read_adapter(path):
     except Exception as e:
         raise ValueError(f"{path}: cannot read the adapter, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
+    check_finite(tensors, path)
     need = ("lora_config", "base_config", "base_fingerprint")
     if any(k not in meta for k in need):
         raise ValueError(f"{path}: not a LoRA adapter written by save_adapter (its metadata lacks "
@@ -122,12 +123,13 @@ def _check_base(model, meta, source):
 
 
 def _copy_lora(model, tensors, source):
-    """Copy LoRA tensors into the model, strictly: same keys, same shapes. Keeps the merge state
-    (a merged model is unmerged exactly, updated, and merged again)."""
+    """Copy LoRA tensors into the model, strictly: same keys, same shapes, finite values. Keeps
+    the merge state (a merged model is unmerged exactly, updated, and merged again)."""
     _refuse_inside_use_adapters(model, "loading an adapter")
     ours = lora_state_dict(model)
     check_tensors({k: v.shape for k, v in ours.items()}, tensors,
                   f"{source}: adapter does not fit this model")
+    check_finite(tensors, source)
     merged = is_merged(model)
     unmerge_lora(model)
     with torch.no_grad():

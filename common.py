@@ -6,6 +6,7 @@ name with model.GPT.from_pretrained.)
 """
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -54,6 +55,19 @@ def check_tensors(expected: dict, got: dict, source) -> None:
         if tuple(got[k].shape) != tuple(shape):
             raise ValueError(f"{source}: tensor {k} has shape {tuple(got[k].shape)}, "
                              f"the model expects {tuple(shape)}")
+
+
+def nonfinite(tensors: dict) -> list:
+    """Names of the floating-point tensors of {name: tensor} holding a nan or an inf."""
+    return [n for n, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(tensors: dict, source) -> None:
+    """A ValueError naming the source and its non-finite tensors, if it has any."""
+    bad = nonfinite(tensors)
+    if bad:
+        raise ValueError(f"{source}: tensor {short_list(bad, 3)} holds nan or inf values")
 
 
 def tensors_digest(tensors: dict) -> str:
@@ -110,6 +124,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 action.help is argparse.SUPPRESS or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_dataclass_args(p: argparse.ArgumentParser, cls, headings: dict) -> dict:
+    """The fields of dataclass cls as --flags, with the help, choices (field metadata) and
+    defaults it gives, in argument groups starting at the fields named in headings (field:
+    title); a bool that defaults to True becomes --no-FLAG. -> {field: its group}."""
+    groups, g = {}, p
+    for f in dataclasses.fields(cls):
+        if f.name in headings:
+            g = groups[f.name] = p.add_argument_group(headings[f.name])
+        flag, meta = f.name.replace("_", "-"), f.metadata
+        if f.type is bool:
+            g.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name,
+                           action="store_false" if f.default else "store_true",
+                           help=("no " if f.default else "") + meta["help"])
+        else:
+            g.add_argument(f"--{flag}", type=f.type, default=f.default, help=meta["help"],
+                           choices=meta.get("choices"))
+    return groups
 
 
 def run_main(main):

@@ -67,8 +67,11 @@ def finetune(args):
     if rank == 0:
         print(describe_trainable(model))
     out = Path(args.out)
-    train(model, train_data, val_data, cfg, out, resume=args.resume,
-          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init))
+    run = {"init": args.init, "data": args.data, "block_size": args.block_size,
+           **model.lora_config}
+    train(model, train_data, val_data, cfg, out, resume=args.resume, overwrite=args.overwrite,
+          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init),
+          run=run, results=(ADAPTER_FILE,))
     if rank == 0:
         base_mb = sum(p.nbytes for n, p in model.named_parameters() if ".lora_" not in n) / 2**20
         print(f"adapter: {out / ADAPTER_FILE} ({file_size(out / ADAPTER_FILE)}); the base "

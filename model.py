@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import EOT_TOKEN, atomic_write, check_tensors
+from common import EOT_TOKEN, atomic_write, check_finite, check_tensors
 
 
 @dataclass
@@ -239,6 +239,7 @@ class GPT(nn.Module):
         if model.lm_head.weight is model.wte.weight:
             ours.pop("lm_head.weight")  # tied: loaded as wte.weight
         check_tensors({k: v.shape for k, v in ours.items()}, sd, path)  # names every mismatch
+        check_finite(sd, path)  # a nan in, a nan loss later, blamed on the learning rate
         with torch.no_grad():
             for k, v in sd.items():
                 ours[k].copy_(v)

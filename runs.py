@@ -1,49 +1,121 @@
-"""A training run's records: its checkpoint (to resume exactly), its history, log.jsonl,
-loss.png and progress bar. train.train calls these; nothing here knows what is trained.
+"""A training run's records and their guards: its output directory (claimed, locked), its
+checkpoint (to resume exactly, with the settings that define the run), its history, log.jsonl,
+loss.png and progress bar, and Ctrl-C honoured between steps. train.train calls these; nothing
+here knows what is trained.
 """
 
 import json
+import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common import atomic_write, check_tensors, save_figure
+from common import atomic_write, check_finite, check_tensors, nonfinite, save_figure, short_list
 
 CKPT = "ckpt.pt"
+LOCK = ".lock"
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None):
+class TrainingDiverged(ValueError):
+    """The loss or the weights became nan or inf."""
+
+
+def claim_out_dir(out_dir, resume: bool, overwrite: bool, results=()):
+    """Make out_dir this run's: refused while another process runs in it (a lock held until
+    release_out_dir), and refused if it holds another run's outputs unless resume (continue it)
+    or overwrite (its ckpt.pt, log.jsonl, loss.png and `results` are removed first). -> the
+    lock (an open file), or None without out_dir."""
+    if out_dir is None:
+        return None
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = open(d / LOCK, "w")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        lock.close()
+        raise ValueError(f"{d} is in use by another run (it holds {d / LOCK}): wait for it, or "
+                         f"use another --out") from None
+    ours = [d / n for n in (CKPT, "log.jsonl", "loss.png", *results)]
+    if not resume and any(f.exists() for f in ours):
+        if not overwrite:
+            lock.close()
+            raise ValueError(f"{d} holds another run's outputs: continue it with --resume, "
+                             f"replace them with --overwrite, or use another --out")
+        for f in ours:
+            f.unlink(missing_ok=True)
+    return lock
+
+
+def release_out_dir(lock):
+    if lock is not None:
+        lock.close()
+
+
+def run_settings(cfg, run: dict) -> dict:
+    """What defines a run, for --resume to compare: the script's `run` (model, data, LoRA) and
+    every TrainConfig setting that changes the weights it ends with."""
+    keep = ("lr", "weight_decay", "batch_size", "grad_accum", "epochs", "max_iters", "warmup",
+            "decay", "label_smoothing", "grad_clip", "seed")
+    return {**(run or {}), **{k: getattr(cfg, k) for k in keep}}
+
+
+def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, settings=None):
     """Everything to continue exactly, in one file written atomically (rank 0, with an out_dir):
     the trainable tensors (for LoRA only A and B), the optimizer's moments, the step, the
-    history; save(model, out_dir) writes the result beside it."""
+    history and the run's settings; save(model, out_dir) writes the result beside it.
+    Non-finite weights are never saved: TrainingDiverged, and the last checkpoint stays."""
+    params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    bad = nonfinite(params)
+    if bad:
+        raise TrainingDiverged(f"weights {short_list(bad, 3)} are not finite after step {step}: "
+                               f"nothing saved{log.kept(out_dir)}. Try a lower --lr")
     log.saved_step = step
     if out_dir is None or (dist.is_initialized() and dist.get_rank() != 0):
         return
     if save is not None:
         save(model, out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "params": {n: p.detach().cpu() for n, p in model.named_parameters()
-                        if p.requires_grad},
-             "history": log.history, "pending": log.pending}
+             "params": params, "history": log.history, "pending": log.pending,
+             "settings": settings}
     atomic_write(Path(out_dir) / CKPT, lambda p: torch.save(state, p))
     log.rewrite()
 
 
 @torch.no_grad()
-def load_checkpoint(out_dir, model, optimizer, scaler, log) -> int:
-    """Restore what save_checkpoint wrote into the model, optimizer and log; -> the step."""
+def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> int:
+    """Restore what save_checkpoint wrote into the model, optimizer and log; -> the step. The
+    run's settings must be the checkpoint's: a difference is one ValueError naming it."""
     if out_dir is None:
         raise ValueError("resume needs an output directory")
     path = Path(out_dir) / CKPT
     if not path.exists():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the checkpoint, the file is truncated or corrupt "
+                         f"({type(e).__name__})") from None
+    theirs = state.get("settings") or {}
+    diff = [k for k in settings or {} if k in theirs and theirs[k] != settings[k]]
+    if diff:
+        raise ValueError(f"{path}: --resume with other settings than the run had: "
+                         + ", ".join(f"{k} {settings[k]} (the run: {theirs[k]})" for k in diff)
+                         + "; resume with the run's settings, or start afresh with --overwrite "
+                           "or another --out")
     ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_tensors({n: p.shape for n, p in ours.items()}, state["params"],
                   f"{path} was written for other trainable tensors (resume with the same "
                   f"model, rank and targets)")
+    check_finite(state["params"], path)
     for n, t in state["params"].items():
         ours[n].copy_(t)
     optimizer.load_state_dict(state["optimizer"])
@@ -75,6 +147,20 @@ class RunLog:
                              "val_loss": val_loss})
         self.rewrite()
 
+    def kept(self, out_dir) -> str:
+        """What a stopped run leaves, for its message."""
+        if out_dir is None or self.saved_step is None:
+            return ""
+        return f"; {out_dir} keeps the last checkpoint (step {self.saved_step})"
+
+    def stopped(self, step, out_dir) -> str:
+        """Say where an interrupted run stopped (rank 0) and how to go on; -> the same line."""
+        line = f"stopped at step {step}" + (f"; saved to {out_dir}, continue with --resume"
+                                            if out_dir is not None else "")
+        if self.dir is not None:
+            print(line, file=sys.stderr)
+        return line
+
     def paused(self, fn, *args):
         """fn(*args), its time left out of tokens/s (validation)."""
         t0 = time.perf_counter()
@@ -95,15 +181,16 @@ class RunLog:
                  "val_loss": val_loss}
         self.history.append(entry)
         self.pending, self.tokens, self.t_last = {"loss": 0.0, "steps": 0}, 0, now
-        if self.dir is not None:
-            with open(self.dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        self.rewrite()
         self.bar.set_postfix(loss=f"{entry['train_loss']:.3f}", lr=f"{lr:.2e}",
                              **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
 
     def rewrite(self):
+        """log.jsonl as the history: written whole and atomically (never a half line), and
+        strict JSON (a non-finite number is written as null)."""
         if self.dir is not None:
-            text = "".join(json.dumps(h) + "\n" for h in self.history)
+            text = "".join(json.dumps({k: _finite_or_none(v) for k, v in h.items()},
+                                      allow_nan=False) + "\n" for h in self.history)
             atomic_write(self.dir / "log.jsonl", lambda p: Path(p).write_text(text))
 
     def close(self):
@@ -134,3 +221,44 @@ def plot_history(history: list[dict], path, title="", label_smoothing=0.0):
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path, dpi=100)
+
+
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class StepBoundary:
+    """Ctrl-C (SIGINT) during training, honoured between two steps: the first press only asks
+    to stop (the step in progress, its validation and its log entry complete, then the run is
+    checkpointed); a second press aborts at once, saving nothing (the last checkpoint stays).
+    Under torchrun every process stops at the same step. Used as a context manager."""
+
+    def __init__(self):
+        self.asked, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr)
+
+    def stop(self) -> bool:
+        """Whether to stop now, at a step boundary (the same answer on every process)."""
+        if not dist.is_initialized():
+            return self.asked
+        flag = torch.tensor(float(self.asked), device=_device_for_collectives())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _device_for_collectives():
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"

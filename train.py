@@ -15,7 +15,6 @@ The run's records (checkpoints for --resume, log.jsonl, loss.png) are runs.py's.
 
 import argparse
 import math
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,14 +23,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import HelpFormatter, file_size, run_main, setup_distributed
+from common import HelpFormatter, add_dataclass_args, file_size, run_main, setup_distributed
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
-from runs import RunLog, load_checkpoint, save_checkpoint
+from runs import RunLog, StepBoundary, TrainingDiverged, claim_out_dir, load_checkpoint, \
+    release_out_dir, run_settings, save_checkpoint
 
 
-def knob(default, help):
-    return field(default=default, metadata={"help": help})
+def knob(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -47,7 +47,8 @@ class TrainConfig:
     epochs: float = knob(5.0, "passes over the training set (unless --max-iters)")
     max_iters: int = knob(None, "optimizer steps (overrides --epochs)")
     warmup: int = knob(500, "steps of linear warmup from 0 to --lr")
-    decay: str = knob("linear", "after warmup: linear or cosine to 0 at the end, or constant")
+    decay: str = knob("linear", "after warmup: linear or cosine to 0 at the end, or constant",
+                      ("linear", "cosine", "constant"))
     label_smoothing: float = knob(0.1, "of the training loss (validation has none)")
     grad_clip: float = knob(1.0, "max global gradient norm; 0: no clipping")
     seed: int = knob(1337, "initialisation, data order and dropout")
@@ -56,13 +57,9 @@ class TrainConfig:
     log_interval: int = knob(10, "steps per line of log.jsonl")
     ckpt_interval: int = knob(None, "steps between checkpoints (default: at each validation)")
     amp: str = knob("auto", "autocast: auto = bf16 on CUDA (fp16 + loss scaling without "
-                            "bf16), fp32 on CPU; off, bf16, fp16")
+                            "bf16), fp32 on CPU", ("auto", "off", "bf16", "fp16"))
     compile: bool = knob(False, "torch.compile the model")
     progress: bool = knob(True, "progress bar")
-
-
-class TrainingDiverged(ValueError):
-    """The loss became nan or inf."""
 
 
 def lr_at(step: int, cfg: TrainConfig, max_iters: int) -> float:
@@ -181,13 +178,17 @@ def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off
 # ---------------------------------------------------------------- the loop
 
 def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None,
-          resume: bool = False) -> list[dict]:
+          resume=False, overwrite=False, run: dict = None, results=()) -> list[dict]:
     """Train the parameters of `model` that have requires_grad; -> history, one dict per
     log_interval steps: step, train_loss, lr, tokens_per_s, and val_loss where evaluated.
 
     save(model, out_dir) writes the result (full model or LoRA adapter) at each checkpoint and
-    at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png. Under
-    torchrun, rank 0 evaluates, logs and saves; DDP lives in `wrap_model` alone.
+    at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png; a directory
+    with another run's outputs needs resume or overwrite (runs.claim_out_dir; results: the
+    names save writes). run: what else defines the run (model, data, LoRA settings), checked
+    on resume. Ctrl-C stops at the next
+    step boundary, checkpointed. Under torchrun, rank 0 evaluates, logs and saves; DDP lives in
+    `wrap_model` alone.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     B, accum = cfg.batch_size, cfg.grad_accum
@@ -198,54 +199,56 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * per_epoch))
     optimizer = make_optimizer(model, cfg)
     autocast, scaler = amp_setup(cfg.amp, next(model.parameters()).device.type)
-    log = RunLog(out_dir if rank == 0 else None, max_iters, cfg.progress and rank == 0)
-    step = load_checkpoint(out_dir, model, optimizer, scaler, log) if resume else 0
-    fwd = wrap_model(model, cfg, world)
-
-    def validate():  # on rank 0, not counted in tokens/s
-        return log.paused(evaluate, model, val_data, B, cfg.eval_batches, cfg.amp) \
-            if rank == 0 else None
-
-    if rank == 0:
-        print(f"training {max_iters:,} steps ({per_epoch:,} per epoch of {len(train_data):,} "
-              f"samples; batch {B} x {accum} accum x {world} processes)")
-    if step == 0:
-        log.start(validate())
-    model.train()
+    settings = run_settings(cfg, run)
+    lock = claim_out_dir(out_dir if rank == 0 else None, resume, overwrite, results)
     try:
-        while step < max_iters:
-            lr = lr_at(step, cfg, max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Dropout (LoRA's too) draws from a seed fixed by (seed, step, rank): a resumed run
-            # repeats the uninterrupted one exactly, with no RNG state to save.
-            torch.manual_seed(cfg.seed + 1_000_003 * step + 7919 * rank)
-            batches = [train_data.get_batch(B, (step * accum + micro) * world + rank, cfg.seed)
-                       for micro in range(accum)]
-            loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
-            if not math.isfinite(loss):  # stop; the last checkpoint stays as it is
-                kept = f"; {out_dir} keeps the last checkpoint (step {log.saved_step})" \
-                    if out_dir is not None and log.saved_step is not None else ""
-                raise TrainingDiverged(f"the loss is {loss} at step {step + 1}: stopping"
-                                       f"{kept}. Try a lower --lr, or --amp off")
-            step += 1
-            end = step == max_iters
-            val = validate() if step % cfg.eval_interval == 0 or end else None
-            log.step(step, loss, lr, sum(x.numel() for x, _ in batches) * world, val,
-                     write=step % cfg.log_interval == 0 or val is not None or end)
-            if not end and step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
-                save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
-    except KeyboardInterrupt:
+        log = RunLog(out_dir if rank == 0 else None, max_iters, cfg.progress and rank == 0)
+        step = load_checkpoint(out_dir, model, optimizer, scaler, log, settings) if resume else 0
+        fwd = wrap_model(model, cfg, world)
+
+        def validate():  # on rank 0, not counted in tokens/s
+            return log.paused(evaluate, model, val_data, B, cfg.eval_batches, cfg.amp) \
+                if rank == 0 else None
+
+        def checkpoint():
+            save_checkpoint(out_dir, model, optimizer, scaler, step, log, save, settings)
+
+        if rank == 0:
+            print(f"training {max_iters:,} steps ({per_epoch:,} per epoch of "
+                  f"{len(train_data):,} samples; batch {B} x {accum} accum x {world} processes)")
+        if step == 0:
+            log.start(validate())
+        model.train()
+        with StepBoundary() as ctrl_c:
+            while step < max_iters:
+                lr = lr_at(step, cfg, max_iters)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # Dropout (LoRA's too) draws from a seed fixed by (seed, step, rank): a resumed
+                # run repeats the uninterrupted one exactly, with no RNG state to save.
+                torch.manual_seed(cfg.seed + 1_000_003 * step + 7919 * rank)
+                batches = [train_data.get_batch(B, (step * accum + m) * world + rank, cfg.seed)
+                           for m in range(accum)]
+                loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
+                if not math.isfinite(loss):  # stop; the last checkpoint stays as it is
+                    raise TrainingDiverged(f"the loss is {loss} at step {step + 1}: stopping"
+                                           f"{log.kept(out_dir)}. Try a lower --lr, or --amp off")
+                step += 1
+                end = step == max_iters
+                val = validate() if step % cfg.eval_interval == 0 or end else None
+                log.step(step, loss, lr, sum(x.numel() for x, _ in batches) * world, val,
+                         write=step % cfg.log_interval == 0 or val is not None or end)
+                if end or step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
+                    checkpoint()
+                if not end and ctrl_c.stop():  # Ctrl-C: after the step, checkpointed
+                    log.close()
+                    checkpoint()
+                    raise KeyboardInterrupt(log.stopped(step, out_dir))
         log.close()
-        save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
-        if rank == 0 and out_dir is not None:
-            print(f"stopped at step {step}; saved to {out_dir}, continue with --resume",
-                  file=sys.stderr)
-        raise
-    log.close()
-    save_checkpoint(out_dir, model, optimizer, scaler, step, log, save)
-    log.plot(cfg.label_smoothing)
-    return log.history
+        log.plot(cfg.label_smoothing)
+        return log.history
+    finally:
+        release_out_dir(lock)
 
 
 def wrap_model(model, cfg: TrainConfig, world: int):
@@ -263,29 +266,19 @@ def wrap_model(model, cfg: TrainConfig, world: int):
 
 _GROUPS = {"lr": "training (defaults: the paper's GPT-2 E2E recipe, LoRA Table 11)",
            "eval_interval": "evaluation and output", "amp": "system"}  # first field: heading
-_CHOICES = {"decay": ("linear", "cosine", "constant"), "amp": ("auto", "off", "bf16", "fp16")}
 
 
 def add_train_args(p: argparse.ArgumentParser, out: str, heading=None):
-    """TrainConfig's fields as --flags (help and defaults from TrainConfig), --out, --resume."""
-    groups = {}
-    for f in fields(TrainConfig):
-        if f.name in _GROUPS:
-            title = heading if heading and f.name == "lr" else _GROUPS[f.name]
-            g = groups[f.name] = p.add_argument_group(title)
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.name == "progress":
-            g.add_argument("--no-progress", dest="progress", action="store_false",
-                           help="no " + help)
-        elif f.type is bool:
-            g.add_argument(flag, action="store_true", help=help)
-        else:
-            g.add_argument(flag, type=f.type, default=f.default, help=help,
-                           choices=_CHOICES.get(f.name))
+    """TrainConfig's fields as --flags (help and defaults from TrainConfig), and --out,
+    --resume, --overwrite, --device."""
+    groups = add_dataclass_args(p, TrainConfig, {**_GROUPS, **({"lr": heading} if heading
+                                                               else {})})
     g = groups["eval_interval"]
     g.add_argument("--out", default=out, help="output directory")
     g.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (same settings)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out")
     groups["amp"].add_argument("--device", default="auto",
                                help="auto (cuda if present), cpu, cuda:1, ...")
 
@@ -342,8 +335,10 @@ def main(argv=None):
     if rank == 0:
         print(f"{'fine-tuning ' + args.init if args.init else 'new model'}: "
               f"{model.num_params():,} parameters, all trained")
-    train(model, train_data, val_data, cfg, args.out,
-          save=lambda m, d: m.save_pretrained(d), resume=args.resume)
+    run = {"init": args.init, "data": args.data, "block_size": args.block_size}
+    train(model, train_data, val_data, cfg, args.out, save=lambda m, d: m.save_pretrained(d),
+          resume=args.resume, overwrite=args.overwrite, run=run,
+          results=("config.json", "model.safetensors"))
     if rank == 0:
         print(f"saved {args.out}/model.safetensors "
               f"({file_size(Path(args.out) / 'model.safetensors')})")

@@ -1,0 +1,168 @@
+"""A run's guards (runs.py, train.train): nothing non-finite saved as good, Ctrl-C honoured at a
+step boundary whatever it interrupts (resume then exact), output directories claimed and locked,
+--resume refused with other settings, log.jsonl strict JSON."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import tiny_gpt
+from data.datasets import Examples
+from lora import apply_lora, lora_state_dict
+from runs import TrainingDiverged, claim_out_dir, release_out_dir
+
+
+def _data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens, index = [], []
+    for _ in range(n):
+        p = rng.integers(0, 50, 4).tolist()
+        index.append((len(tokens), 4, 8))
+        tokens += p + p
+    return Examples(np.array(tokens, dtype=np.uint16), index, 16, "toy")
+
+
+def _model():
+    return apply_lora(tiny_gpt(n_layer=1, n_head=2, n_embd=16, block_size=32).train(), rank=2)
+
+
+CFG = dict(lr=1e-2, warmup=2, max_iters=6, eval_interval=3, ckpt_interval=2, log_interval=1,
+           batch_size=4, eval_batches=2, progress=False, label_smoothing=0.1)
+
+
+def _run(out, data=None, model=None, val=None, **kw):
+    """A LoRA run into `out`; -> (history, the adapter's tensors)."""
+    model = model or _model()
+    saved = {}
+    history = train.train(model, data or _data(), val or _data(4, seed=1),
+                          train.TrainConfig(**{**CFG, **kw.pop("cfg", {})}), out,
+                          save=lambda m, d: saved.update(lora_state_dict(m)), **kw)
+    return history, {k: v.clone() for k, v in lora_state_dict(model).items()}
+
+
+def _log(out):
+    return [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in log.jsonl"))
+            for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _strip(log):
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in log]
+
+
+def test_weights_that_became_nonfinite_are_never_saved(tmp_path):
+    """An infinite learning rate (AdamW accepts it) makes the weights nan after the first
+    update: the run stops at its first checkpoint, saving nothing."""
+    saved = []
+    with pytest.raises(TrainingDiverged, match=r"not finite after step 1: nothing saved"):
+        train.train(_model(), _data(), _data(4), train.TrainConfig(
+            **{**CFG, "lr": float("inf"), "warmup": 0, "max_iters": 1}), tmp_path,
+            save=lambda m, d: saved.append(1))
+    assert not saved and not (tmp_path / "ckpt.pt").exists()
+
+
+class _SigintAt:
+    """Sends this process a real SIGINT (a Ctrl-C) once, from inside one phase of step 3."""
+
+    def __init__(self, phase):
+        self.phase, self.fired = phase, False
+
+    def fire(self, phase, step):
+        if phase == self.phase and step == 3 and not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("phase", ["data", "forward", "backward", "optimizer", "validation"])
+def test_ctrl_c_in_any_phase_stops_at_the_step_boundary_and_resume_is_exact(tmp_path, phase,
+                                                                            monkeypatch):
+    whole_history, whole = _run(tmp_path / "whole")
+    ctrl_c, step = _SigintAt(phase), {"n": 0}
+
+    class Data(Examples):
+        def get_batch(self, batch_size, index=0, seed=0):
+            step["n"] = index + 1  # batch size x 1 accum x 1 process: batch number = step
+            ctrl_c.fire("data", step["n"])
+            return super().get_batch(batch_size, index, seed)
+
+        def eval_batches(self, batch_size, max_batches=None):
+            for b in super().eval_batches(batch_size, max_batches):
+                ctrl_c.fire("validation", step["n"])
+                yield b
+
+    base, v = _data(), _data(4, seed=1)
+    data = Data(base.tokens, base.index, base.block_size, base.name)
+    val = Data(v.tokens, v.index, v.block_size, v.name)
+    optimizer_step = torch.optim.AdamW.step
+
+    def step_with_sigint(self, *a, **k):  # inside the optimizer step, between two parameters
+        ctrl_c.fire("optimizer", step["n"])
+        return optimizer_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_with_sigint)
+    model = _model()
+    model.h[0].register_forward_hook(lambda *a: ctrl_c.fire("forward", step["n"]))
+    model.h[0].attn.c_attn.lora_B["q"].register_hook(lambda g: ctrl_c.fire("backward", step["n"]))
+    parts = tmp_path / "parts"
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        _run(parts, data=data, model=model, val=val)
+    assert ctrl_c.fired
+    assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 3  # the step completed
+    assert _log(parts)[-1]["step"] == 3  # with its log entry (validation at step 3 included)
+    monkeypatch.undo()
+    history, resumed = _run(parts, resume=True)
+    assert _strip(_log(parts)) == _strip(_log(tmp_path / "whole"))
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_saves_nothing(tmp_path, monkeypatch):
+    class Data(Examples):
+        def get_batch(self, batch_size, index=0, seed=0):
+            if index == 3:  # step 4: two presses in a row
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().get_batch(batch_size, index, seed)
+
+    base = _data()
+    with pytest.raises(KeyboardInterrupt) as e:
+        _run(tmp_path, data=Data(base.tokens, base.index, base.block_size, base.name))
+    assert "stopped at step" not in str(e.value)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2  # the last one
+
+
+def test_an_output_directory_is_claimed_and_locked(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    with pytest.raises(ValueError, match="holds another run's outputs: continue it with "
+                                         "--resume, replace them with --overwrite"):
+        _run(out)
+    lock = claim_out_dir(out, resume=True, overwrite=False)  # another run, still going
+    try:
+        with pytest.raises(ValueError, match="in use by another run"):
+            _run(out, overwrite=True)
+    finally:
+        release_out_dir(lock)
+    history, _ = _run(out, overwrite=True)
+    assert _log(out) == json.loads(json.dumps(history))  # only the new run's lines
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": 1e-3}, r"lr 0.001 \(the run: 0.01\)"),
+    ({"seed": 7}, r"seed 7 \(the run: 1337\)"),
+    ({"max_iters": 8}, r"max_iters 8 \(the run: 6\)"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, change, message):
+    out = tmp_path / "run"
+    _run(out, cfg={"max_iters": 6, "ckpt_interval": 2})
+    with pytest.raises(ValueError, match=message + ".*--overwrite"):
+        _run(out, resume=True, cfg=change)
+
+
+def test_resume_with_other_data_is_refused(tmp_path):
+    out = tmp_path / "run"
+    _run(out, run={"data": "toy"})
+    with pytest.raises(ValueError, match=r"data e2e \(the run: toy\)"):
+        _run(out, resume=True, run={"data": "e2e"})
