@@ -3,20 +3,25 @@
 1. Inference latency (LoRA Table 1, §3): one forward pass for the base model, LoRA merged
    (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v), and
    the two adapter baselines Table 1 compares against, Adapter^H (Houlsby et al. 2019) and
-   Adapter^L (Lin et al. 2020), built here.
+   Adapter^L (Lin et al. 2020), built in baselines.py.
 2. Decoding latency per token with the KV cache at batch size 1, same arms.
 3. Training (§4.2, "Practical Benefits and Limitations"): step time and peak memory of LoRA
    against full fine-tuning on the same model and batch, and the FLOP/s achieved as a share of
    this machine's matmul FLOP/s, measured in the same run.
 
+    python bench.py --quick                          # a few minutes on a quiet 2-core CPU
+    python bench.py --quick --clock cpu --threads 1  # the same on a shared or busy machine
+
 Noise: a shared machine swings a single ratio by 5-10%. So the thread count is fixed, every arm
 is warmed up, the arms run interleaved within each round (in a rotating order), and the ratio to
 base reported is the median over rounds of the paired per-round ratios. All inference arms read
-the same weight tensors (see build_arm). --clock cpu times CPU time instead of wall time. Peak
-training memory is measured for each arm in its own process.
+the same weight tensors (see build_arm). Where other processes compete for the cores, wall time
+counts their time too: --clock cpu times this process's CPU time instead, and with --threads 1
+that is the compute time itself. Peak training memory is measured for each arm in its own
+process.
 
-Reading order: adapter baselines -> the arms -> timing harness -> machine peaks and FLOP counts
--> the three benchmarks -> report and main().
+Reading order: the arms -> timing harness -> machine peaks and FLOP counts -> the three
+benchmarks -> the plan and progress lines -> report and main().
 """
 
 import argparse
@@ -34,94 +39,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from model import GPT, PRETRAINED, GPTConfig, KVCache, _atomic_write
-from train import DTYPES, TrainConfig, get_device, load_base, make_optimizer, run_main
+from baselines import add_adapters, adapter_params, bottleneck_for
+from common import DTYPES, HelpFormatter, atomic_write, get_device, run_main
+from lora import apply_lora, count_trainable, merge_lora
+from model import GPT, PRETRAINED, GPTConfig, KVCache
+from train import TrainConfig, make_optimizer
 
-# ---------------------------------------------------------------- adapter baselines
-
-
-class Adapter(nn.Module):
-    """Bottleneck adapter: h + up(f(down(norm(h)))), with C -> m -> C linear maps.
-
-    Houlsby et al. (2019) start adapters near the identity; here up is exactly zero (weights and
-    bias), so a fresh adapter is the identity and the adapted model starts as the base model.
-    Parameters: 2*C*m + m + C, plus 2*C for the LayerNorm of Adapter^L.
-    """
-
-    def __init__(self, n_embd: int, bottleneck: int, act: nn.Module, layer_norm: bool = False):
-        super().__init__()
-        self.ln = nn.LayerNorm(n_embd) if layer_norm else nn.Identity()
-        self.down = nn.Linear(n_embd, bottleneck)
-        self.act = act
-        self.up = nn.Linear(bottleneck, n_embd)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h):
-        return h + self.up(self.act(self.down(self.ln(h))))  # (B, T, C)
-
-
-class Then(nn.Module):
-    """module, then adapter on its output: inserts an adapter without editing model.py."""
-
-    def __init__(self, module: nn.Module, adapter: Adapter):
-        super().__init__()
-        self.module = module
-        self.adapter = adapter
-
-    def forward(self, *args, **kwargs):
-        return self.adapter(self.module(*args, **kwargs))
-
-
-# Per block: how many adapters, and the parameters each block has besides 2*C*m (see Adapter).
-#   H (Houlsby): two adapters, after attention's output projection and after the MLP, inside the
-#     residual branch (before the residual add), with the model's own nonlinearity, a GELU:
-#     2 * (2*C*m + m + C).
-#   L (Lin): one adapter with its own LayerNorm on the block's output, after the MLP, with a
-#     ReLU (the LoRA paper's description: "only after the MLP module and after a LayerNorm"):
-#     2*C*m + m + 3*C.
-ADAPTER_KINDS = ("H", "L")
-
-
-def adapter_param_count(kind: str, n_layer: int, n_embd: int, bottleneck: int) -> int:
-    """Parameters added by adapters of bottleneck m in every block of the model."""
-    C, m = n_embd, bottleneck
-    if kind == "H":
-        return n_layer * 2 * (2 * C * m + m + C)
-    if kind == "L":
-        return n_layer * (2 * C * m + m + 3 * C)
-    raise ValueError(f"unknown adapter kind {kind!r}: use one of {ADAPTER_KINDS}")
-
-
-def bottleneck_for(kind: str, n_layer: int, n_embd: int, target: int) -> int:
-    """The bottleneck m whose parameter count is nearest to target (Table 1 fixes |Θ|, 0.5M or
-    11M, and the bottleneck follows). The count is linear in m, count(m) = a*m + b, so
-    m = round((target - b) / a), at least 1."""
-    b = adapter_param_count(kind, n_layer, n_embd, 0)
-    a = adapter_param_count(kind, n_layer, n_embd, 1) - b
-    return max(1, round((target - b) / a))
-
-
-def add_adapters(model: GPT, kind: str, bottleneck: int) -> GPT:
-    """Insert Adapter^H or Adapter^L into every block of model, in place; returns model."""
-    C = model.config.n_embd
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}: use one of {ADAPTER_KINDS}")
-    like = dict(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
-    for i, block in enumerate(model.h):
-        if kind == "H":
-            for parent in (block.attn, block.mlp):
-                adapter = Adapter(C, bottleneck, nn.GELU()).to(**like)
-                parent.c_proj = Then(parent.c_proj, adapter)
-        else:
-            adapter = Adapter(C, bottleneck, nn.ReLU(), layer_norm=True).to(**like)
-            model.h[i] = Then(block, adapter)
-    return model
-
-
-def adapter_params(model: nn.Module) -> int:
-    return sum(p.numel() for m in model.modules() if isinstance(m, Adapter) for p in m.parameters())
-
+# What to pass on a machine other processes also use: the advice --help and the plan line give.
+SHARED_MACHINE = "--clock cpu --threads 1"
 
 # ---------------------------------------------------------------- the arms
 
@@ -155,8 +80,6 @@ def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int =
         return add_adapters(shared_copy(base), kind, m).eval()
     if arm not in ("lora_merged", "lora_unmerged"):
         raise ValueError(f"unknown arm {arm!r}: use some of {', '.join(ARMS)}")
-    from lora import apply_lora, merge_lora
-
     model = shared_copy(base)
     apply_lora(model, **LORA)
     g = torch.Generator().manual_seed(seed)
@@ -191,7 +114,6 @@ def extra_params(model: GPT, arm: str) -> int:
     if arm.startswith("adapter_"):
         return adapter_params(model)
     if arm == "lora_unmerged":
-        from lora import count_trainable
         return count_trainable(model)
     return 0
 
@@ -330,7 +252,7 @@ MODELS = {  # random weights in these shapes unless --init gives real ones
 
 def build_base(args) -> GPT:
     if args.init:
-        return load_base(args.init, args.device, args.dtype)
+        return GPT.from_pretrained(args.init, device=args.device, dtype=DTYPES[args.dtype])
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(**MODELS[args.model]))
     model.name = f"{args.model} shape, random weights"
@@ -416,7 +338,6 @@ def train_arm(args, arm: str):
     no Adam state, fused kernels) with train.py's defaults (TrainConfig, the paper's recipe)."""
     model = build_base(args)
     if arm == "lora":
-        from lora import apply_lora
         apply_lora(model, **LORA)
     elif arm != "full":
         raise ValueError(f"unknown training arm {arm!r}")
@@ -515,7 +436,10 @@ def peak_memory(args, arm: str) -> dict:
 def bench_train(args) -> dict:
     """Step time of full fine-tuning and LoRA, interleaved; peak memory of each in its own
     process; achieved FLOP/s of each as a share of the matmul FLOP/s."""
-    mem = {arm: peak_memory(args, arm) for arm in ("full", "lora")}
+    mem = {}
+    for arm in ("full", "lora"):
+        mem[arm] = peak_memory(args, arm)
+        say(args, f"training peak memory, {arm}: {mem[arm]['peak_bytes'] / 2 ** 20:.0f} MiB")
     arms = {arm: train_arm(args, arm) for arm in ("full", "lora")}
     idx, targets = batch_for(args, arms["full"][0].config)
     fns = {arm: (lambda mo=mo: train_step(*mo, idx, targets)) for arm, mo in arms.items()}
@@ -531,7 +455,85 @@ def bench_train(args) -> dict:
         s["mfu"] = s["tokens_per_s"] * s["flops_per_token"] / args.peak_flops
         s.update(mem[arm])
         s["memory_ratio_to_full"] = mem[arm]["peak_bytes"] / mem["full"]["peak_bytes"]
+    say(args, f"training step: full {out['full']['median_ms']:.0f} ms, lora "
+              f"{out['lora']['median_ms']:.0f} ms (ratio {out['lora']['ratio_to_base']:.3f})")
     return dict(batch=args.train_batch, seq=T, arms=out)
+
+
+# ---------------------------------------------------------------- the plan and progress lines
+
+# Rough shares of this machine's measured peaks that the timed calls reach, for the estimate
+# of the plan line only. Seen on a 2-core CPU, gpt2 shape, --quick: forward 40-75% of the matmul
+# FLOP/s, decoding 25-65% of the matrix-vector bandwidth, a training step 10-70%; the low ends
+# under load with 2 threads, the high ends with --threads 1.
+EXPECTED_SHARE = {"forward": 0.6, "decode": 0.4, "train": 0.3}
+PROCESS_START_S = 5.0  # a memory probe's Python, torch and model build, besides its steps
+
+
+def estimate_seconds(args, base: GPT, n_arms: int, shapes, skip) -> float:
+    """Roughly how long the timed work takes: the FLOPs (or, decoding, the weight bytes) of
+    every call, warm-ups and profiled calls included, at EXPECTED_SHARE of the matmul FLOP/s
+    and matrix-vector bandwidth this run measured, so under the load of the moment."""
+    c, n = base.config, counted_params(base)
+    calls = args.warmup + args.rounds + (1 if args.profile else 0)
+    flops_s = args.peak_flops
+    total = 0.0
+    if "forward" not in skip:
+        for B, T in shapes:
+            f = B * T * flops_per_token(c, n, T, "forward")
+            total += n_arms * calls * f / (flops_s * EXPECTED_SHARE["forward"])
+    if "decode" not in skip:
+        token_s = n * base.wte.weight.element_size() / (
+            args.gemv_bandwidth * EXPECTED_SHARE["decode"])
+        prefill = args.decode_prompt * flops_per_token(c, n, args.decode_prompt, "forward")
+        total += n_arms * (calls * args.decode_tokens * token_s
+                           + prefill / (flops_s * EXPECTED_SHARE["forward"]))
+    if "train" not in skip:
+        tokens, T = args.train_batch * args.train_seq, args.train_seq
+        step = {k: tokens * flops_per_token(c, n, T, kind) / (flops_s * EXPECTED_SHARE["train"])
+                for k, kind in (("full", "train"), ("lora", "lora_train"))}
+        # memory probes (a process each), then 1 warm-up step and the timed steps per arm
+        total += 2 * PROCESS_START_S + args.mem_steps * (step["full"] + step["lora"])
+        total += (1 + args.train_rounds) * (step["full"] + step["lora"])
+    return total
+
+
+def plan_line(args, model_name: str, names, shapes, skip, seconds: float) -> str:
+    """One line before the work: what runs, about how long it takes, and the settings for a
+    shared machine (wall time there counts the other processes' time as ours)."""
+    parts = []
+    if "forward" not in skip:
+        parts.append("forward " + ", ".join(f"{B}x{T}" for B, T in shapes))
+    if "decode" not in skip:
+        parts.append(f"decode {args.decode_tokens} tokens")
+    if "train" not in skip:
+        parts.append(f"train {args.train_batch}x{args.train_seq} (full, lora)")
+    minutes = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(seconds, 1):.0f} s"
+    load, cpus = _load(), os.cpu_count() or 1
+    busy = f"load {load:.1f} on {cpus} CPUs" if load is not None else f"{cpus} CPUs"
+    if args.device.startswith("cuda"):
+        advice = "on a shared GPU, run when it is idle"
+    elif args.clock == "cpu" and args.threads == 1:
+        advice = "CPU-time clock on 1 thread: the settings for a shared machine"
+    elif _busy(args.threads):
+        advice = f"this machine is busy: use {SHARED_MACHINE}"
+    else:
+        advice = f"on a shared or busy machine use {SHARED_MACHINE}"
+    return (f"bench.py: {model_name}, {args.device} {args.dtype}, {args.threads} threads, "
+            f"{args.clock} clock; {', '.join(parts) or 'nothing'}; {len(names)} arms x "
+            f"{args.rounds} rounds; about {minutes} at this machine's speed now ({busy}); "
+            f"{advice}")
+
+
+def say(args, text: str):
+    """A progress line as each measurement completes, with the seconds since the start."""
+    print(f"[{time.perf_counter() - args.t0:5.0f} s] {text}", flush=True)
+
+
+def ratios_text(part: dict, unit: str = "ms") -> str:
+    arms = part["arms"]
+    others = ", ".join(f"{a} {s['ratio_to_base']:.3f}" for a, s in arms.items() if a != "base")
+    return f"base {arms['base']['median_ms']:.2f} {unit}; ratio to base: {others}"
 
 
 # ---------------------------------------------------------------- targets and report
@@ -579,7 +581,8 @@ def check_targets(res: dict) -> list:
 def print_report(res: dict):
     m = res["machine"]
     print(f"\n{res['model']} ({res['params'] / 1e6:.1f}M parameters), {m['device']} "
-          f"{res['dtype']}, {m['threads']} threads, {m['cpu']}, torch {m['torch']}")
+          f"{res['dtype']}, {m['threads']} threads, {res['clock']} clock, {m['cpu']}, "
+          f"torch {m['torch']}; {res['seconds']:.0f} s (estimated {res['estimated_seconds']:.0f})")
     load = (f"; load average {m['load_average_start']:.1f} at start, "
             f"{m['load_average_end']:.1f} at end" if m["load_average_start"] is not None else "")
     print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
@@ -615,6 +618,10 @@ def print_report(res: dict):
     for t in res["targets"]:
         print(f"  {'met ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.3f} "
               f"(target {t['bound']})")
+    missed = not all(t["met"] for t in res["targets"])
+    if missed and _busy(m["threads"]) and (res["clock"], m["threads"]) != ("cpu", 1):
+        print(f"(on a shared or busy machine, other processes' time counts as the arms': "
+              f"rerun with {SHARED_MACHINE})")
 
 
 def _arm_table(part: dict, row: str):
@@ -642,6 +649,12 @@ def _load():
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def _busy(threads: int) -> bool:
+    """Whether other processes want more of the CPUs than our threads leave them."""
+    load = _load()
+    return load is not None and load + threads > (os.cpu_count() or 1)
+
+
 def parse_shapes(text: str):
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
@@ -662,24 +675,30 @@ def parse_count(text: str) -> int:
         raise ValueError(f"--adapter-params {text!r}: give a count such as 11M, 0.5M or 5000")
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Latency of LoRA (merged, unmerged) and adapter baselines against GPT-2 "
-                    "(LoRA Table 1), and LoRA's training savings against full fine-tuning (§4.2).")
+                    "(LoRA Table 1), and LoRA's training savings against full fine-tuning (§4.2). "
+                    "A first line says what will run and about how long; a line follows as "
+                    "each measurement completes.",
+        epilog=f"On a machine other processes also use (a shared server, a laptop busy with "
+               f"other work), pass {SHARED_MACHINE}: wall time would count their time as the "
+               f"arms', and the ratios and FLOP/s shares would swing with them.",
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), default="gpt2",
                    help="shape with random weights: gpt2 (124M), gpt2-medium (355M, the paper's "
-                        "Table 1 model), tiny (2 layers, for tests) (default gpt2)")
+                        "Table 1 model), tiny (2 layers, for tests)")
     g.add_argument("--init", default=None,
                    help="real weights instead: a released size, a directory or a weights file")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="of the weights and of every step (no autocast)")
     g = p.add_argument_group("what to measure")
     g.add_argument("--quick", action="store_true",
-                   help="about a minute on a 2-core CPU: seq 128 batch 1, few rounds, small "
-                        "training batch")
-    g.add_argument("--arms", default=",".join(ARMS),
-                   help=f"inference arms, comma-separated (default all: {','.join(ARMS)})")
+                   help="forward 1x128 only, 10 rounds, 8 decoded tokens, training batch 2 and "
+                        "3 training rounds: a few minutes on a 2-core CPU")
+    g.add_argument("--arms", default=",".join(ARMS), help="inference arms, comma-separated")
     g.add_argument("--shapes", default=None,
                    help="forward-pass settings BATCHxSEQ, comma-separated; the paper's are "
                         "32x512,16x256,1x128 (default: those on cuda, 4x256,1x128 on cpu)")
@@ -688,33 +707,39 @@ def main(argv=None):
                         "1: 0.5M at 32x512, 11M elsewhere)")
     g.add_argument("--profile", action="store_true",
                    help="also list the ops each arm spends its time in (torch.profiler)")
-    g.add_argument("--skip", default="",
+    g.add_argument("--skip", default=None,
                    help="parts to leave out, comma-separated: forward, decode, train")
     g = p.add_argument_group("rounds and sizes")
     g.add_argument("--rounds", type=int, default=None,
                    help="timed rounds per arm (default 30, quick 10)")
-    g.add_argument("--warmup", type=int, default=2, help="untimed calls per arm first (2)")
-    g.add_argument("--decode-prompt", type=int, default=128, help="cached prompt length (128)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed calls per arm first")
+    g.add_argument("--decode-prompt", type=int, default=128, help="cached prompt length")
     g.add_argument("--decode-tokens", type=int, default=None,
                    help="tokens decoded per timed call (default 16, quick 8)")
     g.add_argument("--train-batch", type=int, default=None,
                    help="sequences per training step (default 4, quick 2)")
-    g.add_argument("--train-seq", type=int, default=128,
-                   help="tokens per training sequence (default 128)")
+    g.add_argument("--train-seq", type=int, default=128, help="tokens per training sequence")
     g.add_argument("--train-rounds", type=int, default=None,
                    help="timed training steps per arm (default 10, quick 3)")
-    g.add_argument("--mem-steps", type=int, default=2, help="steps of each memory probe (2)")
-    g = p.add_argument_group("run")
+    g.add_argument("--mem-steps", type=int, default=2, help="steps of each memory probe")
+    g = p.add_argument_group("run (on a shared or busy machine: " + SHARED_MACHINE + ")")
     g.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help=f"torch threads, fixed for the run (default {torch.get_num_threads()})")
+                   help="torch threads, fixed for the run; 1 on a shared machine")
     g.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                   help="wall (latency, default) or cpu (process CPU time: robust to other "
-                        "processes on a shared machine; use with --threads 1)")
-    g.add_argument("--seed", type=int, default=0)
+                   help="wall: latency as a user sees it; cpu: this process's CPU time, which "
+                        "other processes hardly change (with --threads 1 it is the compute "
+                        "time; with more threads it sums them, so it is no latency)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random weights, LoRA matrices, inputs")
     g.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # memory probe, internal
+    return p
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
+    args.t0 = time.perf_counter()
     args.device = get_device(args.device)
     q = args.quick
     for name, quick, full in (("rounds", 10, 30), ("decode_tokens", 8, 16), ("train_batch", 2, 4),
@@ -736,29 +761,37 @@ def main(argv=None):
     args.child_argv = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
                        "--threads", str(args.threads), "--seed", str(args.seed),
                        "--train-batch", str(args.train_batch), "--train-seq", str(args.train_seq),
-                       "--mem-steps", str(args.mem_steps)] + (["--init", args.init]
-                                                              if args.init else [])
+                       "--mem-steps", str(args.mem_steps)]
+    if args.init:
+        args.child_argv += ["--init", args.init]
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in names if a not in ARMS]
     if bad:
         raise ValueError(f"--arms: unknown {bad}; use some of {', '.join(ARMS)}")
     names = ["base"] + [a for a in names if a != "base"]  # ratios need the base arm
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = {s.strip() for s in (args.skip or "").split(",") if s.strip()}
     if skip - {"forward", "decode", "train"}:
         raise ValueError(f"--skip: unknown {sorted(skip - {'forward', 'decode', 'train'})}")
     cuda = args.device.startswith("cuda")
     if cuda and args.clock == "cpu":
         raise ValueError("--clock cpu times the CPU: on cuda use the default --clock wall")
-    shapes = parse_shapes(args.shapes or ("1x128" if q else
-                                          "32x512,16x256,1x128" if cuda else "4x256,1x128"))
+    if args.shapes:
+        shapes = parse_shapes(args.shapes)
+    elif q:
+        shapes = parse_shapes("1x128")
+    else:
+        shapes = parse_shapes("32x512,16x256,1x128" if cuda else "4x256,1x128")
 
     dtype = DTYPES[args.dtype]
     args.peak_flops = matmul_flops(args.device, dtype, clock=CLOCKS[args.clock])
     args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
     args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
     base = build_base(args)
+    model_name = getattr(base, "name", args.model)
+    seconds = estimate_seconds(args, base, len(names), shapes, skip)
+    print(plan_line(args, model_name, names, shapes, skip, seconds), flush=True)
     arms = Arms(base, names, args.seed)
-    res = dict(model=getattr(base, "name", args.model), params=base.num_params(),
+    res = dict(model=model_name, params=base.num_params(),
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(LORA, targets=list(LORA["targets"])),
                machine=dict(device=torch.cuda.get_device_name() if cuda else "cpu",
@@ -766,20 +799,27 @@ def main(argv=None):
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                             matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,
                             gemv_bandwidth=args.gemv_bandwidth,
-                            load_average_start=_load()))
+                            load_average_start=_load()),
+               estimated_seconds=seconds)
     if "forward" not in skip:
-        res["forward"] = [bench_forward(arms, B, T, args) for B, T in shapes]
+        res["forward"] = []
+        for B, T in shapes:
+            part = bench_forward(arms, B, T, args)
+            say(args, f"forward {B}x{T}: " + ratios_text(part))
+            res["forward"].append(part)
     if "decode" not in skip:
         res["decode"] = bench_decode(arms, args)
+        say(args, "decode, per token: " + ratios_text(res["decode"]))
     del base, arms
     if "train" not in skip:
         res["train"] = bench_train(args)
     res["machine"]["load_average_end"] = _load()
+    res["seconds"] = time.perf_counter() - args.t0
     res["targets"] = check_targets(res)
     print_report(res)
     if args.json:
-        _atomic_write(Path(args.json),
-                      lambda path: Path(path).write_text(json.dumps(res, indent=2) + "\n"))
+        text = json.dumps(res, indent=2) + "\n"
+        atomic_write(args.json, lambda path: Path(path).write_text(text))
     return 0
 
 

@@ -14,17 +14,26 @@ has a figure) under --out:
 Every fine-tuning run is cached under --out/runs (its adapter and its validation loss), so the
 studies share runs: `all` trains each configuration once.
 
-Reading order: the math (subspace_similarity, projection_norm, ...) -> reading A and Delta W out
-of a LoRA model -> the runs -> one function per study -> plots -> main().
+Reading order: the math (subspace_similarity, projection_norm, ...) -> reading A, W0 and Delta W
+out of a LoRA model (through LoRALinear's slices, base_weight, delta_weight) -> the runs -> plots
+-> one function per study -> main().
 """
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from adapters import load_adapter, save_adapter
+from common import HelpFormatter, atomic_write, get_device, run_main, save_figure, tensors_digest
+from data.datasets import PAD, load_data
+from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
+from model import GPT
+from train import TrainConfig, evaluate, train
 
 # ---------------------------------------------------------------- the math of §7
 
@@ -93,28 +102,33 @@ def delta_w_vs_w(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> di
 # ---------------------------------------------------------------- A and Delta W of a LoRA model
 
 
+def lora_layer(model, layer: int, name: str):
+    """The LoRALinear of block `layer` that adapts slice `name` ("q", "k", "v" of the fused
+    c_attn, "o" of attn.c_proj): found by its .slices, so no offset is re-derived here."""
+    for module in model.h[layer].modules():
+        if isinstance(module, LoRALinear) and name in module.slices:
+            return module
+    raise ValueError(f"block {layer} has no LoRA on W_{name}")
+
+
 def lora_factors(model, layer: int, name: str):
-    """(A, B, scaling) of slice `name` ("q", "k", "v") of block `layer`'s c_attn, or of "o"
-    (attn.c_proj): Delta W = scaling * B @ A, with A (r, C) acting on the input (§4.1)."""
-    module = model.h[layer].attn.c_proj if name == "o" else model.h[layer].attn.c_attn
-    if not hasattr(module, "lora_A") or name not in module.lora_A:
-        raise ValueError(f"block {layer} has no LoRA on W_{name}")
+    """(A, B, scaling) of slice `name` of block `layer`: Delta W = scaling * B @ A, with A (r, C)
+    acting on the input (§4.1)."""
+    module = lora_layer(model, layer, name)
     return module.lora_A[name].detach(), module.lora_B[name].detach(), module.scaling
 
 
 def base_weight(model, layer: int, name: str) -> torch.Tensor:
-    """W_q, W_k, W_v (rows of the fused c_attn) or W_o of block `layer`, (C, C), as nn.Linear
-    stores it (out, in): the W of h = W x. The adapter must not be merged into it."""
-    C = model.config.n_embd
-    if name == "o":
-        return model.h[layer].attn.c_proj.weight.detach()
-    i = "qkv".index(name)
-    return model.h[layer].attn.c_attn.weight.detach()[i * C:(i + 1) * C]
+    """W_q, W_k, W_v or W_o of block `layer`, (C, C), as nn.Linear stores it (out, in): the W0 of
+    h = W0 x + Delta W x, also when the adapter is merged (LoRALinear.base_weight)."""
+    module = lora_layer(model, layer, name)
+    start, stop = module.slices[name]
+    return module.base_weight().detach()[start:stop]
 
 
 def delta_weight(model, layer: int, name: str) -> torch.Tensor:
-    A, B, scaling = lora_factors(model, layer, name)
-    return scaling * B.double() @ A.double()  # (C, r) @ (r, C) -> (C, C)
+    """Delta W = (alpha/r) B A of slice `name` of block `layer`, (C, C), in fp32."""
+    return lora_layer(model, layer, name).delta_weight(name)
 
 
 @torch.no_grad()
@@ -123,8 +137,6 @@ def block_inputs(model, data, layer: int, batch_size: int, max_batches) -> torch
     position of data's evaluation batches. A's gradient is a sum of (B^T dh) x^T over these x,
     so training pushes A's rows towards the directions X occupies most; comparing A with X's
     right-singular vectors separates that pull from structure specific to the task."""
-    from data.datasets import PAD
-
     rows = []
     hook = model.h[layer].ln_1.register_forward_hook(lambda m, i, o: rows.append(o.detach()))
     was_training = model.training
@@ -145,6 +157,18 @@ def block_inputs(model, data, layer: int, batch_size: int, max_batches) -> torch
 TARGET_SETS = {"q": ("q",), "qv": ("q", "v"), "qkvo": ("q", "k", "v", "o")}
 
 
+def weights_label(targets) -> str:
+    """("q", "v") -> "W_q,W_v": the adapted weights as the paper names them (Tables 5 and 6)."""
+    return ",".join(f"W_{t}" for t in targets)
+
+
+def describe_run(args) -> str:
+    """What every table and figure of one invocation shares: the task, the base model (as given
+    to --init) and the budget of each fine-tuning run."""
+    return (f"{Path(str(args.data)).name}, base model {args.init}: {args.steps} steps x batch "
+            f"{args.batch_size} per run")
+
+
 class Runs:
     """Fine-tuning runs of one base model on one task, each trained once with the same budget
     (steps, batch, schedule) and cached under out/runs: NAME.json (settings, validation loss,
@@ -152,14 +176,12 @@ class Runs:
     settings match."""
 
     def __init__(self, args):
-        from train import load_base, load_data
-
         self.args = args
         self.dir = Path(args.out) / "runs"
         self.dir.mkdir(parents=True, exist_ok=True)
-        probe = load_base(args.init, "cpu")  # for the block size and the base's identity
+        probe = self.load_base("cpu")  # for the block size and the base's identity
         self.config = probe.config
-        self.base_id = _weights_id(probe)
+        self.base_id = tensors_digest(probe.state_dict())
         self.block_size = min(args.block_size, probe.config.block_size)
         self.train_data, self.val_data = load_data(args.data, self.block_size)
 
@@ -171,13 +193,15 @@ class Runs:
                 "lr": a.lr_full if targets == "full" else a.lr, "alpha": a.alpha,
                 "lora_dropout": a.lora_dropout, "eval_batches": a.eval_batches}
 
+    def load_base(self, device):
+        """A fresh copy of the base model (--init) on device."""
+        return GPT.from_pretrained(self.args.init, device=device)
+
     def base_loss(self) -> dict:
         """The base model on the task, untuned: where every run starts."""
-        from train import evaluate, load_base
-
         s = {**self.settings("none", 0, 0), "steps": 0}
         return self._cached("base", s, lambda: {"val_loss": evaluate(
-            load_base(self.args.init, self.args.device), self.val_data, self.args.batch_size,
+            self.load_base(self.args.device), self.val_data, self.args.batch_size,
             self.args.eval_batches)})
 
     def get(self, targets, rank: int = 0, seed: int = 0) -> dict:
@@ -191,20 +215,14 @@ class Runs:
 
     def model(self, targets, rank, seed=0):
         """The fine-tuned LoRA model of a run (trained first if needed), on the CPU."""
-        from lora import load_adapter
-        from train import load_base
-
         self.get(targets, rank, seed)
         name = f"{''.join(targets)}-r{rank}-s{seed}"
-        return load_adapter(load_base(self.args.init, "cpu"), self.dir / f"{name}.safetensors")
+        return load_adapter(self.load_base("cpu"), self.dir / f"{name}.safetensors")
 
     def initial_A(self, targets, rank, seed, layer, name):
         """A as apply_lora drew it before training (same seed): to see how far training moved
         it."""
-        from lora import apply_lora
-        from train import load_base
-
-        m = load_base(self.args.init, "cpu")
+        m = self.load_base("cpu")
         torch.manual_seed(seed)
         apply_lora(m, rank=rank, alpha=self.args.alpha, targets=targets,
                    dropout=self.args.lora_dropout)
@@ -225,11 +243,8 @@ class Runs:
         return rec
 
     def _train(self, name, targets, rank, seed) -> dict:
-        from lora import apply_lora, count_trainable, paper_num_params, save_adapter
-        from train import TrainConfig, load_base, train
-
         a = self.args
-        model = load_base(a.init, a.device)
+        model = self.load_base(a.device)
         torch.manual_seed(seed)  # A's initialisation
         if targets == "full":
             paper = None
@@ -251,40 +266,23 @@ class Runs:
                 "history": [{k: h[k] for k in ("step", "train_loss")} for h in history]}
 
 
-def _weights_id(model) -> str:
-    """A short hash of every weight of the base: a cached run belongs to exactly this base."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _write_json(path, obj):
-    from model import _atomic_write
-
-    _atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-# ---------------------------------------------------------------- plots (matplotlib, Agg)
+    text = json.dumps(obj, indent=1) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text))
 
 
-def _figure(path, draw, figsize):
-    """Draw with draw(fig) and save a PNG atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# ---------------------------------------------------------------- plots
 
-    from model import _atomic_write
+# Each plot is a matplotlib.figure.Figure, not pyplot's: no global backend is switched, and
+# nothing is registered with pyplot that would need closing (see common.save_figure).
 
-    fig = plt.figure(figsize=figsize, layout="constrained")
-    try:
-        draw(fig)
-        _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+
+def _figure(table: dict, figsize, heading=None) -> Figure:
+    """A figure whose title names the run: task, base model and budget (table["run"]), after
+    the heading if given."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    fig.suptitle(f"{heading}; {table['run']}" if heading else table["run"], fontsize=9)
+    return fig
 
 
 def _heatmap(ax, grid, title, xlabel, ylabel):
@@ -295,70 +293,83 @@ def _heatmap(ax, grid, title, xlabel, ylabel):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return im
 
 
-def plot_rank_sweep(table: dict, path):
+def rank_figure(table: dict) -> Figure:
     """Validation loss against r for each set of adapted weights, base and full fine-tuning as
     horizontal lines (the paper reports Table 6 as a table; the plot shows the same numbers)."""
-    def draw(fig):
-        ax = fig.subplots()
-        for targets, by_rank in table["lora"].items():
-            ranks = sorted(int(r) for r in by_rank)
-            ax.plot(ranks, [by_rank[str(r)]["val_loss"] for r in ranks], "o-", label=targets)
-        ax.axhline(table["base"]["val_loss"], color="gray", ls=":", label="base (no tuning)")
-        ax.axhline(table["full"]["val_loss"], color="black", ls="--", label="full fine-tuning")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("rank r")
-        ax.set_ylabel("validation loss")
-        ax.set_title(table["title"], fontsize=9)
-        ax.legend(fontsize=8)
-    _figure(path, draw, (5.5, 3.8))
+    fig = _figure(table, (5.5, 3.8))
+    ax = fig.subplots()
+    for name, by_rank in table["lora"].items():
+        ranks = sorted(int(r) for r in by_rank)
+        ax.plot(ranks, [by_rank[str(r)]["val_loss"] for r in ranks], "o-",
+                label=weights_label(TARGET_SETS[name]))
+    ax.axhline(table["base"]["val_loss"], color="gray", ls=":", label="base (no tuning)")
+    ax.axhline(table["full"]["val_loss"], color="black", ls="--", label="full fine-tuning")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("validation loss")
+    ax.set_title(table["title"], fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
 
 
-def plot_weight_types(table: dict, path):
-    def draw(fig):
-        ax = fig.subplots()
-        rows = table["rows"]
-        names = [f"{row['targets']}\nr={row['rank']}" for row in rows]
-        ax.bar(names, [row["val_loss"] for row in rows], color="tab:blue")
-        ax.axhline(table["full"]["val_loss"], color="black", ls="--", label="full fine-tuning")
-        lo = min(min(row["val_loss"] for row in rows), table["full"]["val_loss"])
-        hi = max(row["val_loss"] for row in rows)
-        ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
-        ax.set_ylabel("validation loss")
-        ax.set_title(table["title"], fontsize=9)
-        ax.legend(fontsize=8)
-    _figure(path, draw, (6.5, 3.6))
+def types_figure(table: dict) -> Figure:
+    """Table 5 as bars: validation loss of each choice of weights at the same budget."""
+    fig = _figure(table, (7.5, 3.6))
+    ax = fig.subplots()
+    rows = table["rows"]
+    names = [f"{weights_label(row['targets'].split(','))}\nr={row['rank']}" for row in rows]
+    ax.bar(names, [row["val_loss"] for row in rows], color="tab:blue")
+    ax.axhline(table["full"]["val_loss"], color="black", ls="--", label="full fine-tuning")
+    lo = min(min(row["val_loss"] for row in rows), table["full"]["val_loss"])
+    hi = max(row["val_loss"] for row in rows)
+    ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("validation loss")
+    ax.set_title(table["title"], fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
 
 
-def plot_subspace_ranks(grids: dict, path, layer: int):
+def subspace_ranks_figure(table: dict) -> Figure:
     """Figure 3: phi(A_r=8, A_r=64, i, j) for Delta W_q and Delta W_v, all j, and j <= 8."""
-    def draw(fig):
-        axes = fig.subplots(1, 4, width_ratios=[3, 1, 3, 1])
-        for k, (name, grid) in enumerate(grids.items()):
-            r1, r2 = grid.shape
-            im = _heatmap(axes[2 * k], grid, f"Delta W_{name}, block {layer}", "j", "i")
-            _heatmap(axes[2 * k + 1], grid[:, :min(r1, r2)], f"W_{name}, j <= {min(r1, r2)}",
-                     "j", "i")
-        fig.colorbar(im, ax=axes, shrink=0.8, label=f"phi(A_r={r1}, A_r={r2}, i, j)")
-    _figure(path, draw, (11, 2.8))
+    small, large = table["small_rank"], table["large_rank"]
+    fig = _figure(table, (11, 3.0), f"Figure 3: subspaces of A_r={small} and A_r={large}")
+    grids, layer = table["ranks"], table["layer"]
+    axes = fig.subplots(1, 4, width_ratios=[3, 1, 3, 1])
+    for k, (name, grid) in enumerate(grids.items()):
+        r1, r2 = grid.shape
+        im = _heatmap(axes[2 * k], grid, f"Delta W_{name}, block {layer}", "j", "i")
+        _heatmap(axes[2 * k + 1], grid[:, :min(r1, r2)], f"W_{name}, j <= {min(r1, r2)}",
+                 "j", "i")
+    fig.colorbar(im, ax=axes, shrink=0.8, label=f"phi(A_r={r1}, A_r={r2}, i, j)")
+    return fig
 
 
-def plot_subspace_seeds(grids: dict, path, layer: int):
+def subspace_seeds_figure(table: dict) -> Figure:
     """Figure 4: phi(A_r=64 seed a, A_r=64 seed b, i, j) for Delta W_q, Delta W_v, and for two
     random Gaussian matrices of the same shape."""
-    def draw(fig):
-        axes = fig.subplots(1, len(grids))
-        for ax, (name, grid) in zip(axes, grids.items()):
-            title = "random Gaussian" if name == "random" else f"Delta W_{name}, block {layer}"
-            im = _heatmap(ax, grid, title, "j (seed b)", "i (seed a)")
-        fig.colorbar(im, ax=axes, shrink=0.8, label="phi")
-    _figure(path, draw, (11, 3.2))
+    heading = f"Figure 4: A_r={table['large_rank']} of two seeds, and two random matrices"
+    fig = _figure(table, (11, 3.4), heading)
+    grids, layer = table["seeds"], table["layer"]
+    axes = fig.subplots(1, len(grids))
+    for ax, (name, grid) in zip(axes, grids.items()):
+        title = "random Gaussian" if name == "random" else f"Delta W_{name}, block {layer}"
+        im = _heatmap(ax, grid, title, "j (seed b)", "i (seed a)")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="phi")
+    return fig
+
+
+# The figures each study writes beside its JSON: file name -> figure of the study's table.
+FIGURES = {"rank": {"rank.png": rank_figure}, "types": {"types.png": types_figure},
+           "subspace": {"subspace_ranks.png": subspace_ranks_figure,
+                        "subspace_seeds.png": subspace_seeds_figure},
+           "deltaw": {}}
 
 
 # ---------------------------------------------------------------- the studies
@@ -400,13 +411,12 @@ def study_rank(runs: Runs, args) -> dict:
     """Table 6: validation loss for q / q,v / q,k,v,o at each rank, same budget, with the base
     (no tuning) and full fine-tuning beside them."""
     ranks = _ranks(args, runs.config.n_embd)
-    table = {"title": f"{Path(args.data).name} validation loss after {args.steps} steps x "
-                      f"batch {args.batch_size}, base {Path(str(args.init)).name}",
+    table = {"title": "Table 6: validation loss by rank r", "run": describe_run(args),
              "base": runs.base_loss(), "full": runs.get("full"), "lora": {}}
     for name, targets in TARGET_SETS.items():
         table["lora"][name] = {str(r): runs.get(targets, r) for r in ranks}
-    rows = [[name] + [table["lora"][name][str(r)]["val_loss"] for r in ranks]
-            for name in TARGET_SETS]
+    rows = [[weights_label(targets)] + [table["lora"][name][str(r)]["val_loss"] for r in ranks]
+            for name, targets in TARGET_SETS.items()]
     rows += [["base (no tuning)", table["base"]["val_loss"]] + [""] * (len(ranks) - 1),
              ["full fine-tuning", table["full"]["val_loss"]] + [""] * (len(ranks) - 1)]
     table["markdown"] = _md_table(["weights"] + [f"r={r}" for r in ranks], rows)
@@ -422,21 +432,20 @@ def study_types(runs: Runs, args) -> dict:
             (("q", "v"), R // 2), (("q", "k", "v", "o"), R // 4)]
     if R % 4 or R > runs.config.n_embd:
         raise ValueError(f"--budget-rank must be a multiple of 4 and at most n_embd, got {R}")
-    from lora import paper_num_params
-
     budget = paper_num_params(runs.config, R, ("q",))
     rows = []
     for targets, r in plan:
         rec = runs.get(targets, r)
         rows.append({"targets": ",".join(targets), "rank": r, "val_loss": rec["val_loss"],
                      "params": paper_num_params(runs.config, r, targets)})
-    table = {"title": f"{Path(args.data).name} validation loss, {budget:,} trainable "
-                      f"parameters each (2 x n_layer x d_model x {R})",
+    table = {"title": f"Table 5: validation loss at {budget:,} trainable parameters each "
+                      f"(2 x n_layer x d_model x {R})", "run": describe_run(args),
              "budget": budget, "rows": rows, "full": runs.get("full"),
              "base": runs.base_loss()}
-    table["markdown"] = _md_table(["weights", "r", "params", "val loss"],
-                                  [[r["targets"], r["rank"], r["params"], r["val_loss"]]
-                                   for r in rows])
+    table["markdown"] = _md_table(
+        ["weights", "r", "params", "val loss"],
+        [[weights_label(r["targets"].split(",")), r["rank"], r["params"], r["val_loss"]]
+         for r in rows])
     return table
 
 
@@ -448,11 +457,9 @@ def study_subspace(runs: Runs, args) -> dict:
     layer = _layer(args, runs.config)
     m_small, m_large = runs.model(("q", "v"), small, 0), runs.model(("q", "v"), large, 0)
     m_seed = runs.model(("q", "v"), large, 1)
-    out = {"layer": layer, "small_rank": small, "large_rank": large, "n_embd": C,
-           "ranks": {}, "seeds": {}, "summary": {}}
-    from train import load_base
-
-    inputs = block_inputs(load_base(args.init, "cpu"), runs.val_data, layer, args.batch_size,
+    out = {"run": describe_run(args), "layer": layer, "small_rank": small, "large_rank": large,
+           "n_embd": C, "ranks": {}, "seeds": {}, "summary": {}}
+    inputs = block_inputs(runs.load_base("cpu"), runs.val_data, layer, args.batch_size,
                           args.eval_batches)
     X = right_singular_vectors(inputs)  # (C, C): the inputs' directions, most used first
     s = torch.linalg.svdvals(inputs.double())
@@ -504,7 +511,7 @@ def study_deltaw(runs: Runs, args) -> dict:
     (the table shows the study's layer)."""
     layer = _layer(args, runs.config)
     C = runs.config.n_embd
-    out = {"layer": layer, "by_rank": {}}
+    out = {"run": describe_run(args), "layer": layer, "by_rank": {}}
     for r in (args.deltaw_ranks or []):
         if r > C:
             print(f"note: --deltaw-ranks {r} skipped, above n_embd = {C}")
@@ -554,13 +561,9 @@ def run_studies(args) -> dict:
         table = {"rank": study_rank, "types": study_types, "subspace": study_subspace,
                  "deltaw": study_deltaw}[name](runs, args)
         table["seconds"] = round(time.perf_counter() - t, 1)
-        if name == "rank":
-            plot_rank_sweep(table, results / "rank.png")
-        elif name == "types":
-            plot_weight_types(table, results / "types.png")
-        elif name == "subspace":
-            plot_subspace_ranks(table["ranks"], results / "subspace_ranks.png", table["layer"])
-            plot_subspace_seeds(table["seeds"], results / "subspace_seeds.png", table["layer"])
+        for file, figure in FIGURES[name].items():
+            save_figure(figure(table), results / file)
+        if name == "subspace":
             for key in ("ranks", "seeds"):  # tensors -> lists for JSON
                 table[key] = {k: [[round(float(v), 4) for v in row] for row in g]
                               for k, g in table[key].items()}
@@ -572,7 +575,7 @@ def run_studies(args) -> dict:
     return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Rerun §7 of the LoRA paper on a base model and a task: rank sweep "
                     "(Table 6), weight types at a fixed budget (Table 5), subspace similarity "
@@ -580,7 +583,7 @@ def main(argv=None):
                     "writes JSON (and PNGs) to --results; fine-tuning runs are cached in "
                     "--out/runs and shared between studies.",
         epilog="Defaults fit a 2-core CPU and the base trained as in README (section studies).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("studies", nargs="+", choices=STUDIES + ("all",), help="which studies to run")
     g = p.add_argument_group("base model and task")
     g.add_argument("--init", required=True,
@@ -603,13 +606,13 @@ def main(argv=None):
                    help="a tiny budget for a smoke test: " +
                         ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     g = p.add_argument_group("studies")
-    g.add_argument("--ranks", type=_int_list, default=[1, 2, 4, 8, 64],
+    g.add_argument("--ranks", type=_int_list, default="1,2,4,8,64",
                    help="ranks of the rank sweep (Table 6)")
     g.add_argument("--budget-rank", type=int, default=8,
                    help="types: rank of a single matrix type; the budget is 2 x L x d x this")
     g.add_argument("--small-rank", type=int, default=8, help="subspace: the r=8 of A_r=8")
     g.add_argument("--large-rank", type=int, default=64, help="subspace: the r=64 of A_r=64")
-    g.add_argument("--deltaw-ranks", type=_int_list, default=[4, 64],
+    g.add_argument("--deltaw-ranks", type=_int_list, default="4,64",
                    help="deltaw: adapter ranks to analyse (Table 7 has 4 and 64)")
     g.add_argument("--layer", type=int, default=None,
                    help="block (0-based) analysed by subspace and deltaw (default: n_layer/2 - 1, "
@@ -618,6 +621,11 @@ def main(argv=None):
     g.add_argument("--out", default="out/studies", help="runs cache (adapters, run records)")
     g.add_argument("--results", default=None, help="tables and figures (default: --out)")
     g.add_argument("--fresh", action="store_true", help="retrain runs even if cached")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -630,14 +638,10 @@ def main(argv=None):
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
     if not args.ranks or min(args.ranks) < 1:
         raise ValueError("--ranks must be positive integers")
-    from train import get_device
-
     args.device = get_device(args.device)
     run_studies(args)
     return 0
 
 
 if __name__ == "__main__":
-    from train import run_main
-
     run_main(main)

@@ -1,6 +1,8 @@
-"""bench.py: the adapter baselines (parameter counts, identity at init, placement), every arm's
-forward, the FLOP count against torch's counter, and the CLI end to end on a tiny model.
-No timing is asserted: timings are what bench.py reports, not what it must get."""
+"""bench.py and baselines.py: the adapter baselines (parameter counts, identity at init,
+placement), every arm's forward, the FLOP count against torch's counter, the plan and progress
+lines, and the CLI end to end on a tiny model. No timing is asserted: timings are what bench.py
+reports, not what it must get."""
+import argparse
 import json
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import baselines
 import bench
 from model import GPT, GPTConfig, KVCache
 
@@ -28,12 +31,19 @@ def tiny(seed=0, **kw):
 def test_adapter_parameter_counts_match_formula(kind, n_layer, n_embd, m):
     model = tiny(n_layer=n_layer, n_embd=n_embd, n_head=4)
     before = model.num_params()
-    bench.add_adapters(model, kind, m)
+    baselines.add_adapters(model, kind, m)
     C, L = n_embd, n_layer
     formula = L * 2 * (2 * C * m + m + C) if kind == "H" else L * (2 * C * m + m + 3 * C)
-    assert bench.adapter_param_count(kind, L, C, m) == formula
-    assert bench.adapter_params(model) == formula
+    assert baselines.adapter_param_count(kind, L, C, m) == formula
+    assert baselines.adapter_params(model) == formula
     assert model.num_params() - before == formula  # nothing else was added
+
+
+def test_unknown_adapter_kind_is_refused():
+    for call in (lambda: baselines.add_adapters(tiny(), "P", 4),
+                 lambda: baselines.adapter_param_count("P", 2, 32, 4)):
+        with pytest.raises(ValueError, match="unknown adapter kind"):
+            call()
 
 
 @pytest.mark.parametrize("kind", ["H", "L"])
@@ -41,22 +51,23 @@ def test_adapter_parameter_counts_match_formula(kind, n_layer, n_embd, m):
 def test_bottleneck_is_the_nearest_to_the_target_count(kind, target):
     # GPT-2 medium, the model of the paper's Table 1, at its two adapter sizes
     L, C = 24, 1024
-    m = bench.bottleneck_for(kind, L, C, target)
-    err = abs(bench.adapter_param_count(kind, L, C, m) - target)
-    assert err <= abs(bench.adapter_param_count(kind, L, C, m + 1) - target)
-    assert m == 1 or err <= abs(bench.adapter_param_count(kind, L, C, m - 1) - target)
+    m = baselines.bottleneck_for(kind, L, C, target)
+    err = abs(baselines.adapter_param_count(kind, L, C, m) - target)
+    assert err <= abs(baselines.adapter_param_count(kind, L, C, m + 1) - target)
+    assert m == 1 or err <= abs(baselines.adapter_param_count(kind, L, C, m - 1) - target)
 
 
 def test_adapters_sit_where_the_papers_put_them():
-    h = bench.add_adapters(tiny(), "H", 4)
+    h = baselines.add_adapters(tiny(), "H", 4)
     for block in h.h:  # Houlsby: after attention's output projection and after the MLP
-        assert isinstance(block.attn.c_proj, bench.Then)
-        assert isinstance(block.mlp.c_proj, bench.Then)
+        assert isinstance(block.attn.c_proj, baselines.Then)
+        assert isinstance(block.mlp.c_proj, baselines.Then)
         assert isinstance(block.attn.c_proj.adapter.ln, torch.nn.Identity)
-    lin = bench.add_adapters(tiny(), "L", 4)
+    lin = baselines.add_adapters(tiny(), "L", 4)
     for block in lin.h:  # Lin: one adapter with its own LayerNorm on the block's output
-        assert isinstance(block, bench.Then) and isinstance(block.adapter.ln, torch.nn.LayerNorm)
-        assert not isinstance(block.module.attn.c_proj, bench.Then)
+        assert isinstance(block, baselines.Then)
+        assert isinstance(block.adapter.ln, torch.nn.LayerNorm)
+        assert not isinstance(block.module.attn.c_proj, baselines.Then)
     # The Lin adapter sees the block's output: checked by value on one block
     x = torch.randn(2, 5, TINY.n_embd)
     seen = []
@@ -93,7 +104,7 @@ def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
     # and the adapters are on the forward path: a non-zero up-projection changes the logits
     for a in ("adapter_H", "adapter_L"):
         for m in arms[a].modules():
-            if isinstance(m, bench.Adapter):
+            if isinstance(m, baselines.Adapter):
                 m.up.weight.normal_()
         assert (arms[a](idx) - ref).abs().max() > 1e-3, a
 
@@ -160,6 +171,52 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
         assert s["peak_bytes"] > 0 and s["tokens_per_s"] > 0 and s["mfu"] > 0
     assert {t["target"] for t in res["targets"]} == {t[0] for t in bench.TARGETS}
     assert "Targets" in r.stdout and "lora_unmerged" in r.stdout
+    # Before any measurement, one line with the plan, an estimate and the shared-machine
+    # settings; then a line as each measurement completes, before the report.
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("bench.py: tiny shape") and "about " in lines[0]
+    assert bench.SHARED_MACHINE in lines[0]
+    report = lines.index("Targets:")
+    progress = ["forward 1x128: base", "decode, per token: base", "training peak memory, full",
+                "training peak memory, lora", "training step: full"]
+    at = [next(i for i, line in enumerate(lines) if want in line) for want in progress]
+    assert at == sorted(at) and 0 < at[0] and at[-1] < report
+    assert res["estimated_seconds"] > 0 and res["seconds"] > 0
+
+
+def test_help_shows_every_option_and_the_shared_machine_settings():
+    p = bench.parser()
+    text = p.format_help()
+    assert "(default: None)" not in text
+    for action in p._actions:  # argparse keeps no public list of the options
+        if action.help is argparse.SUPPRESS:
+            continue
+        assert action.help, action.option_strings
+        assert "default" not in action.help or action.default is None, action.option_strings
+    # the settings for a shared machine are said up front: in the group heading and the epilog
+    assert " ".join(text.split()).count(bench.SHARED_MACHINE) >= 2
+
+
+def plan_args(**kw):
+    a = dict(device="cpu", dtype="float32", threads=2, clock="wall", rounds=10, warmup=2,
+             profile=False, decode_prompt=128, decode_tokens=8, train_batch=2, train_seq=128,
+             train_rounds=3, mem_steps=2, peak_flops=1e11, gemv_bandwidth=1e10)
+    return argparse.Namespace(**{**a, **kw})
+
+
+def test_plan_line_says_what_runs_how_long_and_which_settings():
+    base, shapes = tiny(), [(1, 128)]
+    line = bench.plan_line(plan_args(), "tiny", bench.ARMS, shapes, set(), 150.0)
+    assert "forward 1x128" in line and "decode 8 tokens" in line and "train 2x128" in line
+    assert "about 2 min" in line and bench.SHARED_MACHINE in line
+    line = bench.plan_line(plan_args(clock="cpu", threads=1), "tiny", bench.ARMS, shapes,
+                           {"decode", "train"}, 20.0)
+    assert "about 20 s" in line and "settings for a shared machine" in line
+    assert "decode" not in line and "train" not in line
+    # the estimate counts every timed call: more rounds, more time; nothing skipped, more
+    est = [bench.estimate_seconds(plan_args(rounds=n), base, 5, shapes, set()) for n in (10, 20)]
+    assert 0 < est[0] < est[1]
+    assert bench.estimate_seconds(plan_args(), base, 5, shapes, {"train"}) < est[0]
 
 
 def test_bad_input_is_one_line_error():

@@ -113,29 +113,82 @@ def test_delta_w_vs_w_on_a_constructed_update():
 # ---------------------------------------------------------------- reading Delta W from a model
 
 def test_delta_weight_and_base_weight_read_the_right_slices():
-    """delta_weight must be exactly what merging adds to W_q / W_v, and base_weight the rows
-    of c_attn (or c_proj) that the slice's LoRA adapts."""
+    """delta_weight must be exactly what merging adds to W_q / W_v / W_o, and base_weight the W0
+    rows that the slice's LoRA adapts, merged or not (read through LoRALinear.slices)."""
     from lora import apply_lora, merge_lora
     from model import GPT, GPTConfig
-    from studies import base_weight, delta_weight, lora_factors
+    from studies import base_weight, delta_weight, lora_factors, lora_layer
 
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64))
-    apply_lora(m, rank=3, alpha=6, targets=("q", "v"))
+    C = 16
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=C, block_size=16, vocab_size=64))
+    fused = [block.attn.c_attn.weight.detach().clone() for block in m.h]
+    apply_lora(m, rank=3, alpha=6, targets=("q", "v", "o"))
     for layer in m.h:  # B = 0 at init; give it values so that Delta W != 0
-        for B in layer.attn.c_attn.lora_B.values():
-            torch.nn.init.normal_(B)
-    before = {(i, n): base_weight(m, i, n).clone() for i in range(2) for n in "qkv"}
-    deltas = {(i, n): delta_weight(m, i, n) for i in range(2) for n in "qv"}
+        for module in (layer.attn.c_attn, layer.attn.c_proj):
+            for B in module.lora_B.values():
+                torch.nn.init.normal_(B)
+    names = [(i, n) for i in range(2) for n in "qvo"]
+    before = {key: base_weight(m, *key).clone() for key in names}
+    deltas = {key: delta_weight(m, *key) for key in names}
+    for i in range(2):  # W_q and W_v are rows 0:C and 2C:3C of the fused c_attn
+        assert torch.equal(before[(i, "q")], fused[i][:C])
+        assert torch.equal(before[(i, "v")], fused[i][2 * C:])
+        assert lora_layer(m, i, "o") is m.h[i].attn.c_proj
     A, B, s = lora_factors(m, 1, "v")
-    assert A.shape == (3, 16) and B.shape == (16, 3) and s == 2.0
+    assert A.shape == (3, C) and B.shape == (C, 3) and s == 2.0
     merge_lora(m)
     for (i, n), w0 in before.items():
-        added = base_weight(m, i, n).double() - w0.double()
-        expected = deltas.get((i, n), torch.zeros(16, 16, dtype=torch.float64))
-        assert torch.allclose(added, expected, atol=1e-5), (i, n)
-    with pytest.raises(ValueError):
-        lora_factors(m, 0, "k")  # k is not adapted
+        assert torch.equal(base_weight(m, i, n), w0), (i, n)  # W0 still, though merged
+        module = lora_layer(m, i, n)
+        start, stop = module.slices[n]
+        added = module.weight.detach()[start:stop].double() - w0.double()
+        assert torch.allclose(added, deltas[(i, n)].double(), atol=1e-5), (i, n)
+    for i in range(2):  # W_k is not adapted: merging leaves its rows alone
+        assert torch.equal(m.h[i].attn.c_attn.weight.detach()[C:2 * C], fused[i][C:2 * C])
+    with pytest.raises(ValueError, match="no LoRA on W_k"):
+        lora_factors(m, 0, "k")
+
+
+# ---------------------------------------------------------------- figures and --help
+
+def test_figures_name_the_run_and_the_weights_as_the_paper_does():
+    import argparse
+
+    from studies import TARGET_SETS, describe_run, rank_figure, types_figure
+
+    args = argparse.Namespace(data="data/e2e", init="out/base", steps=60, batch_size=8)
+    run = describe_run(args)
+    assert run == "e2e, base model out/base: 60 steps x batch 8 per run"
+    rec = {"val_loss": 2.0}
+    rank = {"run": run, "title": "Table 6", "base": {"val_loss": 3.0},
+            "full": {"val_loss": 1.5}, "lora": {name: {"1": rec, "4": rec} for name in TARGET_SETS}}
+    fig = rank_figure(rank)
+    assert fig.get_suptitle() == run
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["W_q", "W_q,W_v", "W_q,W_k,W_v,W_o", "base (no tuning)",
+                      "full fine-tuning"]
+    types = {"run": run, "title": "Table 5", "full": {"val_loss": 1.5},
+             "rows": [{"targets": "q,k", "rank": 4, "val_loss": 2.0},
+                      {"targets": "o", "rank": 8, "val_loss": 2.5}]}
+    fig = types_figure(types)
+    assert fig.get_suptitle() == run
+    fig.canvas.draw()  # tick labels are filled in when drawn
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["W_q,W_k\nr=4", "W_o\nr=8"]
+
+
+def test_help_has_no_none_default_and_every_option_explained():
+    from studies import parser
+
+    p = parser()
+    text = p.format_help()
+    assert "(default: None)" not in text  # --init is required: it has no default to show
+    for action in p._actions:  # argparse keeps no public list of the options
+        assert action.help, action.option_strings
+        # a help that states its own default gets no second one from the formatter
+        assert "default" not in action.help or action.default is None, action.option_strings
+    assert "(default: 1,2,4,8,64)" in " ".join(text.split())  # as typed, not a Python list
 
 
 # ---------------------------------------------------------------- the studies end to end
@@ -206,21 +259,20 @@ def test_all_studies_end_to_end_on_a_tiny_model(tiny_base, e2e_dir, tmp_path, ca
     assert json.loads((res / "rank.json").read_text())["lora"] == rank["lora"]
 
 
-def test_bad_inputs_are_one_line_errors(tiny_base, e2e_dir, tmp_path):
+@pytest.mark.parametrize("case", ["missing base", "no steps"])
+def test_bad_inputs_are_one_line_errors(case, tiny_base, e2e_dir, tmp_path):
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    def run(*extra):
-        return subprocess.run([sys.executable, "studies.py", "rank", "--out", str(tmp_path)]
-                              + list(extra), cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)
-
-    r = run("--init", str(tmp_path / "nope"), "--data", str(e2e_dir))
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "nope" in r.stderr
-    r = run("--init", str(tiny_base), "--data", str(e2e_dir), "--steps", "0")
-    assert r.returncode == 1 and "--steps" in r.stderr and "Traceback" not in r.stderr
+    init, extra, want = {"missing base": (tmp_path / "nope", [], "nope"),
+                         "no steps": (tiny_base, ["--steps", "0"], "--steps")}[case]
+    r = subprocess.run([sys.executable, "studies.py", "rank", "--out", str(tmp_path),
+                        "--init", str(init), "--data", str(e2e_dir)] + extra,
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and want in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_block_inputs_are_ln1_outputs_without_padding():
