@@ -8,6 +8,7 @@ name with model.GPT.from_pretrained.)
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -85,19 +86,34 @@ def short_list(names, n=6) -> str:
 
 def atomic_write(path, write):
     """write(tmp_path) then rename over path: readers never see a half-written file, and a
-    failed write leaves no temporary file behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+    failed write leaves no temporary file behind. An OSError (disk full, ...) names the file."""
+    atomic_write_set({path: write})
+
+
+def atomic_write_set(writes: dict):
+    """{path: write}: every write(tmp_path) first, then every rename: a failure while writing
+    (disk full, a bad input found halfway) leaves the old set of files as it was, never a mix of
+    old and new, and no temporary files."""
+    tmps = {}
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            os.close(fd)
+            tmps[path] = tmp
+            try:
+                write(tmp)
+            except OSError as e:
+                raise OSError(f"{path}: cannot write it ({e.strerror or e})") from None
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
@@ -126,6 +142,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+RANGES = {  # the allowed values of a numeric setting: a test, and how --help says it
+    "> 0": lambda v: 0 < v < math.inf, ">= 0": lambda v: 0 <= v < math.inf,
+    ">= 1": lambda v: 1 <= v < math.inf, "[0, 1)": lambda v: 0 <= v < 1,
+    "(0, 1]": lambda v: 0 < v <= 1, "finite": lambda v: math.isfinite(v),
+}
+
+
+def check_range(flag: str, value, spec: str):
+    """value must lie in RANGES[spec] (None is always allowed: the default, 'not set'); else one
+    ValueError naming the flag, e.g. "--lr must be > 0 (and finite), got inf"."""
+    if value is not None and not RANGES[spec](value):
+        finite = " (and finite)" if isinstance(value, float) and spec[0] not in "[(" else ""
+        raise ValueError(f"{flag} must be {spec}{finite}, got {value}")
+    return value
+
+
+def check_dataclass(obj):
+    """check_range for every field of a dataclass that has a "range" in its metadata."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("range"):
+            check_range("--" + f.name.replace("_", "-"), getattr(obj, f.name), f.metadata["range"])
+    return obj
+
+
 def add_dataclass_args(p: argparse.ArgumentParser, cls, headings: dict) -> dict:
     """The fields of dataclass cls as --flags, with the help, choices (field metadata) and
     defaults it gives, in argument groups starting at the fields named in headings (field:
@@ -140,7 +180,8 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls, headings: dict) -> dict:
                            action="store_false" if f.default else "store_true",
                            help=("no " if f.default else "") + meta["help"])
         else:
-            g.add_argument(f"--{flag}", type=f.type, default=f.default, help=meta["help"],
+            rng = f" ({meta['range']})" if meta.get("range") else ""
+            g.add_argument(f"--{flag}", type=f.type, default=f.default, help=meta["help"] + rng,
                            choices=meta.get("choices"))
     return groups
 

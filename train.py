@@ -23,15 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import HelpFormatter, add_dataclass_args, file_size, run_main, setup_distributed
+from common import HelpFormatter, add_dataclass_args, check_dataclass, file_size, run_main, \
+    setup_distributed
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
 from runs import RunLog, StepBoundary, TrainingDiverged, claim_out_dir, load_checkpoint, \
     release_out_dir, run_settings, save_checkpoint
 
 
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def knob(default, help, range=None, choices=None):
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices})
 
 
 @dataclass
@@ -40,24 +41,25 @@ class TrainConfig:
     E2E (LoRA Table 11): AdamW, lr 2e-4, weight decay 0.01, batch 8, 5 epochs, 500 warmup steps
     then linear decay, label smoothing 0.1."""
 
-    lr: float = knob(2e-4, "peak learning rate (AdamW)")
-    weight_decay: float = knob(0.01, "AdamW weight decay, on matrices (A and B included)")
-    batch_size: int = knob(8, "sequences per process per micro-step")
-    grad_accum: int = knob(1, "micro-steps per optimizer step")
-    epochs: float = knob(5.0, "passes over the training set (unless --max-iters)")
-    max_iters: int = knob(None, "optimizer steps (overrides --epochs)")
-    warmup: int = knob(500, "steps of linear warmup from 0 to --lr")
+    lr: float = knob(2e-4, "peak learning rate (AdamW)", "> 0")
+    weight_decay: float = knob(0.01, "AdamW weight decay, on matrices (A and B included)", ">= 0")
+    batch_size: int = knob(8, "sequences per process per micro-step", ">= 1")
+    grad_accum: int = knob(1, "micro-steps per optimizer step", ">= 1")
+    epochs: float = knob(5.0, "passes over the training set (unless --max-iters)", "> 0")
+    max_iters: int = knob(None, "optimizer steps (overrides --epochs)", ">= 1")
+    warmup: int = knob(500, "steps of linear warmup from 0 to --lr", ">= 0")
     decay: str = knob("linear", "after warmup: linear or cosine to 0 at the end, or constant",
-                      ("linear", "cosine", "constant"))
-    label_smoothing: float = knob(0.1, "of the training loss (validation has none)")
-    grad_clip: float = knob(1.0, "max global gradient norm; 0: no clipping")
+                      choices=("linear", "cosine", "constant"))
+    label_smoothing: float = knob(0.1, "of the training loss (validation has none)", "[0, 1)")
+    grad_clip: float = knob(1.0, "max global gradient norm; 0: no clipping", ">= 0")
     seed: int = knob(1337, "initialisation, data order and dropout")
-    eval_interval: int = knob(500, "steps between validation runs (and one at the end)")
-    eval_batches: int = knob(100, "validation batches per run (0: the whole split)")
-    log_interval: int = knob(10, "steps per line of log.jsonl")
-    ckpt_interval: int = knob(None, "steps between checkpoints (default: at each validation)")
+    eval_interval: int = knob(500, "steps between validation runs (and one at the end)", ">= 1")
+    eval_batches: int = knob(100, "validation batches per run (0: the whole split)", ">= 0")
+    log_interval: int = knob(10, "steps per line of log.jsonl", ">= 1")
+    ckpt_interval: int = knob(None, "steps between checkpoints (default: at each validation)",
+                             range=">= 1")
     amp: str = knob("auto", "autocast: auto = bf16 on CUDA (fp16 + loss scaling without "
-                            "bf16), fp32 on CPU", ("auto", "off", "bf16", "fp16"))
+                            "bf16), fp32 on CPU", choices=("auto", "off", "bf16", "fp16"))
     compile: bool = knob(False, "torch.compile the model")
     progress: bool = knob(True, "progress bar")
 
@@ -191,7 +193,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     `wrap_model` alone.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    B, accum = cfg.batch_size, cfg.grad_accum
+    B, accum = check_dataclass(cfg).batch_size, cfg.grad_accum  # settings in range, or an error
     if len(train_data) < B * world:
         raise ValueError(f"{train_data.name} has {len(train_data):,} samples, fewer than one "
                          f"batch ({B} x {world} processes): use more data or a smaller batch")
@@ -284,10 +286,8 @@ def add_train_args(p: argparse.ArgumentParser, out: str, heading=None):
 
 
 def config_from_args(args) -> TrainConfig:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ValueError("--batch-size and --grad-accum must be at least 1")
-    return cfg
+    return check_dataclass(TrainConfig(**{f.name: getattr(args, f.name)
+                                          for f in fields(TrainConfig)}))
 
 
 # From scratch: a small GPT that learns Tiny Shakespeare in a few minutes on a laptop CPU.

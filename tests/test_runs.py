@@ -54,12 +54,13 @@ def _strip(log):
 
 
 def test_weights_that_became_nonfinite_are_never_saved(tmp_path):
-    """An infinite learning rate (AdamW accepts it) makes the weights nan after the first
-    update: the run stops at its first checkpoint, saving nothing."""
+    """A huge learning rate (1e39: finite as a Python float, inf in fp32) makes the weights
+    non-finite in the first update: the run stops at its first checkpoint, saving nothing. (An
+    infinite --lr is refused up front.)"""
     saved = []
     with pytest.raises(TrainingDiverged, match=r"not finite after step 1: nothing saved"):
         train.train(_model(), _data(), _data(4), train.TrainConfig(
-            **{**CFG, "lr": float("inf"), "warmup": 0, "max_iters": 1}), tmp_path,
+            **{**CFG, "lr": 1e39, "warmup": 0, "max_iters": 1}), tmp_path,
             save=lambda m, d: saved.append(1))
     assert not saved and not (tmp_path / "ckpt.pt").exists()
 
@@ -166,3 +167,9 @@ def test_resume_with_other_data_is_refused(tmp_path):
     _run(out, run={"data": "toy"})
     with pytest.raises(ValueError, match=r"data e2e \(the run: toy\)"):
         _run(out, resume=True, run={"data": "e2e"})
+
+
+def test_an_infinite_learning_rate_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"--lr must be > 0 \(and finite\), got inf"):
+        _run(tmp_path, cfg={"lr": float("inf")})
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
