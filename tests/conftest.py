@@ -53,6 +53,22 @@ def tiny_gpt(seed=0, **overrides):
     return GPT(GPTConfig(**{**TINY, **overrides})).eval()
 
 
+def toy_examples(n=16, seed=0):
+    """n prompt/completion examples whose completion is the prompt's 4 tokens again: learnable
+    by a tiny model in a few steps (block_size 16)."""
+    import numpy as np
+
+    from data.datasets import Examples
+
+    rng = np.random.default_rng(seed)
+    tokens, index = [], []
+    for _ in range(n):
+        p = rng.integers(0, 50, 4).tolist()
+        index.append((len(tokens), 4, 8))
+        tokens += p + p
+    return Examples(np.array(tokens, dtype=np.uint16), index, 16, "toy")
+
+
 @pytest.fixture(scope="session")
 def e2e_dir(tmp_path_factory):
     """E2E prepared from the shared CSVs (data/e2e/prepare.py) into a temporary directory."""

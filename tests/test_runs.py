@@ -5,25 +5,14 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
 import train
-from conftest import tiny_gpt
+from conftest import tiny_gpt, toy_examples
 from data.datasets import Examples
 from lora import apply_lora, lora_state_dict
 from runs import TrainingDiverged, claim_out_dir, release_out_dir
-
-
-def _data(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens, index = [], []
-    for _ in range(n):
-        p = rng.integers(0, 50, 4).tolist()
-        index.append((len(tokens), 4, 8))
-        tokens += p + p
-    return Examples(np.array(tokens, dtype=np.uint16), index, 16, "toy")
 
 
 def _model():
@@ -38,7 +27,7 @@ def _run(out, data=None, model=None, val=None, **kw):
     """A LoRA run into `out`; -> (history, the adapter's tensors)."""
     model = model or _model()
     saved = {}
-    history = train.train(model, data or _data(), val or _data(4, seed=1),
+    history = train.train(model, data or toy_examples(), val or toy_examples(4, seed=1),
                           train.TrainConfig(**{**CFG, **kw.pop("cfg", {})}), out,
                           save=lambda m, d: saved.update(lora_state_dict(m)), **kw)
     return history, {k: v.clone() for k, v in lora_state_dict(model).items()}
@@ -59,7 +48,7 @@ def test_weights_that_became_nonfinite_are_never_saved(tmp_path):
     infinite --lr is refused up front.)"""
     saved = []
     with pytest.raises(TrainingDiverged, match=r"not finite after step 1: nothing saved"):
-        train.train(_model(), _data(), _data(4), train.TrainConfig(
+        train.train(_model(), toy_examples(), toy_examples(4), train.TrainConfig(
             **{**CFG, "lr": 1e39, "warmup": 0, "max_iters": 1}), tmp_path,
             save=lambda m, d: saved.append(1))
     assert not saved and not (tmp_path / "ckpt.pt").exists()
@@ -94,7 +83,7 @@ def test_ctrl_c_in_any_phase_stops_at_the_step_boundary_and_resume_is_exact(tmp_
                 ctrl_c.fire("validation", step["n"])
                 yield b
 
-    base, v = _data(), _data(4, seed=1)
+    base, v = toy_examples(), toy_examples(4, seed=1)
     data = Data(base.tokens, base.index, base.block_size, base.name)
     val = Data(v.tokens, v.index, v.block_size, v.name)
     optimizer_step = torch.optim.AdamW.step
@@ -127,7 +116,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_saves_nothing(tmp_path, monkeypatch)
                 os.kill(os.getpid(), signal.SIGINT)
             return super().get_batch(batch_size, index, seed)
 
-    base = _data()
+    base = toy_examples()
     with pytest.raises(KeyboardInterrupt) as e:
         _run(tmp_path, data=Data(base.tokens, base.index, base.block_size, base.name))
     assert "stopped at step" not in str(e.value)

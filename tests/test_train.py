@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import tiny_gpt
+from conftest import tiny_gpt, toy_examples
 from data.datasets import IGNORE, Examples
 from model import GPT
 
@@ -20,17 +20,6 @@ def _toy_model(**kw):
     """One layer, 16 wide, GPT-2's vocabulary, in training mode."""
     return tiny_gpt(**{**dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257),
                        **kw}).train()
-
-
-def _toy_data(n=16, seed=0):
-    """Examples whose completion is the prompt's tokens again: learnable by a tiny model."""
-    rng = np.random.default_rng(seed)
-    tokens, index = [], []
-    for _ in range(n):
-        p = rng.integers(0, 50, 4).tolist()
-        index.append((len(tokens), 4, 8))
-        tokens += p + p
-    return Examples(np.array(tokens, dtype=np.uint16), index, 16, "toy")
 
 
 def _read_log(out):
@@ -64,7 +53,7 @@ def test_optimizer_holds_only_trainable_parameters_and_no_decay_on_vectors():
 
 
 def test_evaluate_is_the_mean_loss_per_target_token():
-    model, data = _toy_model(), _toy_data(n=5)
+    model, data = _toy_model(), toy_examples(n=5)
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in data.eval_batches(2):
@@ -76,7 +65,7 @@ def test_evaluate_is_the_mean_loss_per_target_token():
 
 
 def test_train_lowers_validation_loss_and_records_history(tmp_path):
-    model, data = _toy_model(), _toy_data()
+    model, data = _toy_model(), toy_examples()
     cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=12, eval_interval=6, log_interval=3,
                             batch_size=4, label_smoothing=0.0, progress=False)
     history = train.train(model, data, data, cfg, out_dir=tmp_path)
@@ -90,11 +79,11 @@ def test_train_lowers_validation_loss_and_records_history(tmp_path):
 def test_a_batch_larger_than_the_data_is_an_error():
     cfg = train.TrainConfig(batch_size=32, max_iters=1, progress=False)
     with pytest.raises(ValueError, match="fewer than one batch"):
-        train.train(_toy_model(), _toy_data(n=16), _toy_data(n=4), cfg)
+        train.train(_toy_model(), toy_examples(n=16), toy_examples(n=4), cfg)
 
 
 def test_bf16_autocast_on_cpu_trains_and_fp16_needs_cuda():
-    model, data = _toy_model(), _toy_data()
+    model, data = _toy_model(), toy_examples()
     cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=3, batch_size=4, amp="bf16",
                             progress=False)
     history = train.train(model, data, data, cfg)
@@ -120,7 +109,7 @@ class _PoisonAt(Examples):
 
 
 def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
-    model, data = _toy_model(), _toy_data()
+    model, data = _toy_model(), toy_examples()
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith("h.0.attn")
     saved = {}
@@ -185,7 +174,7 @@ def test_ddp_all_reduces_only_the_trainable_parameters(tmp_path):
             return done
 
         ddp.register_comm_hook(None, hook)
-        x, y = _toy_data().get_batch(2)
+        x, y = toy_examples().get_batch(2)
         ddp(x, y).backward()
         del ddp
     finally:
