@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from adapters import repeat_adapter_ids
-from common import EOT_TOKEN, atomic_write
+from common import EOT_TOKEN, atomic_write_set
 from data.e2e.prepare import format_prompt, load_references
 from decoding import beam_search, check_fits, completions, generate
 
@@ -38,10 +38,15 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
     Greedy decoding batches MRs whose prompts have the same number of tokens (no padding needed,
     so every row is exactly what it would be alone); beam search runs MR by MR. Under
     adapters.use_adapters(model, [id]) every MR is decoded with adapter id (the batches are this
-    function's, not the caller's, so more ids are a ValueError). Bad lengths: ValueError.
+    function's, not the caller's, so more ids are a ValueError). Bad lengths and settings
+    (limit, batch_size, beams not integers >= 1; decoding's checks): ValueError, before any MR.
     """
     from tqdm import tqdm  # a progress bar only here: the other functions print nothing
 
+    for name, v in (("limit", 1 if limit is None else limit), ("batch_size", batch_size),
+                    ("beams", beams)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"evaluate_e2e: {name} must be an integer >= 1, got {v!r}")
     items = load_references(split, raw_dir)[:limit]
     prompts = [enc.encode_ordinary(format_prompt(mr)) for mr, _ in items]
     for ids in prompts:  # every prompt checked before the first is decoded
@@ -136,7 +141,8 @@ def write_eval(result: dict, path):
     """The JSON (outputs + scores), and beside it .hyp.txt (one output per line) and .ref.txt
     (each MR's references, groups separated by a blank line): the input files of e2e-metrics'
     measure_scores.py, so the paper's script can score the same outputs with all five metrics.
-    Each file is written atomically (common.atomic_write)."""
+    The three are one set (common.atomic_write_set): a failure while writing leaves the old
+    three whole, never a mix of two evaluations."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outs = result["outputs"]
@@ -144,8 +150,8 @@ def write_eval(result: dict, path):
     ref = "\n".join("".join(r + "\n" for r in o["references"]) for o in outs)
     files = {path.with_suffix(".hyp.txt"): hyp, path.with_suffix(".ref.txt"): ref,
              path: json.dumps(result, indent=1) + "\n"}
-    for f, text in files.items():
-        atomic_write(f, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write_set({f: lambda p, text=text: Path(p).write_text(text, encoding="utf-8")
+                      for f, text in files.items()})
 
 
 def now(device) -> float:

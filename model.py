@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import EOT_TOKEN, atomic_write, check_finite, check_tensors
+from common import EOT_TOKEN, atomic_write_set, check_finite, check_range, check_tensors
 
 
 @dataclass
@@ -36,6 +36,19 @@ class GPTConfig:
     dropout: float = 0.0  # GPT-2 was trained with 0.1; 0.0 for fine-tuning and inference
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        """Types and ranges checked, so a config.json with "n_layer": "2" or "n_head": 0 is one
+        ValueError naming the field, not a TypeError or ZeroDivisionError inside a layer."""
+        for f in fields(self):
+            v, spec = getattr(self, f.name), {"dropout": "[0, 1)", "layer_norm_epsilon": "> 0"}
+            if not isinstance(v, (int, float) if f.type is float else f.type) or \
+                    isinstance(v, bool) != (f.type is bool):
+                raise ValueError(f"{f.name} must be of type {f.type.__name__}, got {v!r}")
+            if f.type is not bool:
+                check_range(f.name, v, spec.get(f.name, ">= 1"))  # the sizes: >= 1
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
 
 
 # The four released sizes; head size is 64 in all of them.
@@ -50,10 +63,7 @@ PRETRAINED = {
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         # q, k and v of all heads in one matrix: the output is [q | k | v], each n_embd wide.
         # LoRA adapts slices of it (lora.py), by default the q and v slices (paper §4.2).
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -63,10 +73,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:  # this layer's KVCache.append: all positions so far, S >= T
             k, v = cache(k, v)  # (B, nh, S, hs)
         S = k.size(2)
@@ -110,16 +118,13 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one buffer pair per layer.
-
-    Generation runs the prompt once (prefill), then one token per step; each step attends to the
-    cached keys and values instead of recomputing the whole prefix.
-    """
+    """Keys and values of the positions seen so far, one buffer pair per layer. Generation runs
+    the prompt once (prefill), then one token per step that attends to the cached keys and values
+    instead of recomputing the whole prefix."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
@@ -210,20 +215,22 @@ class GPT(nn.Module):
         - a directory with config.json and model.safetensors (or pytorch_model.bin), as written
           by transformers' save_pretrained or by GPT.save_pretrained;
         - a single .safetensors or .bin file (the config is read from the tensors' shapes).
-        device, dtype: where and in which dtype the model is returned.
-        overrides: GPTConfig fields to set (e.g. dropout=0.1; n_head for a bare file whose head
-        size is not GPT-2's 64).
+        device, dtype: of the model returned. overrides: GPTConfig fields to set (dropout=0.1;
+        n_head for a bare file whose head size is not GPT-2's 64). A bad file: one ValueError.
         """
         config_dict, path = _resolve(str(source))
-        sd = _read_state_dict(path)
-        sd = _to_our_layout(sd)
+        config_file = path if config_dict is None else path.parent / "config.json"
+        sd = _to_our_layout(_read_state_dict(path))
         if config_dict is None:
             config_dict = _infer_config(sd, path)
         tie = config_dict.pop("tie_word_embeddings", None)  # None: no config.json
         unknown = set(overrides) - {f.name for f in fields(GPTConfig)}
         if unknown:
             raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
-        config = GPTConfig(**{**config_dict, **overrides})
+        try:
+            config = GPTConfig(**{**config_dict, **overrides})
+        except (TypeError, ValueError) as e:  # a field of the wrong type, out of range, unknown
+            raise ValueError(f"{config_file}: {e}") from None
         model = cls(config)
         # The head is wte, or the file's own lm_head.weight where it differs from wte (refused if
         # config.json says tied: transformers 4 then uses wte, 5 the stored head).
@@ -247,8 +254,9 @@ class GPT(nn.Module):
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, directory):
-        """Write config.json and model.safetensors (each atomically) in the layout of transformers'
-        GPT2LMHeadModel (transformer. prefix, Conv1D orientation): it loads here and there."""
+        """Write config.json and model.safetensors in the layout of transformers' GPT2LMHeadModel
+        (transformer. prefix, Conv1D orientation): it loads here and there. The two are one set
+        (common.atomic_write_set): a failure while writing leaves the old pair, never a mix."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -270,10 +278,10 @@ class GPT(nn.Module):
             if k.endswith(_CONV1D):
                 v = v.t()
             sd[k if k == "lm_head.weight" else "transformer." + k] = v.detach().contiguous().cpu()
-        atomic_write(directory / "config.json",
-                      lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
+        text = json.dumps(hf_config, indent=2) + "\n"
         meta = {"format": "pt", "gpt_config": json.dumps(asdict(c))}
-        atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata=meta))
+        atomic_write_set({directory / "config.json": lambda p: Path(p).write_text(text),
+                          directory / "model.safetensors": partial(save_file, sd, metadata=meta)})
 
 
 # ---------------------------------------------------------------- checkpoint helpers
@@ -289,14 +297,11 @@ def _resolve(source: str):
         return _from_hub(source)
     p = Path(source)
     if p.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (p / name).exists():
-                weights = p / name
-                break
-        else:
+        found = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()]
+        if not found:
             raise FileNotFoundError(f"{p}: no model.safetensors or pytorch_model.bin in it")
         cfg = p / "config.json"
-        return (_config_from_json(cfg) if cfg.exists() else None), weights
+        return (_config_from_json(cfg) if cfg.exists() else None), found[0]
     if p.is_file():
         return None, p
     if os.sep in source or source.startswith(".") or p.suffix in (".safetensors", ".bin"):
@@ -318,11 +323,10 @@ def _from_hub(name: str):
             socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), 5).close()
             cfg, weights = (hf_hub_download(name, f) for f in files)
     except Exception as e:  # offline and not cached, hub down, ...
-        raise OSError(
-            f"could not get '{name}' from the Hugging Face hub or its cache "
-            f"({type(e).__name__}). Ways forward: download it once where online "
-            f"(it is cached), pass a local checkpoint path (--init DIR or FILE), "
-            f"or train a model here with train.py") from None
+        raise OSError(f"could not get '{name}' from the Hugging Face hub or its cache "
+                      f"({type(e).__name__}). Ways forward: download it once where online (it "
+                      f"is cached), pass a local checkpoint path (--init DIR or FILE), or train "
+                      f"a model here with train.py") from None
     return _config_from_json(Path(cfg)), Path(weights)
 
 
@@ -341,21 +345,21 @@ _GPT2_VALUES = {
 
 
 def _config_from_json(path: Path) -> dict:
+    """-> GPTConfig fields (types and ranges checked there) and tie_word_embeddings."""
     try:
-        c = json.loads(path.read_text())
-        if c.get("n_inner") == 4 * c.get("n_embd", 0):
-            c["n_inner"] = None  # GPT-2's MLP width, written out
-        for field, ok in _GPT2_VALUES.items():
-            if c.get(field, ok[0]) not in ok:
-                raise ValueError(f"{path}: {field}={json.dumps(c[field])} is not supported "
-                                 f"(GPT-2: {json.dumps(ok[0])})")
+        c = json.loads(path.read_text(encoding="utf-8"))
         out = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                    block_size=c["n_positions"], vocab_size=c["vocab_size"],
-                   tie_word_embeddings=c.get("tie_word_embeddings", True))
-    except (json.JSONDecodeError, KeyError) as e:
+                   tie_word_embeddings=c.get("tie_word_embeddings", True),
+                   layer_norm_epsilon=c.get("layer_norm_epsilon", GPTConfig.layer_norm_epsilon))
+        if c.get("n_inner") == 4 * c["n_embd"]:
+            c["n_inner"] = None  # GPT-2's MLP width, written out
+    except (ValueError, KeyError, TypeError) as e:  # not UTF-8, not JSON, not an object, ...
         raise ValueError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from None
-    if "layer_norm_epsilon" in c:
-        out["layer_norm_epsilon"] = c["layer_norm_epsilon"]
+    for field, ok in _GPT2_VALUES.items():
+        if c.get(field, ok[0]) not in ok:
+            raise ValueError(f"{path}: {field}={json.dumps(c[field])} is not supported "
+                             f"(GPT-2: {json.dumps(ok[0])})")
     return out
 
 
@@ -374,13 +378,9 @@ def _to_our_layout(sd: dict) -> dict:
     """Both layouts in the wild -> our names: drop the `transformer.` prefix (save_pretrained),
     skip attention-mask buffers, transpose the Conv1D weights. lm_head.weight, where a file has
     it, is kept: from_pretrained decides whether it is tied."""
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("transformer.")
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers, no weights
-        out[k] = v.t() if k.endswith(_CONV1D) else v
-    return out
+    out = {k.removeprefix("transformer."): v for k, v in sd.items()
+           if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal masks, no weights
+    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in out.items()}
 
 
 def _infer_config(sd: dict, path: Path) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from common import EOT_TOKEN, get_tokenizer
+from data.files import read_meta, read_text
 
 DATA_DIR = Path(__file__).resolve().parent
 IGNORE = -100  # target id of positions without loss (model.forward, F.cross_entropy)
@@ -64,6 +65,12 @@ class Examples:
         self.block_size, self.name = block_size, name
         if len(self.index) == 0:
             raise ValueError(f"{name} has no examples")
+        start, plen, n = self.index.T
+        bad = np.flatnonzero((start < 0) | (plen < 1) | (plen >= n) | (start + n > len(tokens)))
+        if len(bad):  # an index from another run, say: refused, not read out of bounds
+            raise ValueError(f"{name}: example {bad[0]} (start {start[bad[0]]}, prompt "
+                             f"{plen[bad[0]]}, length {n[bad[0]]} tokens) does not fit its "
+                             f"{len(tokens):,} tokens with a prompt and a completion")
         n_long = int((self.index[:, 2] > block_size + 1).sum())
         if n_long and os.environ.get("RANK", "0") == "0":  # once under torchrun
             print(f"note: {n_long} of {len(self)} examples in {name} are longer than "
@@ -111,12 +118,16 @@ class Examples:
             yield self._batch(np.arange(b, min(b + batch_size, len(self))))
 
 
-def _prepared(directory: Path, split: str, block_size: int):
-    meta = json.loads((directory / "meta.json").read_text())
-    tokens = np.memmap(directory / f"{split}.bin", dtype=np.uint16, mode="r")
+def _prepared(directory: Path, meta: dict, split: str, block_size: int):
+    """One split of a prepared directory; meta: its meta.json, checked by data.files.read_meta."""
+    arrays = [f"{split}.bin"] + ([f"{split}.idx.bin"] if meta["kind"] == "examples" else [])
+    for a in arrays:
+        if a not in meta["files"]:
+            raise ValueError(f"{directory / 'meta.json'}: lists no {a}: prepare it again")
+    tokens = np.memmap(directory / arrays[0], dtype=np.uint16, mode="r")
     name = f"{directory.name}/{split}"
     if meta["kind"] == "examples":
-        index = np.fromfile(directory / f"{split}.idx.bin", dtype=np.int64)
+        index = np.fromfile(directory / arrays[1], dtype=np.int64)
         return Examples(tokens, index, block_size, name)
     return TokenStream(tokens, block_size, name)
 
@@ -133,18 +144,29 @@ def tokenize_examples(pairs, enc):
 
 
 def _from_jsonl(path: Path, block_size: int):
-    """A user's {"prompt": ..., "completion": ...} lines; every 10th line is validation."""
+    """A user's {"prompt": ..., "completion": ...} lines, both strings, the prompt not empty;
+    every 10th example is validation. Checked before anything trains: a bad line is one
+    ValueError naming file:line (a byte-order mark is allowed)."""
     pairs = []
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is allowed
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                pairs.append((ex["prompt"], ex["completion"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and "
-                                 f"'completion'") from None
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            prompt, completion = ex["prompt"], ex["completion"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and "
+                             f"'completion'") from None
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError(f"{path}:{n}: 'prompt' and 'completion' must be strings, got "
+                             f"{type(prompt).__name__} and {type(completion).__name__}")
+        if not prompt:
+            raise ValueError(f"{path}:{n}: empty 'prompt': the completion's first token needs "
+                             f"a prompt token to be predicted from")
+        pairs.append((prompt, completion))
+    if len(pairs) < 10:
+        raise ValueError(f"{path}: {len(pairs)} examples; at least 10 are needed (every 10th "
+                         f"is held out for validation)")
     enc = get_tokenizer()
     parts = {"train": [p for i, p in enumerate(pairs) if i % 10 != 9], "val": pairs[9::10]}
     return tuple(Examples(*tokenize_examples(ps, enc), block_size, f"{path.name} ({s})")
@@ -153,17 +175,17 @@ def _from_jsonl(path: Path, block_size: int):
 
 def _from_text(path: Path, block_size: int):
     """A user's plain text: the first 90% of its tokens for training, the rest for validation."""
-    ids = np.array(get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8")),
-                   dtype=np.uint16)
+    ids = np.array(get_tokenizer().encode_ordinary(read_text(path)), dtype=np.uint16)
     cut = int(0.9 * len(ids))
     return (TokenStream(ids[:cut], block_size, f"{path.name} (train)"),
             TokenStream(ids[cut:], block_size, f"{path.name} (val)"))
 
 
-def load_data(name_or_path: str, block_size: int):
+def load_data(name_or_path: str, block_size: int, vocab_size=None):
     """-> (train, val) datasets. name_or_path: a prepared set under data/ ("e2e",
     "shakespeare"), a prepared directory, a .jsonl file of prompt/completion pairs, or a text
-    file."""
+    file. vocab_size: the model's; a token id outside it is a ValueError naming the data, here,
+    not an index error in the middle of training."""
     p = Path(name_or_path)
     named = DATA_DIR / name_or_path
     if (named / "prepare.py").exists() and not p.exists():
@@ -173,13 +195,23 @@ def load_data(name_or_path: str, block_size: int):
                                     f"to use a local copy of the raw files)")
         p = named
     if p.is_dir() and (p / "meta.json").exists():
-        return _prepared(p, "train", block_size), _prepared(p, "val", block_size)
-    if p.is_file():
-        return (_from_jsonl if p.suffix == ".jsonl" else _from_text)(p, block_size)
-    known = sorted(d.name for d in DATA_DIR.iterdir() if (d / "prepare.py").exists())
-    raise FileNotFoundError(f"unknown data '{name_or_path}': use a prepared set "
-                            f"({', '.join(known)}), a .txt file, or a .jsonl file of "
-                            f'{{"prompt": ..., "completion": ...}} lines')
+        meta = read_meta(p)  # every file of the size meta.json records: one prepare run's
+        data = tuple(_prepared(p, meta, split, block_size) for split in ("train", "val"))
+    elif p.is_file():
+        data = (_from_jsonl if p.suffix == ".jsonl" else _from_text)(p, block_size)
+    else:
+        known = sorted(d.name for d in DATA_DIR.iterdir() if (d / "prepare.py").exists())
+        raise FileNotFoundError(f"unknown data '{name_or_path}': use a prepared set "
+                                f"({', '.join(known)}), a .txt file, or a .jsonl file of "
+                                f'{{"prompt": ..., "completion": ...}} lines')
+    if vocab_size is not None:
+        for d in data:
+            top = int(d.tokens.max())
+            if top >= vocab_size:
+                raise ValueError(f"{d.name}: token id {top} is outside the model's vocabulary "
+                                 f"(vocab_size {vocab_size}): this data needs a model with "
+                                 f"GPT-2's {EOT_TOKEN + 1:,} tokens")
+    return data
 
 
 def add_data_args(p, default: str):
@@ -193,10 +225,11 @@ def add_data_args(p, default: str):
                         "train.py's model from scratch has 128)")
 
 
-def data_from_args(args, n_positions: int):
-    """(train, val) of --data, with --block-size checked against the model's n_positions."""
+def data_from_args(args, n_positions: int, vocab_size=None):
+    """(train, val) of --data, with --block-size checked against the model's n_positions and
+    every token id against its vocab_size."""
     block_size = args.block_size or n_positions
     if not 1 <= block_size <= n_positions:
         raise ValueError(f"--block-size {block_size} is outside 1..{n_positions}, the model's "
                          f"n_positions")
-    return load_data(args.data, block_size)
+    return load_data(args.data, block_size, vocab_size)

@@ -1,5 +1,7 @@
-"""What the prepare scripts share: download a raw file, write arrays and meta.json atomically."""
+"""What data/ shares: read a user's or a raw text file, download a raw file, and write and read a
+prepared directory (its arrays, and meta.json recording each file's size) as one set."""
 
+import codecs
 import json
 import shutil
 import urllib.request
@@ -7,7 +9,21 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic_write
+from common import atomic_write, atomic_write_set
+
+
+def read_text(path, newline=None) -> str:
+    """A UTF-8 file's text, as open(path, encoding="utf-8-sig", newline=newline).read() gives it
+    (a byte-order mark dropped; newline=None reads CR LF and CR line ends as LF, "" keeps them),
+    except that a byte that is not UTF-8 is one ValueError naming the file and its line."""
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): save the "
+                         f"file as UTF-8") from None
+    return text if newline == "" else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def download(url: str, dest: Path) -> Path:
@@ -30,14 +46,43 @@ def download(url: str, dest: Path) -> Path:
     return dest
 
 
-def write_tokens(path: Path, ids, dtype=np.uint16):
-    """Token ids as a flat binary array (np.memmap reads it back without loading it)."""
-    arr = np.asarray(ids, dtype=dtype)
-    if dtype == np.uint16 and len(ids) and max(ids) >= 2**16:
-        raise ValueError("token id does not fit in uint16")
-    atomic_write(Path(path), lambda p: arr.tofile(p))
+def write_prepared(out_dir, files: dict, meta: dict) -> dict:
+    """A prepared directory as one set: files {name: np.ndarray (its raw bytes, what np.memmap
+    and np.fromfile read back) or str (UTF-8)} and meta.json, which records each file's size in
+    meta["files"]. Everything is written before anything is renamed (common.atomic_write_set):
+    a failure halfway leaves the old set whole; meta.json goes last. -> meta."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blobs = {name: f.encode() if isinstance(f, str) else np.ascontiguousarray(f).tobytes()
+             for name, f in files.items()}
+    meta = {**meta, "files": {name: len(b) for name, b in blobs.items()}}
+    blobs["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode()
+    atomic_write_set({out_dir / name: lambda p, b=b: Path(p).write_bytes(b)
+                      for name, b in blobs.items()})
+    return meta
 
 
-def write_meta(out_dir: Path, meta: dict):
-    atomic_write(Path(out_dir) / "meta.json",
-                  lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+def read_meta(directory) -> dict:
+    """meta.json of a prepared directory, checked: JSON with "kind" and "files", and each file
+    it lists of the size it records (a directory that mixes two prepare runs is refused, not
+    read). Any fault: one ValueError naming the file."""
+    path = Path(directory) / "meta.json"
+    redo = "prepare it again (python data/NAME/prepare.py --out-dir DIR)"
+    text = read_text(path)
+    try:
+        meta = json.loads(text)
+        sizes = {str(name): int(size) for name, size in meta["files"].items()}
+        if meta["kind"] not in ("examples", "stream"):
+            raise ValueError(f"kind {meta['kind']!r} is neither 'examples' nor 'stream'")
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e} key: {redo}") from None
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, bad values
+        raise ValueError(f"{path}: not a prepared set's meta.json ({e}): {redo}") from None
+    for name, size in sizes.items():
+        f = path.parent / name
+        got = f.stat().st_size if f.exists() else None
+        if got != size:
+            raise ValueError(f"{f}: {'missing' if got is None else f'{got:,} bytes'}, but "
+                             f"meta.json says {size:,}: the directory mixes two prepare runs "
+                             f"or lost a file; {redo}")
+    return meta

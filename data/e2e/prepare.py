@@ -17,24 +17,24 @@ Splits:
 
 Writes data/e2e/{train,val,test}.bin (uint16 tokens of all examples, back to back),
 {split}.idx.bin (int64 rows: start, prompt length, length), {val,test}.refs.json (each
-distinct MR with all its references, what sample.py --eval scores against) and meta.json.
+distinct MR with all its references, what sample.py --eval scores against) and meta.json (each
+file's size), as one set: every split is read and tokenized before the first file is written.
 """
 
 import argparse
 import csv
+import io
 import json
 import zipfile
 from pathlib import Path
-
-import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `data` importable from the repo root
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import atomic_write, get_tokenizer, run_main  # noqa: E402
+from common import atomic_write_set, get_tokenizer, run_main  # noqa: E402
 from data.datasets import tokenize_examples  # noqa: E402
-from data.files import download, write_meta, write_tokens  # noqa: E402
+from data.files import download, read_meta, read_text, write_prepared  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The official release (tuetschek/e2e-dataset, v1.0.0): one ZIP with the four CSVs.
@@ -53,9 +53,24 @@ def format_completion(ref: str) -> str:
 
 
 def read_csv(path: Path) -> list[tuple[str, str]]:
-    """(mr, ref) rows of an E2E CSV (columns mr, ref)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [(row["mr"].strip(), row["ref"].strip()) for row in csv.DictReader(f)]
+    """(mr, ref) rows of an E2E CSV (columns mr, ref). A file that is not UTF-8, a missing
+    column or an empty value is one ValueError naming the file (and line)."""
+    rows = csv.DictReader(io.StringIO(read_text(path, newline=""), newline=""))
+    for col in ("mr", "ref"):
+        if col not in (rows.fieldnames or ()):
+            raise ValueError(f"{path}: no '{col}' column (its columns: "
+                             f"{', '.join(rows.fieldnames or []) or 'none'}); an E2E CSV with "
+                             f"references has the columns mr, ref")
+    pairs = []
+    try:
+        for row in rows:
+            mr, ref = (row["mr"] or "").strip(), (row["ref"] or "").strip()  # None: a short row
+            if not mr or not ref:
+                raise ValueError(f"{path}:{rows.line_num}: empty {'ref' if mr else 'mr'}")
+            pairs.append((mr, ref))
+    except csv.Error as e:
+        raise ValueError(f"{path}:{rows.line_num}: {e}") from None
+    return pairs
 
 
 def load_pairs(split: str, raw_dir=None) -> list[tuple[str, str]]:
@@ -85,7 +100,12 @@ def load_references(split: str, raw_dir=None, prepared=HERE) -> list[tuple[str, 
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `python data/e2e/prepare.py` (add "
                                     f"--raw-dir DIR with the E2E CSVs offline)")
-        return [(mr, refs) for mr, refs in json.loads(path.read_text(encoding="utf-8"))]
+        if path.name not in read_meta(prepared)["files"]:  # and the set is whole
+            raise ValueError(f"{path}: not listed in meta.json, from another prepare run")
+        try:
+            return [(mr, list(refs)) for mr, refs in json.loads(read_text(path))]
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a list of [MR, references] ({e})") from None
     refs: dict[str, list[str]] = {}
     for mr, ref in load_pairs(split, raw_dir):
         refs.setdefault(mr, []).append(ref)
@@ -99,36 +119,39 @@ def tokenize_pairs(pairs, enc):
 
 
 def fetch_release(raw_dir: Path) -> Path:
-    """Download the release ZIP into raw_dir and unpack its CSVs there."""
+    """Download the release ZIP into raw_dir and unpack its CSVs there (all of them or none)."""
     z = download(RELEASE_URL, raw_dir / "e2e-dataset.zip")
-    with zipfile.ZipFile(z) as zf:
-        for info in zf.infolist():
-            name = Path(info.filename).name
-            if name.endswith(".csv") and not (raw_dir / name).exists():
-                (raw_dir / name).write_bytes(zf.read(info))
+    try:
+        with zipfile.ZipFile(z) as zf:
+            csvs = {raw_dir / Path(i.filename).name: zf.read(i) for i in zf.infolist()
+                    if i.filename.endswith(".csv")}
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{z}: not a whole ZIP file ({e}): delete it and run again") from None
+    atomic_write_set({path: lambda p, b=b: Path(p).write_bytes(b)
+                      for path, b in csvs.items() if not path.exists()})
     return raw_dir
 
 
 def prepare(raw_dir=None, out_dir=HERE) -> dict:
+    """Every split read and tokenized, then all files written as one set (data.files.
+    write_prepared): a bad input or a full disk leaves an earlier preparation whole. -> meta."""
     raw_dir = Path(raw_dir) if raw_dir is not None else fetch_release(HERE / "raw")
-    out_dir = Path(out_dir)
     enc = get_tokenizer()
     meta = {"kind": "examples", "official_splits": (raw_dir / OFFICIAL["train"]).exists(),
             "splits": {}}
+    files = {}
     for split in SPLITS:
         pairs = load_pairs(split, raw_dir)
         tokens, index = tokenize_pairs(pairs, enc)
-        write_tokens(out_dir / f"{split}.bin", tokens)
-        write_tokens(out_dir / f"{split}.idx.bin", index, dtype=np.int64)
+        files |= {f"{split}.bin": tokens, f"{split}.idx.bin": index}
         if split != "train":  # what evaluation scores against: every reference of each MR
-            refs = json.dumps(load_references(split, raw_dir), ensure_ascii=False)
-            atomic_write(out_dir / f"{split}.refs.json", lambda p: Path(p).write_text(refs))
+            files[f"{split}.refs.json"] = json.dumps(load_references(split, raw_dir),
+                                                     ensure_ascii=False)
         meta["splits"][split] = {"examples": len(pairs), "mrs": len({mr for mr, _ in pairs}),
                                  "tokens": len(tokens)}
         print(f"{split}: {len(pairs):,} examples, {meta['splits'][split]['mrs']:,} distinct MRs, "
               f"{len(tokens):,} tokens")
-    write_meta(out_dir, meta)  # last: its presence means the arrays are complete
-    return meta
+    return write_prepared(out_dir, files, meta)
 
 
 def main(argv=None):

@@ -4,18 +4,21 @@
     python data/shakespeare/prepare.py                                         # download
     python data/shakespeare/prepare.py --raw-dir ../shared/data/tinyshakespeare  # local input.txt
 
-GPT-2 BPE tokens of the first 90% of the text -> train.bin, the last 10% -> val.bin (uint16).
+GPT-2 BPE tokens of the first 90% of the text -> train.bin, the last 10% -> val.bin (uint16),
+written with meta.json as one set (data.files.write_prepared).
 """
 
 import argparse
 from pathlib import Path
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `data` importable from the repo root
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import get_tokenizer, run_main  # noqa: E402
-from data.files import download, write_meta, write_tokens  # noqa: E402
+from data.files import download, read_text, write_prepared  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -28,17 +31,15 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
         path = Path(raw_dir) / "input.txt"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found (--raw-dir must hold input.txt)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     cut = int(0.9 * len(text))
     enc = get_tokenizer()
-    meta = {"kind": "stream", "splits": {}}
+    meta, files = {"kind": "stream", "splits": {}}, {}
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
-        ids = enc.encode_ordinary(part)
-        write_tokens(Path(out_dir) / f"{split}.bin", ids)
+        ids = files[f"{split}.bin"] = np.array(enc.encode_ordinary(part), dtype=np.uint16)
         meta["splits"][split] = {"tokens": len(ids)}
         print(f"{split}: {len(ids):,} tokens")
-    write_meta(out_dir, meta)  # last: its presence means the arrays are complete
-    return meta
+    return write_prepared(out_dir, files, meta)
 
 
 def main(argv=None):
