@@ -331,7 +331,7 @@ def main(argv=None):
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                            block_size=args.block_size, dropout=args.dropout)
         model = GPT(config).to(device)
-    train_data, val_data = data_from_args(args, model.config.block_size)
+    train_data, val_data = data_from_args(args, model.config.block_size, model.config.vocab_size)
     if rank == 0:
         print(f"{'fine-tuning ' + args.init if args.init else 'new model'}: "
               f"{model.num_params():,} parameters, all trained")

@@ -420,3 +420,11 @@ def test_a_vocabulary_smaller_than_the_data_is_refused_at_load(tmp_path, e2e_dir
     assert _error(load_data, str(e2e_dir), 64, vocab_size=50256) == (
         f"{e2e_dir.name}/train: token id 50256 is outside the model's vocabulary (vocab_size "
         f"50256): this data needs a model with GPT-2's 50,257 tokens")
+
+
+def test_a_small_vocabulary_through_the_command_line(tmp_path):
+    f = _jsonl(tmp_path / "pairs.jsonl", GOOD)
+    tiny_gpt(vocab_size=128, block_size=64).save_pretrained(tmp_path / "m")
+    err = _one_line(["finetune.py", "--init", str(tmp_path / "m"), "--data", str(f),
+                     "--out", str(tmp_path / "out")])
+    assert err.startswith("error: pairs.jsonl (train): token id ") and "(vocab_size 128)" in err
