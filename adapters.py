@@ -11,7 +11,7 @@ PEFT's adapter files, both ways, are in peft_io.py.
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from common import atomic_write, check_finite, check_tensors
-from lora import LoRALinear, adapter_biases, apply_lora, is_merged, lora_config, lora_layers, \
-    lora_state_dict, merge_lora, unmerge_lora
+from lora import BIAS_OPTIONS, TARGETS, LoRALinear, adapter_biases, apply_lora, is_merged, \
+    lora_config, lora_layers, lora_state_dict, merge_lora, unmerge_lora
 
 _FINGERPRINT_SAMPLES = 8  # values of each base tensor recorded in an adapter file
+_CONFIG_KEYS = ("rank", "alpha", "targets", "dropout", "bias", "rslora")  # apply_lora's settings
 
 
 def base_fingerprint(model, settings=None) -> dict:
@@ -95,9 +96,11 @@ def read_adapter(path):
         meta = {**meta, **{k: json.loads(meta[k]) for k in need}}
     except json.JSONDecodeError:
         raise ValueError(f"{path}: the adapter's metadata is corrupt") from None
-    if set(meta["lora_config"]) != {"rank", "alpha", "targets", "dropout", "bias", "rslora"}:
+    cfg = meta["lora_config"]  # its numbers are apply_lora's to check (load_adapter)
+    if not (isinstance(cfg, dict) and set(cfg) == set(_CONFIG_KEYS) and cfg["bias"] in BIAS_OPTIONS
+            and isinstance(cfg["targets"], list) and all(t in TARGETS for t in cfg["targets"])):
         raise ValueError(f"{path}: the adapter's lora_config is not one save_adapter writes: "
-                         f"{meta['lora_config']}")
+                         f"{cfg}")
     return tensors, meta
 
 
@@ -147,7 +150,8 @@ def load_adapter(model, path):
     A model without LoRA gets apply_lora with the file's settings first, so base model +
     load_adapter is all inference needs. Everything is checked and a mismatch is a ValueError
     that names it: the base's architecture and weights (fingerprint), the LoRA settings of a
-    model that already has LoRA, the tensor names and shapes. A merged model stays merged.
+    model that already has LoRA, the tensor names, shapes and values. A merged model stays
+    merged. A failed load leaves the model as it came (the LoRA it added taken off again).
     """
     tensors, meta = read_adapter(path)
     _check_base(model, meta, path)
@@ -159,11 +163,32 @@ def load_adapter(model, path):
                              + ", ".join(f"{k}={cfg[k]} (model: {model.lora_config[k]})"
                                          for k in diff))
         return _copy_lora(model, tensors, path)
-    apply_lora(model, **cfg)
-    try:
+    with _lora_applied(model, cfg, path):
         return _copy_lora(model, tensors, path)
-    except ValueError:
-        unload_lora(model, merge=False)  # the model as it came: no LoRA added by a failed load
+
+
+@contextmanager
+def _lora_applied(model, settings: dict, source):
+    """apply_lora(model, **settings) for the block (bad settings: a ValueError naming source);
+    an error inside the block takes the LoRA off again: the model's own modules back in their
+    places, its requires_grad flags as they were, no lora_config. A failed load then leaves the
+    model exactly as it came, and the next load starts from the same base."""
+    modules = dict(model.named_modules())
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        apply_lora(model, **settings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+    try:
+        yield model
+    except BaseException:
+        for name in lora_layers(model):  # LoRALinear (or MixedLoRALinear) -> what was there
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, modules[name])
+        for n, p in model.named_parameters():
+            p.requires_grad = grads[n]
+        del model.lora_config
+        model.__dict__.pop("lora_adapters", None)
         raise
 
 
@@ -171,7 +196,8 @@ def switch_adapter(model, path_or_state):
     """Task switching on a merged model in one call (§4.1: "recover W0 by subtracting BA and then
     adding a different B'A'"). path_or_state: an adapter file or a lora_state_dict. W0 is
     restored bit for bit before B'A' is added, so the result is exactly B'A' merged into a fresh
-    base. Leaves the model merged; returns it."""
+    base. Leaves the model merged; returns it. Tensors that do not fit, or hold nan or inf, are a
+    ValueError that leaves the model as it was (still merged with the old adapter)."""
     if isinstance(path_or_state, dict):
         _copy_lora(model, path_or_state, "state dict")
     else:
@@ -245,7 +271,8 @@ def load_adapters(model, adapters: dict) -> list:
     their ids count (0, 1, ...). All must fit this base and share targets; ranks and α may
     differ (a smaller rank is zero-padded, which changes nothing). A model without LoRA gets it
     first (its own A and B are not used by use_adapters). The model must not be merged. Every
-    LoRA layer becomes a MixedLoRALinear holding the adapters' bank."""
+    LoRA layer becomes a MixedLoRALinear holding the adapters' bank. Every file is checked
+    before the model changes; an error leaves it as it came."""
     if not adapters:
         raise ValueError("load_adapters: give at least one adapter")
     _refuse_inside_use_adapters(model, "load_adapters")  # ids would point into another bank
@@ -268,31 +295,32 @@ def load_adapters(model, adapters: dict) -> list:
         if is_merged(model):
             raise ValueError("load_adapters needs an unmerged model: call unmerge_lora first")
     rmax = max(cfg["rank"] for cfg in cfgs.values())
-    if getattr(model, "lora_config", None) is None:
-        apply_lora(model, **{**first, "rank": rmax})
-    layers = lora_layers(model)
-    for name, (tensors, _) in files.items():
-        shapes = {f"{ln}.lora_{m}.{n}": (cfgs[name]["rank"], layer.in_features) if m == "A"
-                  else (b - a, cfgs[name]["rank"])
-                  for ln, layer in layers.items() for n, (a, b) in layer.slices.items()
-                  for m in "AB"}
-        check_tensors(shapes, tensors, f"{adapters[name]}: adapter does not fit this model")
-    scalings = [c["alpha"] / (math.sqrt(c["rank"]) if c["rslora"] else c["rank"])
-                for c in cfgs.values()]
-    for ln, layer in layers.items():
-        f = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-        banks = {}
-        for n, (a, b) in layer.slices.items():
-            A = torch.zeros(len(files), rmax, layer.in_features, **f)  # (N, r, in)
-            B = torch.zeros(len(files), b - a, rmax, **f)  # (N, out, r)
-            for i, (name, (tensors, _)) in enumerate(files.items()):
-                r = cfgs[name]["rank"]
-                A[i, :r], B[i, :, :r] = tensors[f"{ln}.lora_A.{n}"], tensors[f"{ln}.lora_B.{n}"]
-            banks[n] = (A, B)
-        parent, child = ln.rsplit(".", 1)
-        mixed = MixedLoRALinear(layer, banks, torch.tensor(scalings, device=f["device"]))
-        setattr(model.get_submodule(parent), child, mixed)
-    model.lora_adapters = list(files)
+    bare = getattr(model, "lora_config", None) is None  # then LoRA is added, and on error removed
+    with _lora_applied(model, {**first, "rank": rmax}, "load_adapters") if bare else nullcontext():
+        layers = lora_layers(model)
+        for name, (tensors, _) in files.items():  # every file checked before a layer changes
+            shapes = {f"{ln}.lora_{m}.{n}": (cfgs[name]["rank"], layer.in_features) if m == "A"
+                      else (b - a, cfgs[name]["rank"])
+                      for ln, layer in layers.items() for n, (a, b) in layer.slices.items()
+                      for m in "AB"}
+            check_tensors(shapes, tensors, f"{adapters[name]}: adapter does not fit this model")
+        scalings = [c["alpha"] / (math.sqrt(c["rank"]) if c["rslora"] else c["rank"])
+                    for c in cfgs.values()]
+        for ln, layer in layers.items():
+            f = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+            banks = {}
+            for n, (a, b) in layer.slices.items():
+                A = torch.zeros(len(files), rmax, layer.in_features, **f)  # (N, r, in)
+                B = torch.zeros(len(files), b - a, rmax, **f)  # (N, out, r)
+                for i, (name, (tensors, _)) in enumerate(files.items()):
+                    r = cfgs[name]["rank"]
+                    A[i, :r] = tensors[f"{ln}.lora_A.{n}"]
+                    B[i, :, :r] = tensors[f"{ln}.lora_B.{n}"]
+                banks[n] = (A, B)
+            parent, child = ln.rsplit(".", 1)
+            mixed = MixedLoRALinear(layer, banks, torch.tensor(scalings, device=f["device"]))
+            setattr(model.get_submodule(parent), child, mixed)
+        model.lora_adapters = list(files)
     return model.lora_adapters
 
 

@@ -32,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from baselines import add_adapters, adapter_params, bottleneck_for
-from common import DTYPES, HelpFormatter, atomic_write, get_device, run_main
+from common import DTYPES, HelpFormatter, atomic_write, check_range, get_device, run_main
 from lora import apply_lora, count_trainable, merge_lora
 from model import GPT, PRETRAINED, GPTConfig, KVCache
 from train import TrainConfig, make_optimizer
@@ -250,6 +251,22 @@ MODELS = {  # random weights in these shapes unless --init gives real ones
 }
 
 
+def check_lengths(args, config, shapes, skip):
+    """Every sequence the chosen parts run must fit the model: checked before the first
+    measurement, not when its part comes."""
+    n = config.block_size
+    for B, T in shapes if "forward" not in skip else ():
+        if T > n:
+            raise ValueError(f"--shapes {B}x{T}: sequence length {T} is longer than the "
+                             f"model's {n}")
+    if "decode" not in skip and args.decode_prompt + args.decode_tokens > n:
+        raise ValueError(f"--decode-prompt + --decode-tokens = "
+                         f"{args.decode_prompt + args.decode_tokens} exceeds the model's "
+                         f"block_size {n}")
+    if "train" not in skip and args.train_seq + 1 > n:
+        raise ValueError(f"--train-seq {args.train_seq} is too long for the model's {n}")
+
+
 def build_base(args) -> GPT:
     if args.init:
         return GPT.from_pretrained(args.init, device=args.device, dtype=DTYPES[args.dtype])
@@ -266,8 +283,6 @@ def build_base(args) -> GPT:
 def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
     """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1."""
     base = arms.base
-    if T > base.config.block_size:
-        raise ValueError(f"sequence length {T} is longer than the model's {base.config.block_size}")
     target = args.adapter_params or (500_000 if (B, T) == (32, 512) else 11_000_000)  # Table 1
     models = arms.get(target)
     idx = torch.randint(0, base.config.vocab_size, (B, T), device=args.device)
@@ -295,9 +310,6 @@ def bench_decode(arms: Arms, args) -> dict:
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
     model.generate does; the cache is rewound to the prompt before each call."""
     base, P, n = arms.base, args.decode_prompt, args.decode_tokens
-    if P + n > base.config.block_size:
-        raise ValueError(f"--decode-prompt + --decode-tokens = {P + n} exceeds the model's "
-                         f"block_size {base.config.block_size}")
     target = args.adapter_params or 11_000_000
     dtype = base.wte.weight.dtype
     prompt = torch.randint(0, base.config.vocab_size, (1, P), device=args.device)
@@ -362,8 +374,6 @@ def train_step(model, opt, idx, targets):
 def batch_for(args, config):
     g = torch.Generator().manual_seed(args.seed)
     B, T = args.train_batch, args.train_seq
-    if T + 1 > config.block_size:
-        raise ValueError(f"--train-seq {T} is too long for the model's {config.block_size}")
     data = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(args.device)
     return data[:, :-1], data[:, 1:]
 
@@ -670,9 +680,40 @@ def parse_count(text: str) -> int:
     t = text.strip().lower()
     scale = {"k": 1e3, "m": 1e6}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if scale != 1 else t) * scale)
-    except ValueError:
-        raise ValueError(f"--adapter-params {text!r}: give a count such as 11M, 0.5M or 5000")
+        n = int(float(t[:-1] if scale != 1 else t) * scale)
+    except (ValueError, OverflowError):  # not a number; inf
+        n = 0
+    if n < 1:
+        raise ValueError(f"--adapter-params {text!r}: give a count (>= 1) such as 11M, 0.5M "
+                         f"or 5000")
+    return n
+
+
+# The allowed values of every numeric flag (common.RANGES): in --help, checked before any work.
+FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
+               "decode_tokens": ">= 1", "train_batch": ">= 1", "train_seq": ">= 1",
+               "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1"}
+
+
+def ranged(text, name) -> str:
+    """A flag's help with its allowed values, as main checks them."""
+    return f"{text} ({FLAG_RANGES[name]})"
+
+
+def check_writable(path, flag):
+    """That a file can be written at path (its folder made, a file created there and removed),
+    checked before the work whose result it is to hold, not after."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "a directory is in the way", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise OSError(f"{flag} {path}: cannot write it ({why}: {e.filename})" if e.filename
+                      else f"{flag} {path}: cannot write it ({why})") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -703,28 +744,36 @@ def parser() -> argparse.ArgumentParser:
                    help="forward-pass settings BATCHxSEQ, comma-separated; the paper's are "
                         "32x512,16x256,1x128 (default: those on cuda, 4x256,1x128 on cpu)")
     g.add_argument("--adapter-params", default=None,
-                   help="adapter parameter count the bottleneck is solved for (default as Table "
-                        "1: 0.5M at 32x512, 11M elsewhere)")
+                   help="adapter parameter count (>= 1) the bottleneck is solved for (default "
+                        "as Table 1: 0.5M at 32x512, 11M elsewhere)")
     g.add_argument("--profile", action="store_true",
                    help="also list the ops each arm spends its time in (torch.profiler)")
     g.add_argument("--skip", default=None,
                    help="parts to leave out, comma-separated: forward, decode, train")
     g = p.add_argument_group("rounds and sizes")
     g.add_argument("--rounds", type=int, default=None,
-                   help="timed rounds per arm (default 30, quick 10)")
-    g.add_argument("--warmup", type=int, default=2, help="untimed calls per arm first")
-    g.add_argument("--decode-prompt", type=int, default=128, help="cached prompt length")
+                   help=ranged("timed rounds per arm", "rounds") + "; default 30, quick 10")
+    g.add_argument("--warmup", type=int, default=2,
+                   help=ranged("untimed calls per arm first", "warmup"))
+    g.add_argument("--decode-prompt", type=int, default=128,
+                   help=ranged("cached prompt length", "decode_prompt"))
     g.add_argument("--decode-tokens", type=int, default=None,
-                   help="tokens decoded per timed call (default 16, quick 8)")
+                   help=ranged("tokens decoded per timed call", "decode_tokens")
+                   + "; default 16, quick 8")
     g.add_argument("--train-batch", type=int, default=None,
-                   help="sequences per training step (default 4, quick 2)")
-    g.add_argument("--train-seq", type=int, default=128, help="tokens per training sequence")
+                   help=ranged("sequences per training step", "train_batch")
+                   + "; default 4, quick 2")
+    g.add_argument("--train-seq", type=int, default=128,
+                   help=ranged("tokens per training sequence", "train_seq"))
     g.add_argument("--train-rounds", type=int, default=None,
-                   help="timed training steps per arm (default 10, quick 3)")
-    g.add_argument("--mem-steps", type=int, default=2, help="steps of each memory probe")
+                   help=ranged("timed training steps per arm", "train_rounds")
+                   + "; default 10, quick 3")
+    g.add_argument("--mem-steps", type=int, default=2,
+                   help=ranged("steps of each memory probe", "mem_steps"))
     g = p.add_argument_group("run (on a shared or busy machine: " + SHARED_MACHINE + ")")
     g.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads, fixed for the run; 1 on a shared machine")
+                   help=ranged("torch threads, fixed for the run; 1 on a shared machine",
+                               "threads"))
     g.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: latency as a user sees it; cpu: this process's CPU time, which "
                         "other processes hardly change (with --threads 1 it is the compute "
@@ -746,10 +795,8 @@ def main(argv=None):
                               ("train_rounds", 3, 10)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
-    for name in ("rounds", "decode_prompt", "decode_tokens", "train_batch", "train_seq",
-                 "train_rounds", "mem_steps", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name, spec in FLAG_RANGES.items():
+        check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
     if args.adapter_params is not None:
         args.adapter_params = parse_count(args.adapter_params)
     torch.set_num_threads(args.threads)
@@ -782,11 +829,14 @@ def main(argv=None):
     else:
         shapes = parse_shapes("32x512,16x256,1x128" if cuda else "4x256,1x128")
 
+    if args.json:
+        check_writable(args.json, "--json")  # now, not after the whole benchmark
+    base = build_base(args)
+    check_lengths(args, base.config, shapes, skip)  # before the machine's peaks are measured
     dtype = DTYPES[args.dtype]
     args.peak_flops = matmul_flops(args.device, dtype, clock=CLOCKS[args.clock])
     args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
     args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
-    base = build_base(args)
     model_name = getattr(base, "name", args.model)
     seconds = estimate_seconds(args, base, len(names), shapes, skip)
     print(plan_line(args, model_name, names, shapes, skip, seconds), flush=True)

@@ -6,6 +6,7 @@
                          4-grams (LoRA Table 11), with transformers' semantics
     ban_repeated_ngrams  the n-gram ban beam search applies each step
     completions          the generated part of each row, cut at <|endoftext|>
+    check_fits, check_sampling   bad lengths and settings: one ValueError, before any token
 
 None of this depends on LoRA: a merged adapter is plain weights (§4.1), an unmerged one is part
 of the model's forward. Only beam search needs to know about adapters, for one reason: under
@@ -13,6 +14,9 @@ adapters.use_adapters each row has its adapter id, and the beams it grows into m
 
 Reading order: sample_next -> generate -> beam_search -> ban_repeated_ngrams.
 """
+
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -22,22 +26,39 @@ from common import EOT_TOKEN
 from model import KVCache
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_fits(model, prompt_len, max_new_tokens):
     """Bad lengths as one clear ValueError, before any token is generated (or printed): an empty
-    prompt, max_new_tokens < 1, or prompt + new tokens longer than the model's block_size."""
+    prompt, max_new_tokens not an integer >= 1, or prompt + new tokens longer than the model's
+    block_size."""
     if prompt_len == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if prompt_len + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's block_size {model.config.block_size}")
 
 
+def check_sampling(temperature=1.0, top_k=None, top_p=None, greedy=False):
+    """Sampling settings out of range as one clear ValueError: temperature >= 0 and finite
+    (unless greedy, which ignores it), top_k an integer >= 1, top_p in (0, 1] (None: off)."""
+    if not greedy and not (isinstance(temperature, numbers.Real) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be >= 0 and finite (0: argmax), got {temperature}")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1 (None: off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (None: off), got {top_p!r}")
+
+
 def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
-    """Pick the next token of each row from logits (B, vocab) -> (B,): argmax, or a sample after
-    temperature, top-k (keep the k largest) and top-p (keep the smallest set whose probability
-    reaches p)."""
+    """Pick the next token of each row from logits (B, vocab) -> (B,): argmax (greedy, or
+    temperature 0), or a sample after temperature, top-k (keep the k largest) and top-p (keep the
+    smallest set whose probability reaches p). Bad settings: ValueError (check_sampling)."""
+    check_sampling(temperature, top_k, top_p, greedy)
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -63,10 +84,12 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     use_cache=False recomputes the whole sequence every step: the slow, obvious reference.
     A row that emits eos_token keeps emitting it; generation stops when every row has.
     stream: optional callable given each new column of tokens (B,) as it is produced.
-    Bad lengths are a ValueError (check_fits).
+    Bad lengths (check_fits) and sampling settings (check_sampling) are a ValueError, raised
+    before the prompt runs.
     """
     B, T = idx.size()
     check_fits(model, T, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, greedy)
     cache = None
     if use_cache:
         cache = KVCache(model.config, B, T + max_new_tokens, idx.device,
@@ -111,12 +134,19 @@ def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat
       divided by its current length**length_penalty is no better than the worst hypothesis).
     no_repeat_ngram_size n > 0: a token that would repeat an n-gram of the sequence (prompt
     included) gets probability 0. With beams=1 and no n-gram ban this is greedy decoding.
-    ValueError: idx not (1, T), beams < 1, or bad lengths (check_fits).
+    ValueError: idx not (1, T), beams not an integer >= 1, length_penalty not finite,
+    no_repeat_ngram_size not an integer >= 0, or bad lengths (check_fits). Memory grows with
+    beams: each has its own KV cache and row of logits.
     """
     if idx.dim() != 2 or idx.size(0) != 1:
         raise ValueError("beam_search takes one prompt: idx of shape (1, T)")
-    if beams < 1:
-        raise ValueError(f"beams must be at least 1, got {beams}")
+    if not (_is_int(beams) and beams >= 1):
+        raise ValueError(f"beams must be an integer >= 1, got {beams!r}")
+    if not (isinstance(length_penalty, numbers.Real) and math.isfinite(length_penalty)):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
+    if not (_is_int(no_repeat_ngram_size) and no_repeat_ngram_size >= 0):
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got "
+                         f"{no_repeat_ngram_size!r}")
     T = idx.size(1)
     check_fits(model, T, max_new_tokens)
     cache = KVCache(model.config, 1, T + max_new_tokens, idx.device, model.wte.weight.dtype)

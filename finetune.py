@@ -18,36 +18,35 @@ import torch
 import torch.distributed as dist
 
 from adapters import save_adapter
-from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, file_size, run_main, \
-    setup_distributed
+from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_range, file_size, \
+    run_main, setup_distributed
 from data.datasets import add_data_args, data_from_args
-from lora import TARGETS, apply_lora, describe_trainable
+from lora import BIAS_OPTIONS, TARGETS, apply_lora, describe_trainable
 from model import GPT
 from train import add_train_args, config_from_args, train
 
 LORA = inspect.signature(apply_lora).parameters  # the defaults are apply_lora's (Table 11)
+RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size": ">= 1"}  # in --help
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog="Run `python data/e2e/prepare.py` once first (add "
-                                       "--raw-dir DIR to use local CSVs).",
-                                formatter_class=HelpFormatter)
+                                       "--raw-dir DIR to use local CSVs).")
     g = p.add_argument_group("base model")
-    g.add_argument("--init", default="gpt2",
-                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face cache or "
-                        "download), a directory with config.json + model.safetensors (e.g. "
-                        "what train.py wrote), or a weights file")
+    g.add_argument("--init", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                   "(Hugging Face cache or download), a directory with config.json + "
+                   "model.safetensors (e.g. what train.py wrote), or a weights file")
     g = p.add_argument_group("LoRA (defaults: the paper's GPT-2 setting, Table 11)")
-    g.add_argument("--rank", type=int, default=LORA["rank"].default, help="r, the rank of B A")
+    g.add_argument("--rank", type=int, default=LORA["rank"].default,
+                   help=f"r, the rank of B A ({RANGES['rank']})")
     g.add_argument("--alpha", type=float, default=LORA["alpha"].default,
-                   help="α; the update is scaled by α/r")
+                   help=f"α; the update is scaled by α/r ({RANGES['alpha']})")
     g.add_argument("--targets", default=",".join(LORA["targets"].default),
                    help=f"comma-separated weights to adapt: {', '.join(TARGETS)}")
     g.add_argument("--dropout", type=float, default=LORA["dropout"].default,
-                   help="dropout on LoRA's input")
-    g.add_argument("--bias", default="none", choices=("none", "all", "lora_only"),
-                   help="biases that train too")
+                   help=f"dropout on LoRA's input ({RANGES['dropout']})")
+    g.add_argument("--bias", default="none", choices=BIAS_OPTIONS, help="biases that train too")
     g.add_argument("--rslora", action="store_true", help="scale by α/√r instead of α/r")
     add_data_args(p, default="e2e")
     add_train_args(p, out=FINETUNE_OUT)
@@ -56,26 +55,27 @@ def parser() -> argparse.ArgumentParser:
 
 def finetune(args):
     """Base model + apply_lora + train.train; the adapter goes to args.out. -> the model."""
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)  # every setting in range before anything loads
+    for name, spec in RANGES.items():
+        check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(cfg.seed)  # the same A on every process
     model = GPT.from_pretrained(args.init, device=device)
-    train_data, val_data = data_from_args(args, model.config.block_size)
+    train_data, val_data = data_from_args(args, model.config.block_size, model.config.vocab_size)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     apply_lora(model, rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                bias=args.bias, rslora=args.rslora)
     if rank == 0:
         print(describe_trainable(model))
-    out = Path(args.out)
+    adapter = Path(args.out) / ADAPTER_FILE
     run = {"init": args.init, "data": args.data, "block_size": args.block_size,
            **model.lora_config}
-    train(model, train_data, val_data, cfg, out, resume=args.resume, overwrite=args.overwrite,
+    train(model, train_data, val_data, cfg, args.out, resume=args.resume, overwrite=args.overwrite,
           save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init),
           run=run, results=(ADAPTER_FILE,))
     if rank == 0:
         base_mb = sum(p.nbytes for n, p in model.named_parameters() if ".lora_" not in n) / 2**20
-        print(f"adapter: {out / ADAPTER_FILE} ({file_size(out / ADAPTER_FILE)}); the base "
-              f"model's weights: {base_mb:.1f} MB")
+        print(f"adapter: {adapter} ({file_size(adapter)}); base weights: {base_mb:.1f} MB")
     return model
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from adapters import _copy_lora
+from adapters import _copy_lora, _lora_applied
 from common import atomic_write, short_list
-from lora import apply_lora, lora_config, lora_layers, lora_state_dict
+from lora import lora_config, lora_layers, lora_state_dict
 from model import _read_state_dict
 
 # PEFT (huggingface/peft) interoperability. PEFT keeps GPT-2's Conv1D modules and adapts whole
@@ -78,7 +78,9 @@ def import_peft(model, directory):
     PEFT's whole-module LoRAs become our targets: c_attn -> "qkv", attn.c_proj -> "o", mlp.c_fc
     and mlp.c_proj -> "mlp"; scaling lora_alpha / r (lora_alpha / √r with use_rslora). A module
     the adapter leaves out (only c_fc, or some layers only) keeps B = 0, so ΔW = 0 there, as in
-    PEFT. Per-module ranks (rank_pattern), DoRA and other PEFT methods are refused."""
+    PEFT. Per-module ranks (rank_pattern), DoRA and other PEFT methods are refused. A bad file
+    is a ValueError (FileNotFoundError when one is missing) that names it, and leaves the model
+    as it came."""
     d = Path(directory)
     cfg_path = d / "adapter_config.json"
     if not cfg_path.is_file():
@@ -87,12 +89,18 @@ def import_peft(model, directory):
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: not a PEFT adapter config (a JSON object)")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{d}: a PEFT {cfg.get('peft_type')} adapter, only LORA can be imported")
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
                    if cfg.get(k)]
     if unsupported:
         raise ValueError(f"{d}: PEFT options {unsupported} are not supported")
+    missing = [k for k in ("r", "lora_alpha") if k not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_path}: no {' or '.join(map(repr, missing))} in it (a PEFT LoRA "
+                         f"config has the rank r and lora_alpha)")
     weights = next((d / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                     if (d / n).is_file()), None)
     if weights is None:
@@ -117,8 +125,9 @@ def import_peft(model, directory):
     targets = {k.rsplit(".", 1)[1] for k in tensors if ".lora_" in k}
     if not targets:
         raise ValueError(f"{weights}: no LoRA tensors in it")
-    apply_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], targets=targets,
-               dropout=cfg.get("lora_dropout", 0.0), bias=cfg.get("bias", "none"),
-               rslora=bool(cfg.get("use_rslora", False)))
-    full = {k: v.clone() for k, v in lora_state_dict(model).items()}  # B = 0 where none is given
-    return _copy_lora(model, {**full, **tensors}, weights)
+    settings = dict(rank=cfg["r"], alpha=cfg["lora_alpha"], targets=targets,
+                    dropout=cfg.get("lora_dropout", 0.0), bias=cfg.get("bias", "none"),
+                    rslora=bool(cfg.get("use_rslora", False)))
+    with _lora_applied(model, settings, cfg_path):  # taken off again if the tensors do not fit
+        full = {k: v.clone() for k, v in lora_state_dict(model).items()}  # B = 0 where not given
+        return _copy_lora(model, {**full, **tensors}, weights)

@@ -21,13 +21,14 @@ Reading order: load_model (load_base, attach_adapter) -> complete -> Streamer ->
 import argparse
 import codecs
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from adapters import load_adapter, read_adapter, repeat_adapter_ids
-from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, get_device,
-                    get_tokenizer, run_main)
+from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, check_range,
+                    get_device, get_tokenizer, run_main)
 from data.e2e.prepare import format_prompt
 from decoding import beam_search, check_fits, completions, generate
 from lora import merge_lora
@@ -39,6 +40,12 @@ DEFAULT_BASE = "gpt2"  # the base when the adapter records none, or without an a
 # The prompt when none is given: an MR of the E2E test set, formatted as in fine-tuning.
 EXAMPLE_MR = ("name[The Vaults], eatType[pub], food[French], priceRange[high], area[riverside], "
               "familyFriendly[yes], near[Raja Indian Cuisine]")
+# The allowed values of every numeric flag (common.RANGES), shown in --help and checked by
+# check_args before anything loads. --temperature only counts without --greedy (nan never).
+FLAG_RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0",
+               "top_k": ">= 1", "top_p": "(0, 1]", "beams": ">= 1", "length_penalty": "finite",
+               "no_repeat_ngram_size": ">= 0", "eval_limit": ">= 1", "batch_size": ">= 1"}
+MAX_ROWS = 64  # --beams, --num-samples: rows decoded at once, each with a KV cache and logits
 
 
 # ---------------------------------------------------------------- the model: base (+ adapter)
@@ -118,9 +125,11 @@ def complete(model, ids, *, num_samples=1, max_new_tokens=64, temperature=1.0, t
     decoding.generate, which runs the prompt once and then one token per step against the KV
     cache; num_samples rows are sampled together. Under adapters.use_adapters(model, [id])
     every sample (or beam) is decoded with adapter id. ValueError: bad lengths (check_fits),
-    num_samples > 1 with beams.
+    num_samples < 1, num_samples > 1 with beams, and decoding's checks of the other settings.
     """
     check_fits(model, len(ids), max_new_tokens)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     idx = torch.tensor([ids], dtype=torch.long, device=model.wte.weight.device)  # (1, T)
     if beams > 1:
         if num_samples != 1:
@@ -187,19 +196,38 @@ def check_args(args):
         raise ValueError("--compare prints generations; evaluate base and adapter separately")
     if args.eval and (args.prompt is not None or args.prompt_file or args.mr):
         raise ValueError("--eval e2e makes its own prompts from the test set: drop the prompt")
+    check_range("--temperature", args.temperature, "finite")  # nan or inf, even with --greedy
+    for name, spec in FLAG_RANGES.items():
+        if name != "temperature" or not args.greedy:  # --greedy takes the argmax
+            check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
+    for name in ("beams", "num_samples"):
+        if getattr(args, name) > MAX_ROWS:
+            raise ValueError(f"--{name.replace('_', '-')} must be at most {MAX_ROWS} (each "
+                             f"row has its own KV cache and logits), got {getattr(args, name)}")
     if args.beams > 1 and args.num_samples != 1:
         raise ValueError("beam search returns one sequence: use --num-samples 1 with --beams")
-    for name in ("num_samples", "beams", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise ValueError("--eval-limit must be at least 1")
-    if args.temperature <= 0 and not args.greedy:
-        raise ValueError("--temperature must be > 0 (use --greedy for argmax decoding)")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError("--top-k must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError("--top-p must be in (0, 1]")
+
+
+def check_writable(path, flag):
+    """That a file can be written at path (its folder made, a file created there and removed),
+    checked before the work whose result it is to hold, not after."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "a directory is in the way", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise OSError(f"{flag} {path}: cannot write it ({why}: {e.filename})" if e.filename
+                      else f"{flag} {path}: cannot write it ({why})") from None
+
+
+def ranged(text, name) -> str:
+    """A flag's help with its allowed values, as check_args checks them."""
+    most = f", at most {MAX_ROWS}" if name in ("beams", "num_samples") else ""
+    return f"{text} ({FLAG_RANGES[name]}{most})"
 
 
 class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -231,11 +259,16 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--mr", help="an E2E meaning representation, formatted as in fine-tuning")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most")
-    g.add_argument("--temperature", type=float, default=1.0, help="divides the logits")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep mass p")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help=ranged("samples per prompt", "num_samples"))
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help=ranged("tokens generated at most", "max_new_tokens"))
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help=ranged("divides the logits; unused with --greedy", "temperature"))
+    g.add_argument("--top-k", type=int, default=None,
+                   help=ranged("keep the k most likely tokens", "top_k"))
+    g.add_argument("--top-p", type=float, default=None,
+                   help=ranged("nucleus sampling: keep mass p", "top_p"))
     g.add_argument("--greedy", action="store_true", help="argmax decoding")
     g.add_argument("--seed", type=int, default=1337, help="the same seed, the same samples")
     g.add_argument("--no-stream", action="store_true",
@@ -243,22 +276,26 @@ def parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("beam search (the paper on E2E, Table 11: --beams 10 "
                              "--length-penalty 0.9 --no-repeat-ngram-size 4)")
-    g.add_argument("--beams", type=int, default=1, help="beams; 1 = no beam search")
+    g.add_argument("--beams", type=int, default=1,
+                   help=ranged("beams; 1 = no beam search", "beams"))
     g.add_argument("--length-penalty", type=float, default=1.0,
-                   help="hypothesis score = sum log p / length**this")
+                   help=ranged("hypothesis score = sum log p / length**this", "length_penalty"))
     g.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                   help="never repeat an n-gram of this size; 0: off")
+                   help=ranged("never repeat an n-gram of this size; 0: off",
+                               "no_repeat_ngram_size"))
     g.add_argument("--early-stopping", action="store_true",
                    help="stop as soon as --beams hypotheses have ended")
 
     g = p.add_argument_group("evaluation (greedy, or beam search with --beams; Table 3)")
     g.add_argument("--eval", choices=["e2e"], help="generate for every distinct MR and score")
-    g.add_argument("--split", default="test", help="E2E split to score: test or val")
-    g.add_argument("--eval-limit", type=int, default=None, help="only the first N MRs")
+    g.add_argument("--split", default="test", choices=("test", "val"), help="E2E split to score")
+    g.add_argument("--eval-limit", type=int, default=None,
+                   help=ranged("only the first N MRs", "eval_limit"))
     g.add_argument("--raw-dir", default=None,
                    help="folder with the E2E CSVs to read the references from (default: "
                         "data/e2e/SPLIT.refs.json, written by data/e2e/prepare.py)")
-    g.add_argument("--batch-size", type=int, default=16, help="MRs per greedy batch")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help=ranged("MRs per greedy batch", "batch_size"))
     g.add_argument("--out", default=None, help="score file (default: out/eval/e2e_SPLIT.json)")
     return p
 
@@ -283,12 +320,13 @@ def main(argv=None):
                     early_stopping=args.early_stopping)
 
     if args.eval:
+        out = args.out or f"out/eval/e2e_{args.split}.json"
+        check_writable(out, "--out")  # now, not after the whole evaluation
         model, label = load_model(init, adapter, merge=args.merge, device=device,
                                   dtype=args.dtype)
         result = evaluate_e2e(model, enc, split=args.split, raw_dir=args.raw_dir,
                               limit=args.eval_limit, batch_size=args.batch_size, **decoding)
         result = {"init": init, "adapter": adapter, "mode": label} | result
-        out = args.out or f"out/eval/e2e_{args.split}.json"
         write_eval(result, out)
         m = result["metrics"]
         print(f"E2E {args.split}, {result['mrs']} MRs, {label}: BLEU {m['BLEU']:.2f}, "

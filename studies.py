@@ -21,6 +21,7 @@ out of a LoRA model (through LoRALinear's slices, base_weight, delta_weight) -> 
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from adapters import load_adapter, save_adapter
-from common import HelpFormatter, atomic_write, get_device, run_main, save_figure, tensors_digest
+from common import HelpFormatter, atomic_write, check_range, get_device, run_main, save_figure, \
+    tensors_digest
 from data.datasets import PAD, load_data
 from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
 from model import GPT
@@ -183,7 +185,8 @@ class Runs:
         self.config = probe.config
         self.base_id = tensors_digest(probe.state_dict())
         self.block_size = min(args.block_size, probe.config.block_size)
-        self.train_data, self.val_data = load_data(args.data, self.block_size)
+        self.train_data, self.val_data = load_data(args.data, self.block_size,
+                                                   probe.config.vocab_size)
 
     def settings(self, targets, rank, seed) -> dict:
         a = self.args
@@ -407,6 +410,27 @@ def _layer(args, config) -> int:
     return layer
 
 
+def _budget_rank(args, config) -> int:
+    """The types study's R: four types share it as R/4 each, so a multiple of 4, <= n_embd."""
+    R = args.budget_rank
+    if R % 4 or not 4 <= R <= config.n_embd:
+        raise ValueError(f"--budget-rank must be a multiple of 4 from 4 to n_embd = "
+                         f"{config.n_embd}, got {R}")
+    return R
+
+
+def check_for_model(args, config, studies):
+    """The settings that depend on the base model, checked once it is loaded, before the first
+    run: --budget-rank (types), --layer (subspace, deltaw), --small-rank (subspace)."""
+    if "types" in studies:
+        _budget_rank(args, config)
+    if {"subspace", "deltaw"} & set(studies):
+        _layer(args, config)
+    if "subspace" in studies and args.small_rank > config.n_embd:
+        raise ValueError(f"--small-rank must be at most n_embd = {config.n_embd}, got "
+                         f"{args.small_rank}")
+
+
 def study_rank(runs: Runs, args) -> dict:
     """Table 6: validation loss for q / q,v / q,k,v,o at each rank, same budget, with the base
     (no tuning) and full fine-tuning beside them."""
@@ -427,11 +451,9 @@ def study_rank(runs: Runs, args) -> dict:
 def study_types(runs: Runs, args) -> dict:
     """Table 5: which weights to adapt with a fixed number of trainable parameters: one matrix
     type at rank R, two at R/2, four at R/4 (the paper: 18M parameters on GPT-3, R = 8)."""
-    R = args.budget_rank
+    R = _budget_rank(args, runs.config)
     plan = [(("q",), R), (("k",), R), (("v",), R), (("o",), R), (("q", "k"), R // 2),
             (("q", "v"), R // 2), (("q", "k", "v", "o"), R // 4)]
-    if R % 4 or R > runs.config.n_embd:
-        raise ValueError(f"--budget-rank must be a multiple of 4 and at most n_embd, got {R}")
     budget = paper_num_params(runs.config, R, ("q",))
     rows = []
     for targets, r in plan:
@@ -551,9 +573,12 @@ def _int_list(s: str):
 def run_studies(args) -> dict:
     """Run the chosen studies; write STUDY.json (and PNGs) under args.results. -> the tables."""
     results = Path(args.results or args.out)
-    results.mkdir(parents=True, exist_ok=True)
+    for d, flag in ((results, "--results" if args.results else "--out"),
+                    (Path(args.out) / "runs", "--out")):
+        check_writable_dir(d, flag)  # now, not after the first study
     runs = Runs(args)
     chosen = STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
+    check_for_model(args, runs.config, chosen)
     out, t0 = {}, time.perf_counter()
     for name in chosen:
         print(f"== {name}", flush=True)
@@ -575,6 +600,32 @@ def run_studies(args) -> dict:
     return out
 
 
+def check_writable_dir(d, flag):
+    """That files can be written in folder d (made, a file created there and removed), checked
+    before the work whose results it is to hold, not after."""
+    try:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise OSError(f"{flag} {d}: cannot write there ({why}: {e.filename})" if e.filename
+                      else f"{flag} {d}: cannot write there ({why})") from None
+
+
+# The allowed values of every numeric flag (common.RANGES): in --help, checked before anything
+# loads (--ranks and --deltaw-ranks: each rank). What depends on the model: check_for_model.
+FLAG_RANGES = {"block_size": ">= 1", "steps": ">= 1", "batch_size": ">= 1", "warmup": ">= 0",
+               "lr": "> 0", "lr_full": "> 0", "alpha": "> 0", "lora_dropout": "[0, 1)",
+               "eval_batches": ">= 0", "ranks": ">= 1", "small_rank": ">= 1",
+               "large_rank": ">= 1", "deltaw_ranks": ">= 1", "layer": ">= 0"}
+
+
+def ranged(text, name) -> str:
+    """A flag's help with its allowed values, as main checks them."""
+    return f"{text} ({FLAG_RANGES[name]})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Rerun §7 of the LoRA paper on a base model and a task: rank sweep "
@@ -589,34 +640,46 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--init", required=True,
                    help="base model: a directory from train.py, a weights file, or gpt2, ...")
     g.add_argument("--data", default="e2e", help="downstream task (as train.py's --data)")
-    g.add_argument("--block-size", type=int, default=128, help="longest training sequence")
+    g.add_argument("--block-size", type=int, default=128,
+                   help=ranged("longest training sequence", "block_size"))
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     g = p.add_argument_group("budget of every run (the same for all, as in the paper's tables)")
-    g.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    g.add_argument("--warmup", type=int, default=10, help="warmup steps, then linear decay")
-    g.add_argument("--lr", type=float, default=2e-3, help="learning rate of LoRA runs")
-    g.add_argument("--lr-full", type=float, default=5e-4, help="learning rate of full fine-tuning")
-    g.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the scale is alpha/r)")
+    g.add_argument("--steps", type=int, default=60,
+                   help=ranged("optimizer steps per run", "steps"))
+    g.add_argument("--batch-size", type=int, default=8,
+                   help=ranged("examples per step", "batch_size"))
+    g.add_argument("--warmup", type=int, default=10,
+                   help=ranged("warmup steps, then linear decay", "warmup"))
+    g.add_argument("--lr", type=float, default=2e-3,
+                   help=ranged("learning rate of LoRA runs", "lr"))
+    g.add_argument("--lr-full", type=float, default=5e-4,
+                   help=ranged("learning rate of full fine-tuning", "lr_full"))
+    g.add_argument("--alpha", type=float, default=32,
+                   help=ranged("LoRA alpha (the scale is alpha/r)", "alpha"))
     g.add_argument("--lora-dropout", type=float, default=0.1,
-                   help="dropout on the LoRA path (Table 11)")
+                   help=ranged("dropout on the LoRA path (Table 11)", "lora_dropout"))
     g.add_argument("--eval-batches", type=int, default=12,
-                   help="validation batches (of --batch-size) per run; 0: the whole split")
+                   help=ranged("validation batches (of --batch-size) per run; 0: the whole split",
+                               "eval_batches"))
     g.add_argument("--quick", action="store_true",
                    help="a tiny budget for a smoke test: " +
                         ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     g = p.add_argument_group("studies")
     g.add_argument("--ranks", type=_int_list, default="1,2,4,8,64",
-                   help="ranks of the rank sweep (Table 6)")
+                   help=ranged("ranks of the rank sweep (Table 6), each", "ranks"))
     g.add_argument("--budget-rank", type=int, default=8,
-                   help="types: rank of a single matrix type; the budget is 2 x L x d x this")
-    g.add_argument("--small-rank", type=int, default=8, help="subspace: the r=8 of A_r=8")
-    g.add_argument("--large-rank", type=int, default=64, help="subspace: the r=64 of A_r=64")
+                   help="types: rank of a single matrix type; the budget is 2 x L x d x this "
+                        "(a multiple of 4, at most n_embd)")
+    g.add_argument("--small-rank", type=int, default=8,
+                   help=ranged("subspace: the r=8 of A_r=8", "small_rank"))
+    g.add_argument("--large-rank", type=int, default=64,
+                   help=ranged("subspace: the r=64 of A_r=64", "large_rank"))
     g.add_argument("--deltaw-ranks", type=_int_list, default="4,64",
-                   help="deltaw: adapter ranks to analyse (Table 7 has 4 and 64)")
+                   help=ranged("deltaw: adapter ranks to analyse (Table 7 has 4 and 64), each",
+                               "deltaw_ranks"))
     g.add_argument("--layer", type=int, default=None,
-                   help="block (0-based) analysed by subspace and deltaw (default: n_layer/2 - 1, "
-                        "as the paper's 48th of 96)")
+                   help=f"block (0-based) analysed by subspace and deltaw ({FLAG_RANGES['layer']}, "
+                        f"below n_layer; default: n_layer/2 - 1, as the paper's 48th of 96)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/studies", help="runs cache (adapters, run records)")
     g.add_argument("--results", default=None, help="tables and figures (default: --out)")
@@ -631,13 +694,13 @@ def main(argv=None):
         for k, v in QUICK.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    for name, spec in FLAG_RANGES.items():  # before anything loads
+        for v in getattr(args, name) if name.endswith("ranks") else [getattr(args, name)]:
+            check_range("--" + name.replace("_", "-"), v, spec)
+    if not args.ranks:
+        raise ValueError("--ranks: give at least one rank")
     if args.eval_batches == 0:
         args.eval_batches = None
-    for k in ("steps", "batch_size"):
-        if getattr(args, k) < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
-    if not args.ranks or min(args.ranks) < 1:
-        raise ValueError("--ranks must be positive integers")
     args.device = get_device(args.device)
     run_studies(args)
     return 0

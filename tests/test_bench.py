@@ -230,7 +230,7 @@ def test_bad_input_is_one_line_error():
     (["--arms", "base,prefix"], "unknown"),
     (["--adapter-params", "lots"], "--adapter-params"),
     (["--skip", "everything"], "--skip"),
-    (["--rounds", "0"], "at least 1"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--shapes", "1x999"], "longer than"),
     (["--adapter-params", "1M"], "wider than n_embd"),
 ])
@@ -251,3 +251,46 @@ def test_init_loads_real_weights_in_every_process(tiny_base, tmp_path):
     n = GPT.from_pretrained(tiny_base).num_params()
     assert res["params"] == n
     assert res["train"]["arms"]["full"]["trainable_params"] == n
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Any measurement fails the test: bad input must be found before the first one."""
+    def measured(*args, **kwargs):
+        raise AssertionError("a measurement ran before the bad input was found")
+
+    for name in ("matmul_flops", "read_bandwidth", "gemv_bandwidth", "time_interleaved"):
+        monkeypatch.setattr(bench, name, measured)
+
+
+@pytest.mark.parametrize("args, error, msg", [
+    (["--warmup", "-1"], ValueError, "--warmup must be >= 0, got -1"),
+    (["--threads", "0"], ValueError, "--threads must be >= 1, got 0"),
+    (["--mem-steps", "0"], ValueError, "--mem-steps must be >= 1, got 0"),
+    (["--adapter-params", "inf"], ValueError, "--adapter-params 'inf': give a count"),
+    (["--adapter-params", "-5"], ValueError, "--adapter-params '-5': give a count"),
+    (["--shapes", "1x128,1x999"], ValueError, "--shapes 1x999: sequence length 999"),
+    (["--skip", "forward", "--decode-prompt", "250"], ValueError, "exceeds the model's"),
+    (["--train-seq", "256"], ValueError, "--train-seq 256 is too long"),
+])
+def test_bad_input_is_found_before_any_measurement(no_measuring, args, error, msg):
+    with pytest.raises(error, match=msg):
+        bench.main(["--model", "tiny", "--rounds", "1", *args])
+
+
+def test_an_unusable_json_path_is_found_before_any_measurement(no_measuring, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"--json .*file/out.json: cannot write it"):
+        bench.main(["--model", "tiny", "--json", str(tmp_path / "file" / "out.json")])
+    with pytest.raises(OSError, match="--json .*: cannot write it .a directory is in the way"):
+        bench.main(["--model", "tiny", "--json", str(tmp_path)])
+    # a usable path passes (the probe leaves nothing there): the first measurement is reached
+    with pytest.raises(AssertionError, match="a measurement ran"):
+        bench.main(["--model", "tiny", "--json", str(tmp_path / "new" / "out.json")])
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_help_states_the_range_of_every_numeric_flag():
+    helps = {a.dest: a.help for a in bench.parser()._actions}
+    for name, spec in bench.FLAG_RANGES.items():
+        assert f"({spec})" in helps[name], name

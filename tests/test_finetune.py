@@ -147,7 +147,7 @@ def _error_line(capsys, argv):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rank", "0"], "rank must be a positive integer"),
+    (["--rank", "0"], "--rank must be >= 1, got 0"),
     (["--rank", "33"], "rank 33 is larger than"),
     (["--targets", "q,x"], "unknown LoRA targets"),
     (["--block-size", "256"], "outside 1..128, the model's n_positions"),
@@ -156,6 +156,33 @@ def test_bad_settings_end_in_one_line(tiny_base, e2e_dir, tmp_path, capsys, extr
     argv = ["--init", str(tiny_base), "--data", str(e2e_dir), "--out", str(tmp_path), *extra]
     assert message in _error_line(capsys, argv)
     assert not (tmp_path / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rank", "-2"], "--rank must be >= 1, got -2"),
+    (["--alpha", "inf"], "--alpha must be > 0 (and finite), got inf"),
+    (["--alpha", "nan"], "--alpha must be > 0"),
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--dropout", "1"], "--dropout must be [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be [0, 1)"),
+    (["--block-size", "0"], "--block-size must be >= 1, got 0"),  # not 'the maximum'
+    (["--block-size", "-3"], "--block-size must be >= 1, got -3"),
+    (["--max-iters", "0"], "--max-iters must be >= 1, got 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+])
+def test_flags_out_of_range_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
+    """--init names no model: the flag's error comes first, so nothing was loaded."""
+    line = _error_line(capsys, ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                                *flags])
+    assert message in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_states_the_range_of_every_numeric_lora_flag():
+    helps = {a.dest: a.help for a in finetune.parser()._actions}
+    for name, spec in finetune.RANGES.items():
+        if name != "block_size":  # data.datasets.add_data_args' flag
+            assert f"({spec})" in helps[name], name
 
 
 def test_bad_data_ends_in_one_line(tiny_base, tmp_path, capsys, monkeypatch):

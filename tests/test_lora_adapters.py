@@ -182,7 +182,8 @@ def test_mixed_batch_is_vectorized(tmp_path):
 
 def test_mixed_batch_errors(tmp_path):
     a = adapters.save_adapter(lora.apply_lora(tiny_gpt()), tmp_path / "a.safetensors")
-    b = adapters.save_adapter(lora.apply_lora(tiny_gpt(), targets=("q",)), tmp_path / "b.safetensors")
+    b = adapters.save_adapter(lora.apply_lora(tiny_gpt(), targets=("q",)),
+                              tmp_path / "b.safetensors")
     with pytest.raises(ValueError, match="must share targets"):
         adapters.load_adapters(tiny_gpt(), {"a": a, "b": b})
     model = tiny_gpt()
@@ -320,3 +321,110 @@ def test_adapter_that_trains_biases_loads_onto_a_base_with_other_values_of_those
             adapters.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)
     else:
         adapters.load_adapter(shift_bias(tiny_gpt(), "ln_f.bias"), path)
+
+
+# ------------------------------------------------------- bad input leaves the model as it was
+
+def snapshot(model):
+    """Everything a failed call must leave as it was: the modules themselves (not equal ones:
+    hooks live on them), every tensor, the requires_grad flags, the LoRA attributes."""
+    from common import tensors_digest
+
+    return ({n: id(m) for n, m in model.named_modules()}, tensors_digest(model.state_dict()),
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            getattr(model, "lora_config", None), getattr(model, "lora_adapters", None))
+
+
+def misfit_copy(path, out):
+    """The adapter file at path with one tensor of the wrong shape: its settings (metadata) are
+    fine, so a bare base gets LoRA before the mismatch is found."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(path)
+    sd["h.0.attn.c_attn.lora_A.q"] = torch.zeros(3, 32)
+    save_file(sd, out, metadata=meta)
+    return out
+
+
+def test_failed_load_leaves_a_bare_base_as_it_came_and_the_next_load_works(trained, tmp_path):
+    model, path, logits = trained
+    base = tiny_gpt()
+    base.wte.weight.requires_grad = False  # a flag of the user's own: kept too
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=r"lora_A.q has shape \(3, 32\)"):
+        adapters.load_adapter(base, misfit_copy(path, tmp_path / "misfit.safetensors"))
+    assert snapshot(base) == before
+    adapters.load_adapter(base, path)  # the same model, a good adapter: loads
+    assert torch.equal(base(ids()), logits)
+
+
+def test_settings_in_an_adapter_file_are_checked_and_named(trained, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, path, _ = trained
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["lora_config"])
+    for bad, message in [({"rank": -1}, "rank must be a positive integer"),
+                         ({"alpha": float("inf")}, "alpha must be positive and finite"),
+                         ({"targets": ["x"], "bias": "lora_only"}, "not one save_adapter writes"),
+                         ({"bias": "some"}, "not one save_adapter writes")]:
+        out = tmp_path / "bad.safetensors"
+        save_file(load_file(path), out, metadata={**meta,
+                                                  "lora_config": json.dumps({**cfg, **bad})})
+        base = tiny_gpt()
+        before = snapshot(base)
+        with pytest.raises(ValueError, match=f"^{out}: .*{message}"):
+            adapters.load_adapter(base, out)
+        assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 0, -1.0])
+def test_apply_lora_refuses_an_alpha_that_is_not_positive_and_finite(alpha):
+    model = tiny_gpt()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="alpha must be positive and finite"):
+        lora.apply_lora(model, alpha=alpha)
+    assert snapshot(model) == before
+
+
+def test_switch_adapter_refuses_nan_and_leaves_the_merged_model_as_it_was(tmp_path):
+    from safetensors.torch import save_file
+
+    model = lora.merge_lora(randomize_lora(lora.apply_lora(tiny_gpt()), seed=1))
+    out = model(ids())
+    before = snapshot(model)
+    state = {k: v.clone() for k, v in lora.lora_state_dict(
+        randomize_lora(lora.apply_lora(tiny_gpt()), seed=2)).items()}
+    state["h.1.attn.c_attn.lora_B.v"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="h.1.attn.c_attn.lora_B.v holds nan or inf"):
+        adapters.switch_adapter(model, state)
+    path = adapters.save_adapter(lora.apply_lora(tiny_gpt()), tmp_path / "a.safetensors")
+    save_file(state, tmp_path / "nan.safetensors", metadata=safe_metadata(path))
+    with pytest.raises(ValueError, match="holds nan or inf"):
+        adapters.switch_adapter(model, tmp_path / "nan.safetensors")
+    assert snapshot(model) == before and lora.is_merged(model)
+    assert torch.equal(model(ids()), out)
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_failed_load_adapters_leaves_the_model_as_it_came(tmp_path):
+    good = adapters.save_adapter(randomize_lora(lora.apply_lora(tiny_gpt())),
+                                 tmp_path / "good.safetensors")
+    misfit = misfit_copy(good, tmp_path / "misfit.safetensors")
+    for model in (tiny_gpt(), randomize_lora(lora.apply_lora(tiny_gpt()), seed=5)):
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"misfit.safetensors: adapter does not fit"):
+            adapters.load_adapters(model, {"good": good, "misfit": misfit})
+        assert snapshot(model) == before
+        assert adapters.load_adapters(model, {"good": good}) == ["good"]  # and then loads

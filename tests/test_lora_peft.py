@@ -49,7 +49,8 @@ def test_export_loads_in_peft_with_the_same_logits(tiny_base, tmp_path, kwargs):
         B = load_file(tmp_path / "peft" / "adapter_model.safetensors")[
             "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
         assert B.shape == (96, 8) and torch.count_nonzero(B[32:64]) == 0  # k rows: zero
-    theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_base), tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_base),
+                                       tmp_path / "peft")
     theirs.eval()
     with torch.no_grad():
         want = ours(idx())
@@ -129,3 +130,31 @@ def test_peft_default_A_init_is_the_same_uniform_as_ours():
     bound = 1 / math.sqrt(768)
     assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound
     assert abs(A.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+
+
+def test_bad_config_or_tensors_name_the_file_and_leave_the_model_as_it_came(tiny_base, tmp_path):
+    from test_lora_adapters import snapshot
+
+    d = peft_io.export_peft(randomize_lora(lora.apply_lora(GPT.from_pretrained(tiny_base))),
+                            tmp_path / "p")
+    cfg_path = d / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cases = [({k: v for k, v in cfg.items() if k != "r"}, ValueError,
+              f"^{cfg_path}: no 'r' in it"),
+             ({k: v for k, v in cfg.items() if k not in ("r", "lora_alpha")}, ValueError,
+              f"^{cfg_path}: no 'r' or 'lora_alpha' in it"),
+             ({**cfg, "lora_alpha": None}, ValueError, f"^{cfg_path}: "),
+             ({**cfg, "lora_alpha": float("inf")}, ValueError, f"^{cfg_path}: .*alpha"),
+             ({**cfg, "r": 0}, ValueError, f"^{cfg_path}: .*rank must be a positive integer"),
+             ({**cfg, "r": cfg["r"] + 1}, ValueError, r"has shape \(8, 32\), the model expects "
+                                                      r"\(9, 32\)"),
+             ([cfg], ValueError, "not a PEFT adapter config")]
+    base = GPT.from_pretrained(tiny_base).eval()
+    before = snapshot(base)
+    for bad, error, message in cases:
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises(error, match=message):
+            peft_io.import_peft(base, d)
+        assert snapshot(base) == before
+    cfg_path.write_text(json.dumps(cfg))
+    assert peft_io.import_peft(base, d).lora_config["rank"] == cfg["r"]  # and then it loads

@@ -12,7 +12,7 @@ import torch
 
 from common import EOT_TOKEN, get_tokenizer
 from conftest import ROOT, SHARED_DATA
-from decoding import ban_repeated_ngrams, beam_search, generate
+from decoding import ban_repeated_ngrams, beam_search, generate, sample_next
 from metrics import corpus_bleu, evaluate_e2e, one_line, rouge_l
 from model import GPT
 from sample import complete, load_model, main, parser
@@ -391,3 +391,91 @@ def test_bad_input_one_line_and_nonzero_exit(bad_input_runs, case):
     assert err.startswith(start), err
     assert err.rstrip("\n").endswith(end), err
     assert out == "", out
+
+
+# ---------------------------------------------------------------- settings out of range
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, i: generate(m, i, 4, temperature=-1.0), "temperature must be >= 0 and finite"),
+    (lambda m, i: generate(m, i, 4, temperature=float("nan")), "temperature must be >= 0"),
+    (lambda m, i: generate(m, i, 4, temperature=float("inf")), "temperature must be >= 0"),
+    (lambda m, i: generate(m, i, -3), "max_new_tokens must be an integer >= 1"),
+    (lambda m, i: generate(m, i, 2.5), "max_new_tokens must be an integer >= 1"),
+    (lambda m, i: generate(m, i, 4, top_k=0), "top_k must be an integer >= 1"),
+    (lambda m, i: generate(m, i, 4, top_k=2.5), "top_k must be an integer >= 1"),
+    (lambda m, i: generate(m, i, 4, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (lambda m, i: generate(m, i, 4, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (lambda m, i: generate(m, i, 4, greedy=True, top_k=0), "top_k must be"),
+    (lambda m, i: sample_next(torch.zeros(1, 8), top_k=0), "top_k must be"),
+    (lambda m, i: sample_next(torch.zeros(1, 8), top_p=0.0), "top_p must be"),
+    (lambda m, i: beam_search(m, i, 0, 4), "beams must be an integer >= 1"),
+    (lambda m, i: beam_search(m, i, 2.0, 4), "beams must be an integer >= 1"),
+    (lambda m, i: beam_search(m, i, 2, 4, length_penalty=float("nan")),
+     "length_penalty must be finite"),
+    (lambda m, i: beam_search(m, i, 2, 4, no_repeat_ngram_size=-1),
+     "no_repeat_ngram_size must be an integer >= 0"),
+    (lambda m, i: complete(m, i[0].tolist(), num_samples=0), "num_samples must be"),
+    (lambda m, i: evaluate_e2e(m, None, raw_dir="nowhere", limit=0), "limit must be"),
+    (lambda m, i: evaluate_e2e(m, None, raw_dir="nowhere", limit=-1), "limit must be"),
+    (lambda m, i: evaluate_e2e(m, None, raw_dir="nowhere", batch_size=0), "batch_size must be"),
+    (lambda m, i: evaluate_e2e(m, None, raw_dir="nowhere", beams=0), "beams must be"),
+])
+def test_decoding_settings_out_of_range_are_one_clear_value_error(tiny, call, message):
+    """Before: a negative temperature sampled from the inverted distribution, top_k=0 and
+    top_p=0 raised deep in torch, a negative eval limit dropped the last MR."""
+    with pytest.raises(ValueError, match=message):
+        call(tiny, prompts(1)[0])
+
+
+def error_line(capsys, argv) -> str:
+    """sample.py's main under common.run_main -> its one line on stderr (exit code 1)."""
+    import common
+
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: main([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beams", 100000], "--beams must be at most 64"),
+    (["--num-samples", 1000], "--num-samples must be at most 64"),
+    (["--num-samples", 0], "--num-samples must be >= 1, got 0"),
+    (["--temperature", "inf"], "--temperature must be"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--temperature", "nan", "--greedy"], "--temperature must be finite"),
+    (["--length-penalty", "nan"], "--length-penalty must be finite"),
+    (["--top-k", 0], "--top-k must be >= 1"),
+    (["--top-p", 0], r"--top-p must be (0, 1]"),
+    (["--top-p", 1.5], r"--top-p must be (0, 1]"),
+    (["--max-new-tokens", -5], "--max-new-tokens must be >= 1"),
+    (["--no-repeat-ngram-size", -1], "--no-repeat-ngram-size must be >= 0"),
+    (["--eval", "e2e", "--eval-limit", 0], "--eval-limit must be >= 1"),
+    (["--eval", "e2e", "--batch-size", 0], "--batch-size must be >= 1"),
+])
+def test_flags_out_of_range_are_refused_before_anything_loads(capsys, flags, message):
+    """--init names no model: the flag's error comes first, so nothing was loaded."""
+    line = error_line(capsys, ["--init", "/no/such/model", "--no-adapter", *flags])
+    assert message in line, line
+
+
+def test_help_states_the_range_of_every_numeric_flag():
+    import sample
+
+    helps = {a.dest: a.help for a in parser()._actions}
+    for name, spec in sample.FLAG_RANGES.items():
+        assert f"({spec}" in helps[name], name
+    assert f"at most {sample.MAX_ROWS}" in helps["beams"]
+
+
+def test_an_unusable_eval_out_is_found_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    base = ["--init", "/no/such/model", "--no-adapter", "--eval", "e2e", "--out"]
+    line = error_line(capsys, base + [tmp_path / "file" / "e2e.json"])
+    assert line.startswith(f"error: --out {tmp_path / 'file' / 'e2e.json'}: cannot write it")
+    line = error_line(capsys, base + [tmp_path])  # a directory in the way
+    assert line.startswith(f"error: --out {tmp_path}: cannot write it")
+    # a usable path passes, and the check leaves nothing behind: the model is what fails
+    line = error_line(capsys, base + [tmp_path / "new" / "e2e.json"])
+    assert "/no/such/model" in line and list((tmp_path / "new").iterdir()) == []

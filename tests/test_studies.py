@@ -293,3 +293,87 @@ def test_block_inputs_are_ln1_outputs_without_padding():
         h = m.drop(m.wte(x) + m.wpe(torch.arange(4)))
         h = m.h[1].ln_1(m.h[0](h))
     assert torch.allclose(X, h[x != 50256])
+
+
+# ---------------------------------------------------------------- bad input, found up front
+
+def error_line(capsys, argv) -> str:
+    """studies.py's main under common.run_main -> its one line on stderr (exit code 1)."""
+    import common
+    from studies import main
+
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: main([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-batches", -1], "--eval-batches must be >= 0, got -1"),
+    (["--lr", "inf"], "--lr must be > 0 (and finite), got inf"),
+    (["--lr-full", 0], "--lr-full must be > 0"),
+    (["--alpha", "nan"], "--alpha must be > 0"),
+    (["--lora-dropout", 1], "--lora-dropout must be [0, 1), got 1.0"),
+    (["--warmup", -1], "--warmup must be >= 0"),
+    (["--block-size", 0], "--block-size must be >= 1, got 0"),
+    (["--batch-size", 0], "--batch-size must be >= 1"),
+    (["--steps", 0], "--steps must be >= 1"),
+    (["--ranks", "1,0"], "--ranks must be >= 1, got 0"),
+    (["--deltaw-ranks", "4,-4"], "--deltaw-ranks must be >= 1, got -4"),
+    (["--small-rank", 0], "--small-rank must be >= 1"),
+    (["--large-rank", 0], "--large-rank must be >= 1"),
+    (["--layer", -1], "--layer must be >= 0"),
+])
+def test_flags_out_of_range_are_refused_before_anything_loads(capsys, tmp_path, flags, message):
+    """--init names no model: the flag's error comes first, so nothing was loaded."""
+    line = error_line(capsys, ["rank", "--init", tmp_path / "nope", "--out", tmp_path, *flags])
+    assert message in line, line
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    """Any evaluation or training fails the test: settings that need the model are checked as
+    soon as it is loaded, before the first run."""
+    import studies
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a run started before the bad input was found")
+
+    monkeypatch.setattr(studies, "train", ran)
+    monkeypatch.setattr(studies, "evaluate", ran)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rank", "types", "--budget-rank", 6], "--budget-rank must be a multiple of 4 from 4 to "
+                                            "n_embd = 32, got 6"),
+    (["rank", "types", "--budget-rank", 64], "--budget-rank must be a multiple of 4"),
+    (["rank", "deltaw", "--layer", 5], "--layer must be in 0..1, got 5"),
+    (["rank", "subspace", "--small-rank", 64], "--small-rank must be at most n_embd = 32"),
+])
+def test_settings_that_need_the_model_are_checked_before_the_first_run(
+        no_runs, tiny_base, e2e_dir, tmp_path, capsys, argv, message):
+    line = error_line(capsys, [*argv, "--init", tiny_base, "--data", e2e_dir, "--out", tmp_path,
+                               "--device", "cpu"])
+    assert message in line, line
+
+
+def test_unusable_out_or_results_is_found_before_the_base_loads(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    nope = tmp_path / "nope"  # no such base: an output error must come first
+    line = error_line(capsys, ["rank", "--init", nope, "--out", tmp_path / "file"])
+    assert line.startswith(f"error: --out {tmp_path / 'file'}: cannot write there"), line
+    line = error_line(capsys, ["rank", "--init", nope, "--out", tmp_path / "o",
+                               "--results", tmp_path / "file" / "r"])
+    assert line.startswith(f"error: --results {tmp_path / 'file' / 'r'}: cannot write"), line
+    line = error_line(capsys, ["rank", "--init", nope, "--out", tmp_path / "o"])
+    assert "nope" in line and list((tmp_path / "o" / "runs").iterdir()) == []  # no probe left
+
+
+def test_help_states_the_range_of_every_numeric_flag():
+    import studies
+
+    helps = {a.dest: a.help for a in studies.parser()._actions}
+    for name, spec in studies.FLAG_RANGES.items():
+        assert f"({spec}" in helps[name], name
+    assert "multiple of 4" in helps["budget_rank"] and "below n_layer" in helps["layer"]
