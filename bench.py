@@ -32,7 +32,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from baselines import add_adapters, adapter_params, bottleneck_for
-from common import DTYPES, HelpFormatter, atomic_write, check_range, get_device, run_main
+from common import DTYPES, HelpFormatter, atomic_write, check_range, check_writable, get_device, \
+    run_main
 from lora import apply_lora, count_trainable, merge_lora
 from model import GPT, PRETRAINED, GPTConfig, KVCache
 from train import TrainConfig, make_optimizer
@@ -698,22 +698,6 @@ FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
 def ranged(text, name) -> str:
     """A flag's help with its allowed values, as main checks them."""
     return f"{text} ({FLAG_RANGES[name]})"
-
-
-def check_writable(path, flag):
-    """That a file can be written at path (its folder made, a file created there and removed),
-    checked before the work whose result it is to hold, not after."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "a directory is in the way", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        why = e.strerror or str(e)
-        raise OSError(f"{flag} {path}: cannot write it ({why}: {e.filename})" if e.filename
-                      else f"{flag} {path}: cannot write it ({why})") from None
 
 
 def parser() -> argparse.ArgumentParser:

@@ -117,6 +117,24 @@ def atomic_write_set(writes: dict):
         raise
 
 
+def check_writable(path, flag, directory=False):
+    """That files can be written at path (a file, or with directory=True a folder): the folder
+    made, a file created there and removed, before the work whose results it will hold; else
+    one OSError naming the flag and the path."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    try:
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "a directory is in the way", str(path))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else (e.strerror or e)
+        raise OSError(f"{flag} {path}: cannot write {'there' if directory else 'it'} ({why})") \
+            from None
+
+
 def save_figure(fig, path, dpi=110):
     """A matplotlib Figure as a PNG, atomically. Figures are made with matplotlib.figure.Figure,
     not pyplot: no global backend is switched, so a notebook calling us keeps its own."""
@@ -153,7 +171,7 @@ def check_range(flag: str, value, spec: str):
     """value must lie in RANGES[spec] (None is always allowed: the default, 'not set'); else one
     ValueError naming the flag, e.g. "--lr must be > 0 (and finite), got inf"."""
     if value is not None and not RANGES[spec](value):
-        finite = " (and finite)" if isinstance(value, float) and spec[0] not in "[(" else ""
+        finite = " (and finite)" if isinstance(value, float) and spec.startswith(">") else ""
         raise ValueError(f"{flag} must be {spec}{finite}, got {value}")
     return value
 

@@ -193,9 +193,9 @@ def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="n
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     rank, dropout = int(rank), float(dropout)  # plain Python numbers: they go into JSON metadata
-    alpha = alpha if isinstance(alpha, int) else float(alpha)
-    if not 0 < alpha < math.inf:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
         raise ValueError(f"LoRA alpha must be positive and finite, got {alpha!r}")
+    alpha = alpha if isinstance(alpha, int) else float(alpha)
     if not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     if bias not in BIAS_OPTIONS:

@@ -21,14 +21,13 @@ Reading order: load_model (load_base, attach_adapter) -> complete -> Streamer ->
 import argparse
 import codecs
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from adapters import load_adapter, read_adapter, repeat_adapter_ids
 from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, check_range,
-                    get_device, get_tokenizer, run_main)
+                    check_writable, get_device, get_tokenizer, run_main)
 from data.e2e.prepare import format_prompt
 from decoding import beam_search, check_fits, completions, generate
 from lora import merge_lora
@@ -206,22 +205,6 @@ def check_args(args):
                              f"row has its own KV cache and logits), got {getattr(args, name)}")
     if args.beams > 1 and args.num_samples != 1:
         raise ValueError("beam search returns one sequence: use --num-samples 1 with --beams")
-
-
-def check_writable(path, flag):
-    """That a file can be written at path (its folder made, a file created there and removed),
-    checked before the work whose result it is to hold, not after."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "a directory is in the way", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        why = e.strerror or str(e)
-        raise OSError(f"{flag} {path}: cannot write it ({why}: {e.filename})" if e.filename
-                      else f"{flag} {path}: cannot write it ({why})") from None
 
 
 def ranged(text, name) -> str:

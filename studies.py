@@ -21,7 +21,6 @@ out of a LoRA model (through LoRALinear's slices, base_weight, delta_weight) -> 
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from adapters import load_adapter, save_adapter
-from common import HelpFormatter, atomic_write, check_range, get_device, run_main, save_figure, \
-    tensors_digest
+from common import HelpFormatter, atomic_write, check_range, check_writable, get_device, run_main, \
+    save_figure, tensors_digest
 from data.datasets import PAD, load_data
 from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
 from model import GPT
@@ -575,7 +574,7 @@ def run_studies(args) -> dict:
     results = Path(args.results or args.out)
     for d, flag in ((results, "--results" if args.results else "--out"),
                     (Path(args.out) / "runs", "--out")):
-        check_writable_dir(d, flag)  # now, not after the first study
+        check_writable(d, flag, directory=True)  # now, not after the first study
     runs = Runs(args)
     chosen = STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
     check_for_model(args, runs.config, chosen)
@@ -598,19 +597,6 @@ def run_studies(args) -> dict:
         out[name] = table
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
-
-
-def check_writable_dir(d, flag):
-    """That files can be written in folder d (made, a file created there and removed), checked
-    before the work whose results it is to hold, not after."""
-    try:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=d):
-            pass
-    except OSError as e:
-        why = e.strerror or str(e)
-        raise OSError(f"{flag} {d}: cannot write there ({why}: {e.filename})" if e.filename
-                      else f"{flag} {d}: cannot write there ({why})") from None
 
 
 # The allowed values of every numeric flag (common.RANGES): in --help, checked before anything

@@ -221,14 +221,14 @@ def add_data_args(p, default: str):
                    help="a prepared set (e2e, shakespeare: run data/NAME/prepare.py first), a "
                         ".txt file, or a .jsonl file of {\"prompt\", \"completion\"} lines")
     g.add_argument("--block-size", type=int, default=None,
-                   help="longest sequence trained on (default: the model's n_positions; "
+                   help="longest sequence trained on (>= 1; default: the model's n_positions; "
                         "train.py's model from scratch has 128)")
 
 
 def data_from_args(args, n_positions: int, vocab_size=None):
     """(train, val) of --data, with --block-size checked against the model's n_positions and
     every token id against its vocab_size."""
-    block_size = args.block_size or n_positions
+    block_size = n_positions if args.block_size is None else args.block_size
     if not 1 <= block_size <= n_positions:
         raise ValueError(f"--block-size {block_size} is outside 1..{n_positions}, the model's "
                          f"n_positions")
