@@ -1,0 +1,34 @@
+"""The quick start's pretraining text (data/pretrain/prepare.py): E2E's training split, MRs and
+descriptions as separate documents, and no text of any validation or test MR."""
+import numpy as np
+
+from common import get_tokenizer
+from conftest import SHARED_DATA
+from data.e2e.prepare import load_pairs
+from data.pretrain.prepare import documents, prepare
+
+
+def test_the_corpus_holds_no_validation_or_test_mr_and_never_pairs_an_mr_with_its_text(tmp_path):
+    prepare(SHARED_DATA, tmp_path)
+    enc = get_tokenizer()
+    docs = []
+    for split in ("train", "val"):
+        text = enc.decode(np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16).tolist())
+        docs += [d for d in text.split("<|endoftext|>") if d.strip()]
+        assert "||" not in text  # the task's prompt format is never shown
+    corpus = set(d.strip() for d in docs)
+    train = load_pairs("train", SHARED_DATA / "e2e")
+    train_text = {mr for mr, _ in train} | {ref for _, ref in train}
+    held_out = load_pairs("val", SHARED_DATA / "e2e") + load_pairs("test", SHARED_DATA / "e2e")
+    assert not {mr for mr, _ in held_out} & corpus  # no validation or test MR
+    assert not ({ref for _, ref in held_out} - train_text) & corpus  # nor their descriptions
+    assert {mr for mr, _ in train} <= corpus and {ref for _, ref in train} <= corpus
+    # every document with MR syntax is exactly one training MR: never an MR with its description
+    assert all(d in {mr for mr, _ in train} for d in corpus if "[" in d)
+
+
+def test_documents_split_and_shuffle_deterministically():
+    pairs = [(f"name[{i}]", f"Place {i} is nice.") for i in range(40)]
+    a, b = documents("A.\n\nB.\n\nC.", pairs, seed=3), documents("A.\n\nB.\n\nC.", pairs, seed=3)
+    assert a == b and len(a["train"]) + len(a["val"]) == 3 + 40 + 40
+    assert a != documents("A.\n\nB.\n\nC.", pairs, seed=4)
