@@ -40,7 +40,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from baselines import add_adapters, adapter_params, bottleneck_for
-from common import DTYPES, HelpFormatter, atomic_write, check_range, check_writable, get_device, \
+from common import DTYPES, HelpFormatter, atomic_write, check_flags, check_writable, get_device, \
     run_main
 from lora import apply_lora, count_trainable, merge_lora
 from model import GPT, PRETRAINED, GPTConfig, KVCache
@@ -779,8 +779,7 @@ def main(argv=None):
                               ("train_rounds", 3, 10)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
-    for name, spec in FLAG_RANGES.items():
-        check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
+    check_flags(args, FLAG_RANGES)
     if args.adapter_params is not None:
         args.adapter_params = parse_count(args.adapter_params)
     torch.set_num_threads(args.threads)

@@ -176,6 +176,16 @@ def check_range(flag: str, value, spec: str):
     return value
 
 
+def check_flags(args, ranges: dict, skip=()):
+    """check_range for the parsed --flags named in ranges ({dest: spec}), but those in skip; a
+    list value (e.g. --ranks 1,2,4) is checked element by element."""
+    for name, spec in ranges.items():
+        if name not in skip:
+            value = getattr(args, name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                check_range("--" + name.replace("_", "-"), v, spec)
+
+
 def check_dataclass(obj):
     """check_range for every field of a dataclass that has a "range" in its metadata."""
     for f in dataclasses.fields(obj):

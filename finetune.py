@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from adapters import save_adapter
-from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_range, file_size, \
+from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_flags, file_size, \
     run_main, setup_distributed
 from data.datasets import add_data_args, data_from_args
 from lora import BIAS_OPTIONS, TARGETS, apply_lora, describe_trainable
@@ -56,8 +56,7 @@ def parser() -> argparse.ArgumentParser:
 def finetune(args):
     """Base model + apply_lora + train.train; the adapter goes to args.out. -> the model."""
     cfg = config_from_args(args)  # every setting in range before anything loads
-    for name, spec in RANGES.items():
-        check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
+    check_flags(args, RANGES)
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(cfg.seed)  # the same A on every process
     model = GPT.from_pretrained(args.init, device=device)

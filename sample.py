@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from adapters import load_adapter, read_adapter, repeat_adapter_ids
-from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, check_range,
-                    check_writable, get_device, get_tokenizer, run_main)
+from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, check_flags,
+                    check_range, check_writable, get_device, get_tokenizer, run_main)
 from data.e2e.prepare import format_prompt
 from decoding import beam_search, check_fits, completions, generate
 from lora import merge_lora
@@ -196,9 +196,7 @@ def check_args(args):
     if args.eval and (args.prompt is not None or args.prompt_file or args.mr):
         raise ValueError("--eval e2e makes its own prompts from the test set: drop the prompt")
     check_range("--temperature", args.temperature, "finite")  # nan or inf, even with --greedy
-    for name, spec in FLAG_RANGES.items():
-        if name != "temperature" or not args.greedy:  # --greedy takes the argmax
-            check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
+    check_flags(args, FLAG_RANGES, skip=("temperature",) if args.greedy else ())  # argmax
     for name in ("beams", "num_samples"):
         if getattr(args, name) > MAX_ROWS:
             raise ValueError(f"--{name.replace('_', '-')} must be at most {MAX_ROWS} (each "

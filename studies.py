@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from adapters import load_adapter, save_adapter
-from common import HelpFormatter, atomic_write, check_range, check_writable, get_device, run_main, \
+from common import HelpFormatter, atomic_write, check_flags, check_writable, get_device, run_main, \
     save_figure, tensors_digest
 from data.datasets import PAD, load_data
 from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
@@ -680,9 +680,7 @@ def main(argv=None):
         for k, v in QUICK.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
-    for name, spec in FLAG_RANGES.items():  # before anything loads
-        for v in getattr(args, name) if name.endswith("ranks") else [getattr(args, name)]:
-            check_range("--" + name.replace("_", "-"), v, spec)
+    check_flags(args, FLAG_RANGES)  # before anything loads; --ranks: each rank
     if not args.ranks:
         raise ValueError("--ranks: give at least one rank")
     if args.eval_batches == 0:
