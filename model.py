@@ -247,9 +247,7 @@ class GPT(nn.Module):
             ours.pop("lm_head.weight")  # tied: loaded as wte.weight
         check_tensors({k: v.shape for k, v in ours.items()}, sd, path)  # names every mismatch
         check_finite(sd, path)  # a nan in, a nan loss later, blamed on the learning rate
-        with torch.no_grad():
-            for k, v in sd.items():
-                ours[k].copy_(v)
+        model.load_state_dict(sd, strict=False)  # exactly ours but a tied lm_head (checked)
         model.name = str(source)
         return model.to(device=device, dtype=dtype)
 
@@ -319,14 +317,16 @@ def _from_hub(name: str):
     try:
         try:
             cfg, weights = (hf_hub_download(name, f, local_files_only=True) for f in files)
-        except Exception:  # not cached: is the hub reachable at all? (retries take ~25 s)
+        except Exception:  # not cached: offline, or is the hub reachable? (retries take ~25 s)
+            if constants.HF_HUB_OFFLINE:
+                raise
             socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), 5).close()
             cfg, weights = (hf_hub_download(name, f) for f in files)
     except Exception as e:  # offline and not cached, hub down, ...
-        raise OSError(f"could not get '{name}' from the Hugging Face hub or its cache "
-                      f"({type(e).__name__}). Ways forward: download it once where online (it "
-                      f"is cached), pass a local checkpoint path (--init DIR or FILE), or train "
-                      f"a model here with train.py") from None
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else type(e).__name__
+        raise OSError(f"could not get '{name}' from the Hugging Face hub or its cache ({why}). "
+                      f"Ways forward: download it once where online (it is cached), pass a "
+                      f"local checkpoint (--init DIR or FILE), or train one: train.py") from None
     return _config_from_json(Path(cfg)), Path(weights)
 
 

@@ -385,7 +385,7 @@ PAPER_TABLE7 = {4: {"proj_delta_w": 0.32, "proj_w": 21.67, "proj_random": 0.02, 
 
 
 def _md_table(header, rows) -> str:
-    """A Markdown table (what stdout shows and the README quotes)."""
+    """A Markdown table (what stdout shows and docs/studies.md quotes)."""
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
@@ -619,7 +619,7 @@ def parser() -> argparse.ArgumentParser:
                     "(Figures 3-4), Delta W against W (Table 7). Each study prints a table and "
                     "writes JSON (and PNGs) to --results; fine-tuning runs are cached in "
                     "--out/runs and shared between studies.",
-        epilog="Defaults fit a 2-core CPU and the base trained as in README (section studies).",
+        epilog="Defaults fit a 2-core CPU and the base trained as in docs/studies.md.",
         formatter_class=HelpFormatter)
     p.add_argument("studies", nargs="+", choices=STUDIES + ("all",), help="which studies to run")
     g = p.add_argument_group("base model and task")

@@ -298,9 +298,9 @@ SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=300, warmup=30, decay=
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Pretrain a small GPT from scratch (default: Tiny Shakespeare, about 5 "
-                    "minutes on 2 CPU cores), or fine-tune every weight of a pretrained one "
-                    "(--init): the full fine-tuning baseline LoRA is compared against. The "
+        description="Pretrain a small GPT from scratch (default: Tiny Shakespeare, about 15 "
+                    "minutes on a shared 2-core CPU), or fine-tune every weight of a pretrained "
+                    "one (--init): the full fine-tuning baseline LoRA is compared against. The "
                     "result is a model directory that finetune.py --init accepts.",
         formatter_class=HelpFormatter, epilog="With --init the training defaults are the "
         "paper's GPT-2 recipe (see `python train.py --init gpt2 --help`).")
