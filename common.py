@@ -24,10 +24,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def get_device(name: str = "auto") -> str:
-    """'auto' -> cuda when there is a GPU, else cpu. A CUDA device without CUDA is a ValueError."""
+    """'auto' -> cuda when there is a GPU, else cpu; else a device torch knows that this machine
+    has ("cpu", "cuda", "cuda:1", "mps", ...), or a ValueError naming --device."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:1, ...)") \
+            from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA device (use cpu or auto)")
     return name
 
@@ -103,8 +109,9 @@ def atomic_write_set(writes: dict):
             tmps[path] = tmp
             try:
                 write(tmp)
-            except OSError as e:
-                raise OSError(f"{path}: cannot write it ({e.strerror or e})") from None
+            except (OSError, RuntimeError) as e:  # torch.save says RuntimeError on a full disk
+                raise OSError(f"{path}: cannot write it ({getattr(e, 'strerror', None) or e})") \
+                    from None
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
@@ -164,6 +171,7 @@ RANGES = {  # the allowed values of a numeric setting: a test, and how --help sa
     "> 0": lambda v: 0 < v < math.inf, ">= 0": lambda v: 0 <= v < math.inf,
     ">= 1": lambda v: 1 <= v < math.inf, "[0, 1)": lambda v: 0 <= v < 1,
     "(0, 1]": lambda v: 0 < v <= 1, "finite": lambda v: math.isfinite(v),
+    "[0, 2**32)": lambda v: 0 <= v < 2**32,  # a seed: what numpy and torch both take
 }
 
 
@@ -172,7 +180,8 @@ def check_range(flag: str, value, spec: str):
     ValueError naming the flag, e.g. "--lr must be > 0 (and finite), got inf"."""
     if value is not None and not RANGES[spec](value):
         finite = " (and finite)" if isinstance(value, float) and spec.startswith(">") else ""
-        raise ValueError(f"{flag} must be {spec}{finite}, got {value}")
+        within = "in " if spec[0] in "[(" else ""
+        raise ValueError(f"{flag} must be {within}{spec}{finite}, got {value}")
     return value
 
 

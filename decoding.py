@@ -57,8 +57,12 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, greedy=False):
 def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """Pick the next token of each row from logits (B, vocab) -> (B,): argmax (greedy, or
     temperature 0), or a sample after temperature, top-k (keep the k largest) and top-p (keep the
-    smallest set whose probability reaches p). Bad settings: ValueError (check_sampling)."""
+    smallest set whose probability reaches p). Bad settings: ValueError (check_sampling); so are
+    nan or inf logits (a model whose weights diverged), which would otherwise pick garbage."""
     check_sampling(temperature, top_k, top_p, greedy)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's logits are nan or inf: its weights are broken (a run that "
+                         "diverged?); train it again with a lower --lr")
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

@@ -69,9 +69,9 @@ def finetune(args):
     adapter = Path(args.out) / ADAPTER_FILE
     run = {"init": args.init, "data": args.data, "block_size": args.block_size,
            **model.lora_config}
-    train(model, train_data, val_data, cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init),
-          run=run, results=(ADAPTER_FILE,))
+    train(model, train_data, val_data, cfg, args.out, resume=args.resume,
+          overwrite=args.overwrite, run=run,
+          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init))
     if rank == 0:
         base_mb = sum(p.nbytes for n, p in model.named_parameters() if ".lora_" not in n) / 2**20
         print(f"adapter: {adapter} ({file_size(adapter)}); base weights: {base_mb:.1f} MB")

@@ -15,26 +15,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import atomic_write, check_finite, check_tensors, nonfinite, save_figure, short_list
+from common import ADAPTER_FILE, atomic_write, check_finite, check_tensors, nonfinite, \
+    save_figure, short_list
 
 CKPT = "ckpt.pt"
 LOCK = ".lock"
+RESULTS = ("config.json", "model.safetensors", ADAPTER_FILE)  # what train.py, finetune.py save
 
 
 class TrainingDiverged(ValueError):
     """The loss or the weights became nan or inf."""
 
 
-def claim_out_dir(out_dir, resume: bool, overwrite: bool, results=()):
+def claim_out_dir(out_dir, resume: bool, overwrite: bool):
     """Make out_dir this run's: refused while another process runs in it (a lock held until
     release_out_dir), and refused if it holds another run's outputs unless resume (continue it)
-    or overwrite (its ckpt.pt, log.jsonl, loss.png and `results` are removed first). -> the
-    lock (an open file), or None without out_dir."""
+    or overwrite (its ckpt.pt, log.jsonl, loss.png and results are removed first: RESULTS, of
+    train.py and finetune.py alike). -> the lock (an open file), or None without out_dir."""
     if out_dir is None:
         return None
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    lock = open(d / LOCK, "w")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        lock = open(d / LOCK, "w")
+    except OSError as e:
+        raise OSError(f"--out {d}: cannot write there ({e.strerror or e})") from None
     try:
         import fcntl
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,7 +49,7 @@ def claim_out_dir(out_dir, resume: bool, overwrite: bool, results=()):
         lock.close()
         raise ValueError(f"{d} is in use by another run (it holds {d / LOCK}): wait for it, or "
                          f"use another --out") from None
-    ours = [d / n for n in (CKPT, "log.jsonl", "loss.png", *results)]
+    ours = [d / n for n in (CKPT, "log.jsonl", "loss.png", *RESULTS)]
     if not resume and any(f.exists() for f in ours):
         if not overwrite:
             lock.close()
@@ -64,7 +69,7 @@ def run_settings(cfg, run: dict) -> dict:
     """What defines a run, for --resume to compare: the script's `run` (model, data, LoRA) and
     every TrainConfig setting that changes the weights it ends with."""
     keep = ("lr", "weight_decay", "batch_size", "grad_accum", "epochs", "max_iters", "warmup",
-            "decay", "label_smoothing", "grad_clip", "seed")
+            "decay", "label_smoothing", "grad_clip", "seed", "amp")
     return {**(run or {}), **{k: getattr(cfg, k) for k in keep}}
 
 
@@ -104,6 +109,9 @@ def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> in
     except Exception as e:
         raise ValueError(f"{path}: cannot read the checkpoint, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"step", "params", "optimizer", "scaler", "history",
+                                           "pending"} <= set(state):
+        raise ValueError(f"{path}: not a checkpoint written by train.py or finetune.py")
     theirs = state.get("settings") or {}
     diff = [k for k in settings or {} if k in theirs and theirs[k] != settings[k]]
     if diff:
@@ -170,6 +178,11 @@ class RunLog:
             self.t_last += time.perf_counter() - t0
 
     def step(self, step, loss, lr, tokens, val_loss, write):
+        """Record step `step`; a non-finite validation loss stops the run (TrainingDiverged)
+        before its weights can be checkpointed as good."""
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise TrainingDiverged(f"the validation loss is {val_loss} after step {step}: "
+                                   f"stopping{self.kept(self.dir)}. Try a lower --lr")
         self.pending = {"loss": self.pending["loss"] + loss, "steps": self.pending["steps"] + 1}
         self.tokens += tokens
         self.bar.update(1)
@@ -195,9 +208,10 @@ class RunLog:
 
     def close(self):
         self.bar.close()
-        final = [h["val_loss"] for h in self.history if h.get("val_loss") is not None]
-        if self.dir is not None and final:  # rank 0, writing a run
-            print(f"final validation loss: {final[-1]:.4f} (log: {self.dir / 'log.jsonl'})")
+        last = [h for h in self.history if h.get("val_loss") is not None]
+        if self.dir is not None and last:  # rank 0, writing a run
+            print(f"validation loss at step {last[-1]['step']}: {last[-1]['val_loss']:.4f} "
+                  f"(log: {self.dir / 'log.jsonl'})")
 
     def plot(self, label_smoothing=0.0):
         if self.dir is not None and self.history:

@@ -52,7 +52,7 @@ class TrainConfig:
                       choices=("linear", "cosine", "constant"))
     label_smoothing: float = knob(0.1, "of the training loss (validation has none)", "[0, 1)")
     grad_clip: float = knob(1.0, "max global gradient norm; 0: no clipping", ">= 0")
-    seed: int = knob(1337, "initialisation, data order and dropout")
+    seed: int = knob(1337, "initialisation, data order and dropout", "[0, 2**32)")
     eval_interval: int = knob(500, "steps between validation runs (and one at the end)", ">= 1")
     eval_batches: int = knob(100, "validation batches per run (0: the whole split)", ">= 0")
     log_interval: int = knob(10, "steps per line of log.jsonl", ">= 1")
@@ -180,15 +180,14 @@ def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off
 # ---------------------------------------------------------------- the loop
 
 def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None,
-          resume=False, overwrite=False, run: dict = None, results=()) -> list[dict]:
+          resume=False, overwrite=False, run: dict = None) -> list[dict]:
     """Train the parameters of `model` that have requires_grad; -> history, one dict per
     log_interval steps: step, train_loss, lr, tokens_per_s, and val_loss where evaluated.
 
     save(model, out_dir) writes the result (full model or LoRA adapter) at each checkpoint and
     at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png; a directory
-    with another run's outputs needs resume or overwrite (runs.claim_out_dir; results: the
-    names save writes). run: what else defines the run (model, data, LoRA settings), checked
-    on resume. Ctrl-C stops at the next
+    with another run's outputs needs resume or overwrite (runs.claim_out_dir). run: what else
+    defines the run (model, data, LoRA settings), checked on resume. Ctrl-C stops at the next
     step boundary, checkpointed. Under torchrun, rank 0 evaluates, logs and saves; DDP lives in
     `wrap_model` alone.
     """
@@ -202,7 +201,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     optimizer = make_optimizer(model, cfg)
     autocast, scaler = amp_setup(cfg.amp, next(model.parameters()).device.type)
     settings = run_settings(cfg, run)
-    lock = claim_out_dir(out_dir if rank == 0 else None, resume, overwrite, results)
+    lock = claim_out_dir(out_dir if rank == 0 else None, resume, overwrite)
     try:
         log = RunLog(out_dir if rank == 0 else None, max_iters, cfg.progress and rank == 0)
         step = load_checkpoint(out_dir, model, optimizer, scaler, log, settings) if resume else 0
@@ -335,10 +334,9 @@ def main(argv=None):
     if rank == 0:
         print(f"{'fine-tuning ' + args.init if args.init else 'new model'}: "
               f"{model.num_params():,} parameters, all trained")
-    run = {"init": args.init, "data": args.data, "block_size": args.block_size}
+    run = {k: getattr(args, k) for k in ("init", "data", "block_size", "dropout", *SCRATCH)}
     train(model, train_data, val_data, cfg, args.out, save=lambda m, d: m.save_pretrained(d),
-          resume=args.resume, overwrite=args.overwrite, run=run,
-          results=("config.json", "model.safetensors"))
+          resume=args.resume, overwrite=args.overwrite, run=run)
     if rank == 0:
         print(f"saved {args.out}/model.safetensors "
               f"({file_size(Path(args.out) / 'model.safetensors')})")

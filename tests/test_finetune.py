@@ -163,8 +163,8 @@ def test_bad_settings_end_in_one_line(tiny_base, e2e_dir, tmp_path, capsys, extr
     (["--alpha", "inf"], "--alpha must be > 0 (and finite), got inf"),
     (["--alpha", "nan"], "--alpha must be > 0"),
     (["--alpha", "0"], "--alpha must be > 0"),
-    (["--dropout", "1"], "--dropout must be [0, 1), got 1.0"),
-    (["--dropout", "-0.1"], "--dropout must be [0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
     (["--block-size", "0"], "--block-size must be >= 1, got 0"),  # not 'the maximum'
     (["--block-size", "-3"], "--block-size must be >= 1, got -3"),
     (["--max-iters", "0"], "--max-iters must be >= 1, got 0"),

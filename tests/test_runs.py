@@ -47,7 +47,7 @@ def test_weights_that_became_nonfinite_are_never_saved(tmp_path):
     non-finite in the first update: the run stops at its first checkpoint, saving nothing. (An
     infinite --lr is refused up front.)"""
     saved = []
-    with pytest.raises(TrainingDiverged, match=r"not finite after step 1: nothing saved"):
+    with pytest.raises(TrainingDiverged, match=r"after step 1"):  # weights or validation
         train.train(_model(), toy_examples(), toy_examples(4), train.TrainConfig(
             **{**CFG, "lr": 1e39, "warmup": 0, "max_iters": 1}), tmp_path,
             save=lambda m, d: saved.append(1))
@@ -162,3 +162,60 @@ def test_an_infinite_learning_rate_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"--lr must be > 0 \(and finite\), got inf"):
         _run(tmp_path, cfg={"lr": float("inf")})
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_nonfinite_validation_loss_stops_before_the_step_is_checkpointed(tmp_path):
+    """Finite weights can still give nan outputs (huge weights): a nan validation loss stops the
+    run before its checkpoint, and the last good one stays."""
+    class Poisoned(type(toy_examples())):
+        def eval_batches(self, batch_size, max_batches=None):
+            for x, y in super().eval_batches(batch_size, max_batches):
+                if step["n"] >= 3:
+                    model.h[0].ln_1.weight.data.fill_(float("inf"))  # frozen: not checkpointed
+                yield x, y
+
+    step, model = {"n": 0}, _model()
+
+    class Counting(type(toy_examples())):
+        def get_batch(self, batch_size, index=0, seed=0):
+            step["n"] = index + 1
+            return super().get_batch(batch_size, index, seed)
+
+    base, v = toy_examples(), toy_examples(4, seed=1)
+    with pytest.raises(TrainingDiverged, match=r"validation loss is nan after step 3.*\(step 2\)"):
+        _run(tmp_path, data=Counting(base.tokens, base.index, base.block_size, base.name),
+             val=Poisoned(v.tokens, v.index, v.block_size, v.name), model=model)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_overwrite_removes_the_results_of_either_script(tmp_path):
+    (tmp_path / "model.safetensors").write_text("a train.py result")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds another run's outputs"):
+        _run(tmp_path)
+    _run(tmp_path, overwrite=True)
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_resume_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    torch.save({"step": 3}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by train.py or finetune.py"):
+        _run(tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--seed", "-5"], r"--seed must be in [0, 2**32), got -5"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 2**32)"),
+    (["--out", "{tmp}/a_file/x"], "a_file/x: cannot write there"),
+])
+def test_bad_system_flags_are_one_line(argv, message, capsys, shakespeare_dir, tmp_path):
+    from common import run_main
+    (tmp_path / "a_file").write_text("")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train.main(["--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                                     "--max-iters", "1", "--data", str(shakespeare_dir),
+                                     "--block-size", "16", "--out", str(tmp_path / "o"), *argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and message in err[0], err
