@@ -29,6 +29,7 @@ from adapters import load_adapter, read_adapter, repeat_adapter_ids
 from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, check_flags,
                     check_range, check_writable, get_device, get_tokenizer, run_main)
 from data.e2e.prepare import format_prompt
+from data.files import read_text
 from decoding import beam_search, check_fits, completions, generate
 from lora import merge_lora
 from metrics import evaluate_e2e, now, write_eval
@@ -174,7 +175,7 @@ def read_prompts(args, enc) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in read_text(path).splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"{path}: no prompts in it (one per line)")
     elif args.prompt is not None:

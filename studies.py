@@ -34,6 +34,7 @@ from common import HelpFormatter, atomic_write, check_flags, check_writable, get
 from data.datasets import PAD, load_data
 from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
 from model import GPT
+from runs import claim_out_dir, release_out_dir
 from train import TrainConfig, evaluate, train
 
 # ---------------------------------------------------------------- the math of §7
@@ -420,7 +421,8 @@ def _budget_rank(args, config) -> int:
 
 def check_for_model(args, config, studies):
     """The settings that depend on the base model, checked once it is loaded, before the first
-    run: --budget-rank (types), --layer (subspace, deltaw), --small-rank (subspace)."""
+    run: --budget-rank (types), --layer (subspace, deltaw), --small-rank (subspace),
+    --deltaw-ranks (deltaw)."""
     if "types" in studies:
         _budget_rank(args, config)
     if {"subspace", "deltaw"} & set(studies):
@@ -428,6 +430,10 @@ def check_for_model(args, config, studies):
     if "subspace" in studies and args.small_rank > config.n_embd:
         raise ValueError(f"--small-rank must be at most n_embd = {config.n_embd}, got "
                          f"{args.small_rank}")
+    too_big = [r for r in (args.deltaw_ranks or []) if r > config.n_embd]
+    if "deltaw" in studies and too_big:
+        raise ValueError(f"--deltaw-ranks must each be at most n_embd = {config.n_embd}, got "
+                         f"{', '.join(map(str, too_big))}")
 
 
 def study_rank(runs: Runs, args) -> dict:
@@ -531,12 +537,8 @@ def study_deltaw(runs: Runs, args) -> dict:
     matrix; ||W||_F, ||Delta W||_F and the amplification factor, for W_q and W_v of every block
     (the table shows the study's layer)."""
     layer = _layer(args, runs.config)
-    C = runs.config.n_embd
     out = {"run": describe_run(args), "layer": layer, "by_rank": {}}
-    for r in (args.deltaw_ranks or []):
-        if r > C:
-            print(f"note: --deltaw-ranks {r} skipped, above n_embd = {C}")
-            continue
+    for r in (args.deltaw_ranks or []):  # each <= n_embd (check_for_model)
         m = runs.model(("q", "v"), r, 0)
         out["by_rank"][str(r)] = {
             name: [delta_w_vs_w(base_weight(m, i, name), delta_weight(m, i, name), r, seed=i)
@@ -575,6 +577,16 @@ def run_studies(args) -> dict:
     for d, flag in ((results, "--results" if args.results else "--out"),
                     (Path(args.out) / "runs", "--out")):
         check_writable(d, flag, directory=True)  # now, not after the first study
+    # One studies run per --out: a second one at the same time is refused. Earlier outputs are
+    # fine (resume=True): the cached runs under --out/runs are reused.
+    lock = claim_out_dir(args.out, resume=True, overwrite=False)
+    try:
+        return _run_studies(args, results)
+    finally:
+        release_out_dir(lock)
+
+
+def _run_studies(args, results: Path) -> dict:
     runs = Runs(args)
     chosen = STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
     check_for_model(args, runs.config, chosen)

@@ -65,7 +65,7 @@ def write_prepared(out_dir, files: dict, meta: dict) -> dict:
 def read_meta(directory) -> dict:
     """meta.json of a prepared directory, checked: JSON with "kind" and "files", and each file
     it lists of the size it records (a directory that mixes two prepare runs is refused, not
-    read). Any fault: one ValueError naming the file."""
+    read), no array empty. Any fault: one ValueError naming the file."""
     path = Path(directory) / "meta.json"
     redo = "prepare it again (python data/NAME/prepare.py --out-dir DIR)"
     text = read_text(path)
@@ -85,4 +85,7 @@ def read_meta(directory) -> dict:
             raise ValueError(f"{f}: {'missing' if got is None else f'{got:,} bytes'}, but "
                              f"meta.json says {size:,}: the directory mixes two prepare runs "
                              f"or lost a file; {redo}")
+        if size == 0 and name.endswith(".bin"):  # a split with no tokens or no examples
+            raise ValueError(f"{f}: empty (0 bytes): a split with nothing in it; give more "
+                             f"raw text and {redo}")
     return meta

@@ -259,7 +259,7 @@ def test_config_json_that_is_not_a_config_is_one_line(tmp_path, content, why):
 
 
 def test_gpt_config_checks_its_fields():
-    with pytest.raises(ValueError, match=r"^dropout must be \[0, 1\), got 1.5$"):
+    with pytest.raises(ValueError, match=r"^dropout must be (in )?\[0, 1\), got 1.5$"):
         GPTConfig(dropout=1.5)
     with pytest.raises(ValueError, match="^bias must be of type bool, got 1$"):
         GPTConfig(bias=1)
@@ -379,6 +379,88 @@ def test_an_e2e_csv_without_its_ref_column_is_one_line(tmp_path):
     assert _one_line(["data/e2e/prepare.py", "--raw-dir", str(raw), "--out-dir",
                       str(tmp_path / "out")]) == f"error: {raw / 'devset.csv'}: no 'ref' " \
         f"column (its columns: mr); an E2E CSV with references has the columns mr, ref\n"
+
+
+def test_an_empty_shakespeare_input_is_refused_at_prepare_naming_it(tmp_path):
+    """It wrote 0-token arrays, and training then said "cannot mmap an empty file"."""
+    (tmp_path / "sh").mkdir()
+    raw = tmp_path / "sh" / "input.txt"
+    raw.write_text("\n  \n", encoding="utf-8")
+    assert _error(shakespeare.prepare, tmp_path / "sh", tmp_path / "out") == \
+        f"{raw}: no text in it"
+    raw.write_text("T", encoding="utf-8")  # its first 90% is no text
+    assert _error(shakespeare.prepare, tmp_path / "sh", tmp_path / "out") == \
+        f"{raw}: too little text: its train split has no tokens"
+    raw.write_text("", encoding="utf-8")
+    assert _one_line(["data/shakespeare/prepare.py", "--raw-dir", str(tmp_path / "sh"),
+                      "--out-dir", str(tmp_path / "out")]) == f"error: {raw}: no text in it\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_pretrain_text_is_refused_at_prepare_naming_it(tmp_path):
+    from data.pretrain import prepare as pretrain
+
+    (tmp_path / "raw" / "tinyshakespeare").mkdir(parents=True)
+    raw = tmp_path / "raw" / "tinyshakespeare" / "input.txt"
+    raw.write_bytes(b"")
+    _small_e2e_raw(tmp_path / "raw" / "e2e")
+    assert _error(pretrain.prepare, tmp_path / "raw", tmp_path / "out") == f"{raw}: no text in it"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_array_is_refused_at_load_naming_it(shakespeare_dir, tmp_path):
+    """A prepared set whose val.bin is empty (an older prepare.py wrote such sets)."""
+    d = tmp_path / "prepared"
+    shutil.copytree(shakespeare_dir, d)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"]["val.bin"] = 0
+    (d / "val.bin").write_bytes(b"")
+    (d / "meta.json").write_text(json.dumps(meta))
+    assert _error(load_data, str(d), 64) == \
+        f"{d / 'val.bin'}: empty (0 bytes): a split with nothing in it; give more raw text and " \
+        f"{REDO}"
+
+
+def test_an_e2e_csv_cut_inside_a_quoted_field_is_one_line(tmp_path):
+    """It gave one training example whose ref swallowed the rest of the file."""
+    raw = _small_e2e_raw(tmp_path / "raw")
+    dev = raw / "devset.csv"
+    text = dev.read_text(encoding="utf-8")
+    n = text.count("\n")
+    dev.write_text(text + 'name[Cut],"The Cut is a\npub', encoding="utf-8")
+    assert _error(e2e.read_csv, dev) == \
+        f"{dev}:{n + 1}: a quoted field is not closed: the file is cut short?"
+    dev.write_text('mr,ref\n"name[Cut],The Cut is a\npub\n', encoding="utf-8")
+    assert _error(e2e.read_csv, dev) == \
+        f"{dev}:2: a quoted field is not closed: the file is cut short?"
+    assert _one_line(["data/e2e/prepare.py", "--raw-dir", str(raw), "--out-dir",
+                      str(tmp_path / "out")]) == \
+        f"error: {dev}:2: a quoted field is not closed: the file is cut short?\n"
+
+
+def test_an_e2e_csv_row_with_an_extra_field_is_one_line_naming_the_line(tmp_path):
+    """The extra field was dropped without a word."""
+    raw = _small_e2e_raw(tmp_path / "raw")
+    dev = raw / "devset.csv"
+    lines = dev.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[4] = lines[4].rstrip("\r\n") + ",extra\r\n"
+    dev.write_text("".join(lines), encoding="utf-8", newline="")
+    assert _error(e2e.read_csv, dev) == \
+        f"{dev}:5: 1 field(s) more than the header's 2 (mr, ref)"
+    assert _one_line(["data/e2e/prepare.py", "--raw-dir", str(raw), "--out-dir",
+                      str(tmp_path / "out")]) == \
+        f"error: {dev}:5: 1 field(s) more than the header's 2 (mr, ref)\n"
+
+
+def test_an_e2e_csv_with_no_rows_or_too_few_mrs_is_one_line(tmp_path):
+    raw = _small_e2e_raw(tmp_path / "raw")
+    dev = raw / "devset.csv"
+    dev.write_text("mr,ref\n", encoding="utf-8")
+    assert _error(e2e.read_csv, dev) == f"{dev}: no rows in it, only the header"
+    dev.write_text("mr,ref\nname[A],A is a pub.\n", encoding="utf-8")  # one MR: no val
+    assert _error(e2e.prepare, raw, tmp_path / "out") == \
+        f"{dev}: too few distinct MRs to carve a val split out of it (every 10th goes to val)"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content, message", [

@@ -447,8 +447,8 @@ def error_line(capsys, argv) -> str:
     (["--temperature", "nan", "--greedy"], "--temperature must be finite"),
     (["--length-penalty", "nan"], "--length-penalty must be finite"),
     (["--top-k", 0], "--top-k must be >= 1"),
-    (["--top-p", 0], r"--top-p must be (0, 1]"),
-    (["--top-p", 1.5], r"--top-p must be (0, 1]"),
+    (["--top-p", 0], r"--top-p must be in (0, 1]"),
+    (["--top-p", 1.5], r"--top-p must be in (0, 1]"),
     (["--max-new-tokens", -5], "--max-new-tokens must be >= 1"),
     (["--no-repeat-ngram-size", -1], "--no-repeat-ngram-size must be >= 0"),
     (["--eval", "e2e", "--eval-limit", 0], "--eval-limit must be >= 1"),
@@ -479,3 +479,11 @@ def test_an_unusable_eval_out_is_found_before_the_model_loads(tmp_path, capsys):
     # a usable path passes, and the check leaves nothing behind: the model is what fails
     line = error_line(capsys, base + [tmp_path / "new" / "e2e.json"])
     assert "/no/such/model" in line and list((tmp_path / "new").iterdir()) == []
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_line(tiny_base, tmp_path, capsys):
+    """It said "'utf-8' codec can't decode byte 0xe9 in position 3", naming no file."""
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(b"name[The Vaults] ||\ncaf\xe9 ||\n")
+    line = error_line(capsys, ["--init", tiny_base, "--no-adapter", "--prompt-file", f])
+    assert line.startswith(f"error: {f}:2: not UTF-8 text (byte 0xe9)"), line

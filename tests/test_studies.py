@@ -314,7 +314,7 @@ def error_line(capsys, argv) -> str:
     (["--lr", "inf"], "--lr must be > 0 (and finite), got inf"),
     (["--lr-full", 0], "--lr-full must be > 0"),
     (["--alpha", "nan"], "--alpha must be > 0"),
-    (["--lora-dropout", 1], "--lora-dropout must be [0, 1), got 1.0"),
+    (["--lora-dropout", 1], "--lora-dropout must be in [0, 1), got 1.0"),
     (["--warmup", -1], "--warmup must be >= 0"),
     (["--block-size", 0], "--block-size must be >= 1, got 0"),
     (["--batch-size", 0], "--batch-size must be >= 1"),
@@ -350,6 +350,8 @@ def no_runs(monkeypatch):
     (["rank", "types", "--budget-rank", 64], "--budget-rank must be a multiple of 4"),
     (["rank", "deltaw", "--layer", 5], "--layer must be in 0..1, got 5"),
     (["rank", "subspace", "--small-rank", 64], "--small-rank must be at most n_embd = 32"),
+    (["rank", "deltaw", "--deltaw-ranks", "4,1000"],
+     "--deltaw-ranks must each be at most n_embd = 32, got 1000"),
 ])
 def test_settings_that_need_the_model_are_checked_before_the_first_run(
         no_runs, tiny_base, e2e_dir, tmp_path, capsys, argv, message):
@@ -368,6 +370,20 @@ def test_unusable_out_or_results_is_found_before_the_base_loads(tmp_path, capsys
     assert line.startswith(f"error: --results {tmp_path / 'file' / 'r'}: cannot write"), line
     line = error_line(capsys, ["rank", "--init", nope, "--out", tmp_path / "o"])
     assert "nope" in line and list((tmp_path / "o" / "runs").iterdir()) == []  # no probe left
+
+
+def test_a_second_studies_run_on_the_same_out_is_refused(no_runs, tiny_base, e2e_dir, tmp_path,
+                                                         capsys):
+    """While another run holds --out (its lock), studies.py is one line, and nothing runs."""
+    from runs import claim_out_dir, release_out_dir
+
+    lock = claim_out_dir(tmp_path, resume=True, overwrite=False)
+    try:
+        line = error_line(capsys, ["rank", "--init", tiny_base, "--data", e2e_dir, "--out",
+                                   tmp_path, "--device", "cpu"])
+    finally:
+        release_out_dir(lock)
+    assert f"{tmp_path} is in use by another run" in line, line
 
 
 def test_help_states_the_range_of_every_numeric_flag():

@@ -54,22 +54,35 @@ def format_completion(ref: str) -> str:
 
 def read_csv(path: Path) -> list[tuple[str, str]]:
     """(mr, ref) rows of an E2E CSV (columns mr, ref). A file that is not UTF-8, a missing
-    column or an empty value is one ValueError naming the file (and line)."""
-    rows = csv.DictReader(io.StringIO(read_text(path, newline=""), newline=""))
+    column, an empty value, a row with more fields than the header, a quoted field not closed
+    (a file cut short) or no rows at all is one ValueError naming the file (and line)."""
+    rows = csv.DictReader(io.StringIO(read_text(path, newline=""), newline=""), strict=True)
+    try:
+        fieldnames = rows.fieldnames or ()
+    except csv.Error as e:
+        raise ValueError(f"{path}:1: {e}") from None
     for col in ("mr", "ref"):
-        if col not in (rows.fieldnames or ()):
+        if col not in fieldnames:
             raise ValueError(f"{path}: no '{col}' column (its columns: "
-                             f"{', '.join(rows.fieldnames or []) or 'none'}); an E2E CSV with "
+                             f"{', '.join(fieldnames) or 'none'}); an E2E CSV with "
                              f"references has the columns mr, ref")
-    pairs = []
+    pairs, end = [], rows.line_num  # end: the last line of the last whole row
     try:
         for row in rows:
+            if row.get(None):  # DictReader puts the fields beyond the header's under None
+                raise ValueError(f"{path}:{end + 1}: {len(row[None])} field(s) more than the "
+                                 f"header's {len(fieldnames)} ({', '.join(fieldnames)})")
             mr, ref = (row["mr"] or "").strip(), (row["ref"] or "").strip()  # None: a short row
             if not mr or not ref:
                 raise ValueError(f"{path}:{rows.line_num}: empty {'ref' if mr else 'mr'}")
             pairs.append((mr, ref))
-    except csv.Error as e:
-        raise ValueError(f"{path}:{rows.line_num}: {e}") from None
+            end = rows.line_num
+    except csv.Error as e:  # strict: a quoted field still open at the end of the file, ...
+        why = ("a quoted field is not closed: the file is cut short?"
+               if "unexpected end of data" in str(e) else str(e))
+        raise ValueError(f"{path}:{end + 1}: {why}") from None
+    if not pairs:
+        raise ValueError(f"{path}: no rows in it, only the header")
     return pairs
 
 
@@ -142,6 +155,9 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
     files = {}
     for split in SPLITS:
         pairs = load_pairs(split, raw_dir)
+        if not pairs:  # the offline val split: devset.csv has fewer than 10 distinct MRs
+            raise ValueError(f"{raw_dir / 'devset.csv'}: too few distinct MRs to carve a "
+                             f"{split} split out of it (every 10th goes to val)")
         tokens, index = tokenize_pairs(pairs, enc)
         files |= {f"{split}.bin": tokens, f"{split}.idx.bin": index}
         if split != "train":  # what evaluation scores against: every reference of each MR

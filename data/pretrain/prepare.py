@@ -60,7 +60,10 @@ def prepare(raw_dir=None, out_dir=HERE, seed: int = 0) -> dict:
         if not text_path.exists():
             raise FileNotFoundError(f"{text_path} not found (--raw-dir must hold "
                                     f"tinyshakespeare/input.txt and e2e/)")
-    docs = documents(read_text(text_path), load_pairs("train", e2e_dir), seed)
+    text = read_text(text_path)
+    if not text.strip():
+        raise ValueError(f"{text_path}: no text in it")
+    docs = documents(text, load_pairs("train", e2e_dir), seed)
     enc = get_tokenizer()
     meta, files = {"kind": "stream", "splits": {}}, {}
     for split, part in docs.items():

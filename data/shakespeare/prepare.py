@@ -32,11 +32,15 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found (--raw-dir must hold input.txt)")
     text = read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: no text in it")
     cut = int(0.9 * len(text))
     enc = get_tokenizer()
     meta, files = {"kind": "stream", "splits": {}}, {}
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
         ids = files[f"{split}.bin"] = np.array(enc.encode_ordinary(part), dtype=np.uint16)
+        if not len(ids):
+            raise ValueError(f"{path}: too little text: its {split} split has no tokens")
         meta["splits"][split] = {"tokens": len(ids)}
         print(f"{split}: {len(ids):,} tokens")
     return write_prepared(out_dir, files, meta)
