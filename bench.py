@@ -692,7 +692,8 @@ def parse_count(text: str) -> int:
 # The allowed values of every numeric flag (common.RANGES): in --help, checked before any work.
 FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
                "decode_tokens": ">= 1", "train_batch": ">= 1", "train_seq": ">= 1",
-               "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1"}
+               "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1",
+               "seed": "[0, 2**32)"}
 
 
 def ranged(text, name) -> str:
@@ -763,7 +764,7 @@ def parser() -> argparse.ArgumentParser:
                         "other processes hardly change (with --threads 1 it is the compute "
                         "time; with more threads it sums them, so it is no latency)")
     g.add_argument("--seed", type=int, default=0,
-                   help="random weights, LoRA matrices, inputs")
+                   help=ranged("random weights, LoRA matrices, inputs", "seed"))
     g.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # memory probe, internal
     return p
