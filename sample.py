@@ -44,7 +44,8 @@ EXAMPLE_MR = ("name[The Vaults], eatType[pub], food[French], priceRange[high], a
 # check_args before anything loads. --temperature only counts without --greedy (nan never).
 FLAG_RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0",
                "top_k": ">= 1", "top_p": "(0, 1]", "beams": ">= 1", "length_penalty": "finite",
-               "no_repeat_ngram_size": ">= 0", "eval_limit": ">= 1", "batch_size": ">= 1"}
+               "no_repeat_ngram_size": ">= 0", "eval_limit": ">= 1", "batch_size": ">= 1",
+               "seed": "[0, 2**32)"}
 MAX_ROWS = 64  # --beams, --num-samples: rows decoded at once, each with a KV cache and logits
 
 
@@ -252,7 +253,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None,
                    help=ranged("nucleus sampling: keep mass p", "top_p"))
     g.add_argument("--greedy", action="store_true", help="argmax decoding")
-    g.add_argument("--seed", type=int, default=1337, help="the same seed, the same samples")
+    g.add_argument("--seed", type=int, default=1337,
+                   help=ranged("the same seed, the same samples", "seed"))
     g.add_argument("--no-stream", action="store_true",
                    help="print a single sample when done instead of token by token")
 
