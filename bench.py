@@ -308,7 +308,7 @@ def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
 def bench_decode(arms: Arms, args) -> dict:
     """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
-    model.generate does; the cache is rewound to the prompt before each call."""
+    decoding.generate does; the cache is rewound to the prompt before each call."""
     base, P, n = arms.base, args.decode_prompt, args.decode_tokens
     target = args.adapter_params or 11_000_000
     dtype = base.wte.weight.dtype

@@ -42,6 +42,18 @@ def tiny_base(tmp_path_factory):
     return d
 
 
+def one_error_line(capsys, main, argv) -> str:
+    """A script's main(argv) under common.run_main, as the command line runs it: it must end
+    with exit code 1 and exactly one line on stderr, "error: ..."; -> that line."""
+    from common import run_main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=128)  # tiny_gpt's default
 
 

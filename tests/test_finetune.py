@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import finetune
 import train
 from adapters import load_adapter
-from common import run_main, tensors_digest
-from conftest import ROOT
+from common import tensors_digest
+from conftest import ROOT, one_error_line
 from data.datasets import data_from_args
 from lora import lora_state_dict, paper_num_params
 from model import GPT
@@ -139,11 +139,7 @@ def test_torchrun_two_cpu_processes_end_with_identical_adapters(tiny_base, e2e_d
 
 
 def _error_line(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: finetune.main(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ")
-    return err[0]
+    return one_error_line(capsys, finetune.main, argv)
 
 
 @pytest.mark.parametrize("extra, message", [

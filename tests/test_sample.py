@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import EOT_TOKEN, get_tokenizer
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, one_error_line
 from decoding import ban_repeated_ngrams, beam_search, generate, sample_next
 from metrics import corpus_bleu, evaluate_e2e, one_line, rouge_l
 from model import GPT
@@ -428,14 +428,7 @@ def test_decoding_settings_out_of_range_are_one_clear_value_error(tiny, call, me
 
 
 def error_line(capsys, argv) -> str:
-    """sample.py's main under common.run_main -> its one line on stderr (exit code 1)."""
-    import common
-
-    with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    return one_error_line(capsys, main, argv)
 
 
 @pytest.mark.parametrize("flags, message", [

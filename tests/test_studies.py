@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import one_error_line
 from studies import (delta_w_vs_w, projection_norm, right_singular_vectors, similarity_grid,
                      subspace_similarity, top_directions)
 
@@ -298,15 +299,8 @@ def test_block_inputs_are_ln1_outputs_without_padding():
 # ---------------------------------------------------------------- bad input, found up front
 
 def error_line(capsys, argv) -> str:
-    """studies.py's main under common.run_main -> its one line on stderr (exit code 1)."""
-    import common
     from studies import main
-
-    with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    return one_error_line(capsys, main, argv)
 
 
 @pytest.mark.parametrize("flags, message", [
