@@ -152,7 +152,7 @@ class RunLog:
         if val_loss is not None:
             print(f"validation loss before training: {val_loss:.4f}")
         self.history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
-                             "val_loss": val_loss})
+                             "train_s": 0.0, "val_loss": val_loss})
         self.rewrite()
 
     def kept(self, out_dir) -> str:
@@ -189,8 +189,10 @@ class RunLog:
         if not write:
             return
         now = time.perf_counter()
+        seconds = max(now - self.t_last, 1e-9)  # since the last entry, validation left out
         entry = {"step": step, "train_loss": self.pending["loss"] / self.pending["steps"],
-                 "lr": lr, "tokens_per_s": self.tokens / max(now - self.t_last, 1e-9),
+                 "lr": lr, "tokens_per_s": self.tokens / seconds,
+                 "train_s": (self.history[-1].get("train_s") or 0.0) + seconds,
                  "val_loss": val_loss}
         self.history.append(entry)
         self.pending, self.tokens, self.t_last = {"loss": 0.0, "steps": 0}, 0, now

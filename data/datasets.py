@@ -182,7 +182,7 @@ def _from_text(path: Path, block_size: int):
 
 
 def load_data(name_or_path: str, block_size: int, vocab_size=None):
-    """-> (train, val) datasets. name_or_path: a prepared set under data/ ("e2e",
+    """-> (train, val) datasets. name_or_path: a prepared set under data/ ("e2e", "pretrain",
     "shakespeare"), a prepared directory, a .jsonl file of prompt/completion pairs, or a text
     file. vocab_size: the model's; a token id outside it is a ValueError naming the data, here,
     not an index error in the middle of training."""
@@ -218,8 +218,9 @@ def add_data_args(p, default: str):
     """--data and --block-size, for the training scripts."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default,
-                   help="a prepared set (e2e, shakespeare: run data/NAME/prepare.py first), a "
-                        ".txt file, or a .jsonl file of {\"prompt\", \"completion\"} lines")
+                   help="a prepared set (e2e, pretrain, shakespeare: run data/NAME/prepare.py "
+                        "first), a .txt file, or a .jsonl file of {\"prompt\", \"completion\"} "
+                        "lines")
     g.add_argument("--block-size", type=int, default=None,
                    help="longest sequence trained on (>= 1; default: the model's n_positions; "
                         "train.py's model from scratch has 128)")

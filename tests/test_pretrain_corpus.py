@@ -1,5 +1,6 @@
 """The quick start's pretraining text (data/pretrain/prepare.py): E2E's training split, MRs and
-descriptions as separate documents, and no text of any validation or test MR."""
+descriptions (grouped by restaurant) as separate documents, and no text of any validation or
+test MR."""
 import numpy as np
 
 from common import get_tokenizer
@@ -17,14 +18,22 @@ def test_the_corpus_holds_no_validation_or_test_mr_and_never_pairs_an_mr_with_it
         docs += [d for d in text.split("<|endoftext|>") if d.strip()]
         assert "||" not in text  # the task's prompt format is never shown
     corpus = set(d.strip() for d in docs)
+    lines = {line for d in corpus for line in d.split("\n")}
     train = load_pairs("train", SHARED_DATA / "e2e")
     train_text = {mr for mr, _ in train} | {ref for _, ref in train}
     held_out = load_pairs("val", SHARED_DATA / "e2e") + load_pairs("test", SHARED_DATA / "e2e")
-    assert not {mr for mr, _ in held_out} & corpus  # no validation or test MR
-    assert not ({ref for _, ref in held_out} - train_text) & corpus  # nor their descriptions
-    assert {mr for mr, _ in train} <= corpus and {ref for _, ref in train} <= corpus
-    # every document with MR syntax is exactly one training MR: never an MR with its description
+    assert not {mr for mr, _ in held_out} & lines  # no validation or test MR, not even a line
+    assert not ({ref for _, ref in held_out} - train_text) & lines  # nor their descriptions
+    assert {mr for mr, _ in train} <= corpus and {ref for _, ref in train} <= lines
+    # every document with MR syntax is exactly one training MR: never an MR with a description
     assert all(d in {mr for mr, _ in train} for d in corpus if "[" in d)
+    # a document of descriptions holds one restaurant's: some MR has every one of its lines
+    mrs_of = {}
+    for mr, ref in train:
+        mrs_of.setdefault(ref, set()).add(mr)
+    grouped = [d.split("\n") for d in corpus if all(line in mrs_of for line in d.split("\n"))]
+    assert len(grouped) == len({mr for mr, _ in train})
+    assert all(set.intersection(*(mrs_of[line] for line in g)) for g in grouped)
 
 
 def test_documents_split_and_shuffle_deterministically():

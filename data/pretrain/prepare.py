@@ -1,6 +1,6 @@
 """The pretraining text of the quick start's base model: general text (Tiny Shakespeare) plus the
-text of E2E's *training* split, its meaning representations (MRs) and its descriptions as
-separate documents in a shuffled order, never an MR beside its own description.
+text of E2E's *training* split: its meaning representations (MRs), and its descriptions grouped
+by restaurant, as separate documents in a shuffled order, never an MR beside its own description.
 
     python data/pretrain/prepare.py --raw-dir ../shared/data   # tinyshakespeare/ and e2e/ in it
 
@@ -10,6 +10,9 @@ Shakespeare alone has never seen "coffee shop" or "riverside", and only full fin
 train those embeddings; a base trained on MRs paired with descriptions would already know the
 task. So the base reads both kinds of E2E text, but never the mapping from one to the other,
 and never any text of a validation or test MR (the E2E splits share no MR; tests check it).
+The descriptions of one restaurant make one document, as a web page of reviews of one place
+would: text in which the same name, food and area recur, the kind GPT-2 learned to copy from
+context in; the MR that the descriptions were written from is never beside them.
 
 Writes data/pretrain/{train,val}.bin (uint16 GPT-2 tokens, documents separated by
 <|endoftext|>) and meta.json, as one set. Validation: the last 10% of Tiny Shakespeare and 5% of
@@ -35,12 +38,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def documents(shakespeare: str, pairs, seed: int = 0):
-    """-> {split: [document, ...]}: Shakespeare in paragraphs (90% train, the rest val), and the
-    training split's distinct MRs and all its descriptions, each its own document, shuffled
-    together (95% train, 5% val). An MR and its description are never joined."""
+    """-> {split: [document, ...]}: Shakespeare in paragraphs (90% train, the rest val), and from
+    the training split, each distinct MR as a document and, as another, all the descriptions of
+    one restaurant (one MR's references, a line each: a page of reviews of one place, as the web
+    has them), shuffled together (95% train, 5% val). An MR and its descriptions are never in
+    one document."""
     paragraphs = [p.strip() + "\n" for p in shakespeare.split("\n\n") if p.strip()]
     cut = int(0.9 * len(paragraphs))
-    e2e = list(dict.fromkeys(mr for mr, _ in pairs)) + [ref for _, ref in pairs]
+    by_mr = {}
+    for mr, ref in pairs:
+        by_mr.setdefault(mr, []).append(ref)
+    e2e = list(by_mr) + ["\n".join(refs) + "\n" for refs in by_mr.values()]
     random.Random(seed).shuffle(e2e)
     e2e_cut = int(0.95 * len(e2e))
     train = paragraphs[:cut] + e2e[:e2e_cut]

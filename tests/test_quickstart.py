@@ -1,0 +1,96 @@
+"""The README's quick start, run as written (its bash block, line by line) in a copy of the
+repository, at tiny sizes: flags appended to each command shrink the model and the budgets
+(argparse keeps the last value of a flag), nothing else changes. So the sequence a reader
+copies is the sequence tested, and each step must print where its output went."""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+
+# What each step gets appended: the same commands, tiny models and budgets.
+TINY_TRAIN = ["--max-iters", "3", "--warmup", "1", "--lr", "1e-3", "--eval-interval", "2",
+              "--eval-batches", "2", "--batch-size", "4", "--no-progress"]
+SHRINK = {
+    "train.py": TINY_TRAIN + ["--n-layer", "1", "--n-head", "2", "--n-embd", "16"],
+    "train.py --init": TINY_TRAIN,
+    "finetune.py": TINY_TRAIN,
+    "sample.py": ["--eval-limit", "3", "--max-new-tokens", "6"],
+    "compare.py": ["--examples", "2"],
+}
+
+
+def quick_start_commands() -> list[str]:
+    """The `python ...` lines of the README's first bash block under "## Quick start"."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    block = re.sub(r"\\ *(#[^\n]*)?\n", " ", block)  # continued lines joined
+    return [line.split("#")[0].strip() for line in block.splitlines()
+            if line.strip().startswith("python ")]
+
+
+def test_the_quick_start_runs_end_to_end_as_written(tmp_path):
+    commands = quick_start_commands()
+    scripts = [shlex.split(c)[1] for c in commands]
+    # the sequence the issue asks for: prepare -> pretrain -> LoRA -> full -> evaluate -> compare
+    assert scripts[:2] == ["data/pretrain/prepare.py", "data/e2e/prepare.py"]
+    assert scripts[2:] == ["train.py", "finetune.py", "train.py", "sample.py", "sample.py",
+                           "compare.py"]
+    repo = tmp_path / "repo"  # a fresh copy: the steps write data/ and out/ inside it
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "out", "__pycache__", "*.bin", "*.json", "*.png", "raw", "results",
+        "tests", "docs"))
+    env = dict(os.environ, PYTHONPATH="")
+    for command in commands:
+        argv = shlex.split(command.replace("DIR", str(SHARED_DATA)))
+        key = argv[1] + (" --init" if argv[1] == "train.py" and "--init" in argv else "")
+        argv = [sys.executable] + argv[1:] + SHRINK.get(key, [])
+        r = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, f"{command}\n{r.stdout}\n{r.stderr}"
+        if argv[1] in ("train.py", "finetune.py"):  # each training step: its loss and its files
+            assert re.search(r"validation loss at step 3: \d+\.\d{4}", r.stdout), r.stdout
+            assert re.search(r"(saved|adapter:) \S+\.safetensors", r.stdout), r.stdout
+        if argv[1] == "sample.py":
+            assert re.search(r"BLEU \d+\.\d\d, ROUGE-L \d+\.\d\d .* -> out/eval/\w+\.json",
+                             r.stdout), r.stdout
+    out = repo / "out" / "compare"
+    report = (out / "report.md").read_text()
+    assert re.search(r"LoRA recovers -?\d+% of full fine-tuning's drop", report), report
+    assert report.count("- base: ") == 2 and report.count("- LoRA: ") == 2
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report.md" in r.stdout  # the last step says where its output went
+
+
+@pytest.mark.parametrize("base, lora, full, share", [(3.0, 2.5, 2.0, 0.5), (3.0, 2.0, 2.0, 1.0),
+                                                      (3.0, 3.2, 2.0, -0.2)])
+def test_share_of_drop(base, lora, full, share):
+    from compare import share_of_drop
+
+    assert share_of_drop(base, lora, full) == pytest.approx(share)
+
+
+def test_share_of_drop_is_undefined_when_full_finetuning_did_not_lower_the_loss():
+    from compare import share_of_drop
+
+    assert share_of_drop(3.0, 2.5, 3.0) is None
+
+
+def test_token_kinds_on_a_constructed_example():
+    """Targets of one example: prompt [5, 6, 7] -> completion [8, 6, 9, EOT]; 6 occurs in the
+    prompt (a slot value copied), 8 is the first token, 9 another, then the closing EOT."""
+    import torch
+
+    from compare import KINDS, token_kinds
+    from common import EOT_TOKEN
+
+    seq = [5, 6, 7, 8, 6, 9, EOT_TOKEN]
+    x = torch.tensor([seq[:-1] + [0]])
+    y = torch.tensor([[-100, -100] + seq[3:] + [-100]])
+    assert token_kinds(x, y).tolist() == [[-1, -1, 0, 1, 2, 3, -1]]
+    assert KINDS == ("first token", "in the MR", "other", "<|endoftext|>")
