@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_writable, \
     get_tokenizer, run_main
 from data.datasets import IGNORE, load_data
-from metrics import evaluate_e2e
 
 
 def read_history(run_dir) -> list[dict]:
@@ -113,7 +112,7 @@ def plot_runs(curves: dict, path):
     save_figure(fig, path, dpi=100)
 
 
-def report(runs: dict, evals: dict, base_outputs: list, share, kinds: dict) -> str:
+def report(runs: dict, evals: dict, base_outputs: dict, share, kinds: dict) -> str:
     """The markdown page: losses, scores, the loss by kind of token, the outputs side by side."""
     lines = ["# LoRA against full fine-tuning", "",
              "| | validation loss (final) | best | training time | test BLEU | ROUGE-L |",
@@ -140,13 +139,28 @@ def report(runs: dict, evals: dict, base_outputs: list, share, kinds: dict) -> s
         lines.append(f"| {name.replace('|', chr(92) + '|')} | {n / total:.0%} | {b:.3f} | "
                      f"{lo:.3f} | {fu:.3f} | {'-' if sh is None else f'{sh:.2f}'} |")
     lines += ["", "## Test MRs, greedy outputs side by side", ""]
-    outs = {label: evals[label]["outputs"] for label in runs}
-    for i, base_out in enumerate(base_outputs):
-        lines += [f"**{base_out['mr']}**", "",
-                  f"- base: {base_out['output'] or '(nothing)'}"]
-        lines += [f"- {label}: {outs[label][i]['output'] or '(nothing)'}" for label in runs]
-        lines += [f"- a reference: {base_out['references'][0]}", ""]
+    for i, base_out in base_outputs.items():
+        lines += [f"**{evals['LoRA']['outputs'][i]['mr']}**", "", f"- base: {base_out}"]
+        lines += [f"- {label}: {evals[label]['outputs'][i]['output'] or '(nothing)'}"
+                  for label in runs]
+        lines += [f"- a reference: {evals['LoRA']['outputs'][i]['references'][0]}", ""]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def greedy_outputs(model, mrs: list, max_new_tokens=64) -> list:
+    """The base's greedy output for each MR, prompted as in fine-tuning (format_prompt) and
+    decoded as sample.py --eval decodes the tuned models."""
+    from data.e2e.prepare import format_prompt
+    from decoding import completions, generate
+    from metrics import one_line
+
+    enc, outs = get_tokenizer(), []
+    for mr in mrs:
+        idx = torch.tensor([enc.encode_ordinary(format_prompt(mr))])
+        out = generate(model, idx, max_new_tokens, greedy=True, eos_token=EOT_TOKEN)
+        outs.append(one_line(enc.decode(completions(out, idx.size(1))[0][0])) or "(nothing)")
+    return outs
 
 
 def parser():
@@ -159,9 +173,8 @@ def parser():
     p.add_argument("--full-eval", default="out/eval/full.json",
                    help="sample.py --eval e2e --out of the fully fine-tuned model")
     p.add_argument("--data", default="e2e", help="the runs' --data: its validation split is read")
-    p.add_argument("--examples", type=int, default=5, help="test MRs shown side by side (>= 1)")
-    p.add_argument("--raw-dir", default=None,
-                   help="folder with the E2E CSVs (default: the prepared data/e2e references)")
+    p.add_argument("--examples", type=int, default=6,
+                   help="test MRs shown side by side, spread over the evaluated ones (>= 1)")
     p.add_argument("--out", default="out/compare", help="folder for report.md and loss.png")
     return p
 
@@ -181,10 +194,12 @@ def main(argv=None):
     if runs["LoRA"][0][0] != 0 or runs["full fine-tuning"][0][0] != 0 or abs(b1 - b2) > 1e-3:
         raise ValueError(f"the two runs' step-0 validation losses differ ({b1:.4f}, {b2:.4f}): "
                          f"they were not validated on the same data from the same base")
-    mrs = [[o["mr"] for o in e["outputs"][:args.examples]] for e in evals.values()]
-    if mrs[0] != mrs[1] or evals["LoRA"]["split"] != evals["full fine-tuning"]["split"]:
+    mrs = [[o["mr"] for o in e["outputs"]] for e in evals.values()]
+    if mrs[0] != mrs[1]:
         raise ValueError("the two evaluations are of different MRs: run both with the same "
                          "--split and --eval-limit")
+    n = len(mrs[0])
+    shown = sorted({i * n // args.examples for i in range(min(args.examples, n))})  # spread
     out = Path(args.out)
     check_writable(out, "--out", directory=True)
 
@@ -198,11 +213,10 @@ def main(argv=None):
     _, val = load_data(args.data, models["base"].config.block_size)
     print(f"validation loss by kind of token, {len(val)} examples of {args.data}")
     kinds = loss_by_kind(models, val)
-    print(f"decoding {len(mrs[0])} test MRs with the base, {base}")
-    base_eval = evaluate_e2e(models["base"], get_tokenizer(), split=evals["LoRA"]["split"],
-                             raw_dir=args.raw_dir, limit=len(mrs[0]))
+    print(f"decoding {len(shown)} test MRs with the base, {base}")
+    base_outputs = dict(zip(shown, greedy_outputs(models["base"], [mrs[0][i] for i in shown])))
     share = share_of_drop(b1, runs["LoRA"][-1][2], runs["full fine-tuning"][-1][2])
-    text = report(runs, evals, base_eval["outputs"], share, kinds)
+    text = report(runs, evals, base_outputs, share, kinds)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_set({out / "report.md": lambda p: Path(p).write_text(text + "\n",
                                                                         encoding="utf-8"),

@@ -1,7 +1,6 @@
 """The one training loop, and the script that pretrains a small GPT or fine-tunes every weight.
 
-    python train.py                  # the quick start's base: a small GPT from scratch on
-                                     # data/pretrain (Tiny Shakespeare + E2E's training text)
+    python train.py                  # from scratch on data/pretrain: the quick start's base
     python train.py --init gpt2      # full fine-tuning on E2E: the baseline LoRA is compared to
 
 finetune.py calls the same `train()` on a model whose only trainable parameters are LoRA's A
@@ -291,9 +290,8 @@ def config_from_args(args) -> TrainConfig:
                                           for f in fields(TrainConfig)}))
 
 
-# From scratch: the quick start's base, 7.2M parameters (6.4M of them GPT-2's token embedding,
-# whose vocabulary projection is most of the compute), 200 x 16 x 128 tokens of data/pretrain:
-# about 6 minutes on a quiet 2-core CPU. Width 128, not 64: r = 4 << d means little at d = 64.
+# From scratch: the quick start's base, 7.2M parameters (6.4M: GPT-2's token embedding, whose
+# projection is most of the compute), 200 x 16 x 128 tokens of data/pretrain: 6-7 min on 2 cores.
 SCRATCH = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=200, warmup=20, decay="cosine",
                      label_smoothing=0.0, eval_interval=50, eval_batches=20, batch_size=16)
@@ -302,7 +300,7 @@ SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=200, warmup=20, decay=
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Pretrain a small GPT from scratch (default: the quick start's base on "
-                    "data/pretrain, about 6 minutes on a quiet 2-core CPU), or fine-tune every "
+                    "data/pretrain, about 7 minutes on a quiet 2-core CPU), or fine-tune every "
                     "weight of a pretrained one (--init; default data: e2e): the full "
                     "fine-tuning baseline LoRA is compared against. The result is a model "
                     "directory that finetune.py --init accepts.",
