@@ -77,9 +77,12 @@ def loss_by_kind(models: dict, data, batch_size=8) -> dict:
     """Mean validation loss per kind of target token (token_kinds) of each model {label: GPT}
     -> {label: [(mean loss, tokens) per KINDS]}. Which kinds a method lowers tells what it
     learned: the format (first token, EOT), the register (other), or to use the MR (in the MR)."""
+    from tqdm import tqdm
+
     sums = {label: torch.zeros(len(KINDS), dtype=torch.float64) for label in models}
     counts = torch.zeros(len(KINDS), dtype=torch.float64)
-    for x, y in data.eval_batches(batch_size):
+    for x, y in tqdm(data.eval_batches(batch_size), total=-(-len(data) // batch_size),
+                     desc="loss by kind of token", unit="batch"):
         kind = token_kinds(x, y)
         counts += torch.bincount(kind[kind >= 0], minlength=len(KINDS))
         for label, model in models.items():
