@@ -3,6 +3,7 @@ prepared directory (its arrays, and meta.json recording each file's size) as one
 
 import codecs
 import json
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -50,7 +51,8 @@ def write_prepared(out_dir, files: dict, meta: dict) -> dict:
     """A prepared directory as one set: files {name: np.ndarray (its raw bytes, what np.memmap
     and np.fromfile read back) or str (UTF-8)} and meta.json, which records each file's size in
     meta["files"]. Everything is written before anything is renamed (common.atomic_write_set):
-    a failure halfway leaves the old set whole; meta.json goes last. -> meta."""
+    a failure halfway leaves the old set whole; meta.json goes last. Prints the directory and
+    its files (one line). -> meta."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     blobs = {name: f.encode() if isinstance(f, str) else np.ascontiguousarray(f).tobytes()
@@ -59,6 +61,7 @@ def write_prepared(out_dir, files: dict, meta: dict) -> dict:
     blobs["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode()
     atomic_write_set({out_dir / name: lambda p, b=b: Path(p).write_bytes(b)
                       for name, b in blobs.items()})
+    print(f"wrote {os.path.relpath(out_dir)}/: {', '.join(blobs)}")
     return meta
 
 

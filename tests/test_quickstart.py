@@ -53,6 +53,8 @@ def test_the_quick_start_runs_end_to_end_as_written(tmp_path):
         argv = [sys.executable] + argv[1:] + SHRINK.get(key, [])
         r = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, f"{command}\n{r.stdout}\n{r.stderr}"
+        if argv[1].endswith("prepare.py"):  # where the arrays went
+            assert re.search(r"wrote data/\w+/: .*meta\.json", r.stdout), r.stdout
         if argv[1] in ("train.py", "finetune.py"):  # each training step: its loss and its files
             assert re.search(r"validation loss at step 3: \d+\.\d{4}", r.stdout), r.stdout
             assert re.search(r"(saved|adapter:) \S+\.safetensors", r.stdout), r.stdout
