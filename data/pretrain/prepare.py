@@ -60,7 +60,7 @@ def prepare(raw_dir=None, out_dir=HERE, seed: int = 0) -> dict:
     """raw_dir: a folder with tinyshakespeare/input.txt and e2e/ (the E2E CSVs); None: download."""
     if raw_dir is None:
         from data.files import download
-        text_path = download(SHAKESPEARE_URL, HERE / "raw" / "input.txt")
+        text_path = download(SHAKESPEARE_URL, HERE.parent / "shakespeare" / "raw" / "input.txt")
         e2e_dir = fetch_release(Path(__file__).resolve().parents[1] / "e2e" / "raw")
     else:
         text_path = Path(raw_dir) / "tinyshakespeare" / "input.txt"
