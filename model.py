@@ -6,8 +6,7 @@ at the matrices the paper adapts: `attn.c_attn` is W_q, W_k and W_v fused into o
 map, `attn.c_proj` is W_o (LoRA §4.2, Table 5).
 
 Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> KVCache -> GPT.forward ->
-loading and saving checkpoints. Choosing tokens (sampling, greedy, beam search) is decoding.py's.
-`transformers` is not used here; the tests compare against it.
+checkpoints. Choosing tokens is decoding.py's; `transformers` is used only by the tests.
 """
 
 import json
@@ -51,8 +50,7 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
 
 
-# The four released sizes; head size is 64 in all of them.
-PRETRAINED = {
+PRETRAINED = {  # the four released sizes; head size is 64 in all of them
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -178,15 +176,15 @@ class GPT(nn.Module):
         """Parameters counted once (a tied lm_head shares wte's tensor)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, *, label_smoothing=0.0, cache=None, last_only=False):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), or the mean loss if targets is given.
+    def forward(self, idx, targets=None, *, label_smoothing=0.0, reduction="mean", cache=None,
+                last_only=False):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), or the loss if targets is given.
 
-        targets (B, T): the next token at each position, -100 where no loss is taken. Fine-tuning
-        on E2E puts -100 on the prompt, so only the target text y is learned (LoRA eq. 2).
-        cache: a KVCache; idx then continues the cached positions.
-        last_only: project only the last position to the vocabulary (all that sampling needs; the
-        vocabulary projection is the single largest matmul of a short forward).
-        """
+        targets (B, T): the next token at each position, -100 where no loss is taken (E2E: the
+        prompt, so only the target text y is learned, LoRA eq. 2); only the targets are projected
+        to the vocabulary, the largest matmul. reduction: "mean" or "sum" over the targets.
+        cache: a KVCache; idx continues its positions. last_only: project only the last position
+        (all that sampling needs)."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -201,9 +199,10 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)  # (B, T or 1, vocab_size)
-        logits = self.lm_head(x).float()  # (B, T, vocab_size); loss in fp32 under autocast
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100, label_smoothing=label_smoothing)
+        keep = targets != -100  # (B, T); on E2E a third of the positions or fewer
+        logits = self.lm_head(x[keep]).float()  # (N, vocab_size); the loss in fp32 under autocast
+        return F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing,
+                               reduction=reduction)
 
     # ---------------------------------------------------------------- checkpoints
 

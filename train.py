@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from common import HelpFormatter, add_dataclass_args, check_dataclass, file_size, run_main, \
     setup_distributed
@@ -116,9 +115,7 @@ def amp_setup(amp: str, device_type: str):
 def token_loss_sum(fwd, x, y, label_smoothing=0.0):
     """Σ over the target tokens of -log p(y_t | x_<t) (with label smoothing): eq. 2's sum, not a
     mean, so that micro-batches and processes can be weighted by their token counts."""
-    logits = fwd(x).float()  # (B, T, vocab); the loss in fp32 under autocast
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing, reduction="sum")
+    return fwd(x, y, label_smoothing=label_smoothing, reduction="sum")  # GPT.forward
 
 
 def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast) -> float:
