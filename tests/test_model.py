@@ -132,6 +132,15 @@ def test_loss_with_masked_targets_matches_transformers(hf, tmp_path):
     keep = targets != -100
     manual = F.cross_entropy(logits[keep], targets[keep], label_smoothing=0.1)
     assert abs(smoothed.item() - manual.item()) < 1e-5
+    with torch.no_grad():  # the sum train_step weighs micro-batches by: over the targets only
+        summed = model(idx, targets, label_smoothing=0.1, reduction="sum")
+    assert abs(summed.item() - manual.item() * int(keep.sum())) < 1e-3
+    seen = []  # and only the target positions reach the vocabulary projection (eq. 2)
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    with torch.no_grad():
+        model(idx, targets)
+    hook.remove()
+    assert seen == [torch.Size([int(keep.sum()), model.config.n_embd])]
 
 
 @pytest.mark.parametrize("name,expected", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
