@@ -36,7 +36,11 @@ def read_history(run_dir) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a train.py/finetune.py --out?")
-    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        [(h["step"], h["val_loss"]) for h in history]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a log.jsonl of train.py or finetune.py ({e!r})") from None
     if not any(h.get("val_loss") is not None for h in history[1:]):
         raise ValueError(f"{path}: no validation loss after step 0 (the run did not finish)")
     return history
@@ -192,7 +196,14 @@ def main(argv=None):
     for label, path in (("LoRA", args.lora_eval), ("full fine-tuning", args.full_eval)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: run sample.py --eval e2e --out {path}")
-        evals[label] = json.loads(Path(path).read_text())
+        try:
+            evals[label] = json.loads(Path(path).read_text())
+            evals[label]["outputs"][0]["output"], evals[label]["init"], evals[label]["adapter"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{path}: not a result of sample.py --eval e2e ({e!r})") from None
+    if not evals["LoRA"]["adapter"]:
+        raise ValueError(f"{args.lora_eval}: evaluated without an adapter; run sample.py with "
+                         f"--adapter (or its default) for LoRA")
     (b1, b2) = (pts[0][2] for pts in runs.values())
     if runs["LoRA"][0][0] != 0 or runs["full fine-tuning"][0][0] != 0 or abs(b1 - b2) > 1e-3:
         raise ValueError(f"the two runs' step-0 validation losses differ ({b1:.4f}, {b2:.4f}): "

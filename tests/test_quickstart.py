@@ -96,3 +96,25 @@ def test_token_kinds_on_a_constructed_example():
     y = torch.tensor([[-100, -100] + seq[3:] + [-100]])
     assert token_kinds(x, y).tolist() == [[-1, -1, 0, 1, 2, 3, -1]]
     assert KINDS == ("first token", "in the MR", "other", "<|endoftext|>")
+
+
+def test_compare_refuses_missing_or_foreign_files_in_one_line(tmp_path, capsys):
+    import json
+
+    from compare import main
+    from conftest import one_error_line
+
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "log.jsonl").write_text("not json\n")
+    err = one_error_line(capsys, main, ["--lora", tmp_path / "lora"])
+    assert "log.jsonl: not a log.jsonl of train.py or finetune.py" in err
+    log = "".join(json.dumps({"step": s, "val_loss": 3.0 - s / 10}) + "\n" for s in (0, 1))
+    for run in ("lora", "full"):
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / "log.jsonl").write_text(log)
+    argv = ["--lora", tmp_path / "lora", "--full", tmp_path / "full",
+            "--lora-eval", tmp_path / "none.json", "--full-eval", tmp_path / "none.json"]
+    assert "none.json not found: run sample.py --eval e2e" in one_error_line(capsys, main, argv)
+    (tmp_path / "e.json").write_text('{"outputs": []}')
+    argv[5] = argv[7] = tmp_path / "e.json"
+    assert "e.json: not a result of sample.py --eval e2e" in one_error_line(capsys, main, argv)
