@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_writable, \
     get_tokenizer, run_main
@@ -89,11 +88,9 @@ def loss_by_kind(models: dict, data, batch_size=8) -> dict:
                      desc="loss by kind of token", unit="batch"):
         kind = token_kinds(x, y)
         counts += torch.bincount(kind[kind >= 0], minlength=len(KINDS))
-        for label, model in models.items():
-            nll = F.cross_entropy(model.eval()(x).flatten(0, 1), y.flatten(), reduction="none",
-                                  ignore_index=IGNORE).view_as(y)
-            sums[label] += torch.bincount(kind[kind >= 0], nll[kind >= 0].double(),
-                                          minlength=len(KINDS))
+        for label, model in models.items():  # one loss per target, in kind[kind >= 0]'s order
+            nll = model.eval()(x, y, reduction="none")
+            sums[label] += torch.bincount(kind[kind >= 0], nll.double(), minlength=len(KINDS))
     return {label: [(float(s / max(c, 1)), int(c)) for s, c in zip(sums[label], counts)]
             for label in models}
 

@@ -182,7 +182,7 @@ class GPT(nn.Module):
 
         targets (B, T): the next token at each position, -100 where no loss is taken (E2E: the
         prompt, so only the target text y is learned, LoRA eq. 2); only the targets are projected
-        to the vocabulary, the largest matmul. reduction: "mean" or "sum" over the targets.
+        to the vocabulary, the largest matmul. reduction: "mean", "sum" or "none" (per target).
         cache: a KVCache; idx continues its positions. last_only: project only the last position
         (all that sampling needs)."""
         B, T = idx.size()
