@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import HelpFormatter, add_dataclass_args, check_dataclass, file_size, run_main, \
-    setup_distributed
+from common import PRECISIONS, HelpFormatter, add_dataclass_args, check_dataclass, file_size, \
+    resolve_amp, run_main, setup_distributed
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
 from runs import RunLog, StepBoundary, TrainingDiverged, claim_out_dir, load_checkpoint, \
@@ -57,8 +57,9 @@ class TrainConfig:
     log_interval: int = knob(10, "steps per line of log.jsonl", ">= 1")
     ckpt_interval: int = knob(None, "steps between checkpoints (default: at each validation)",
                              range=">= 1")
-    amp: str = knob("auto", "autocast: auto = bf16 on CUDA (fp16 + loss scaling without "
-                            "bf16), fp32 on CPU", choices=("auto", "off", "bf16", "fp16"))
+    amp: str = knob("auto", "autocast: auto = bf16 on GPUs with native bf16 (compute "
+                            "capability >= 8.0), else fp16 + loss scaling; fp32 on CPU",
+                    choices=("auto", "off", "bf16", "fp16"))
     compile: bool = knob(False, "torch.compile the model")
     progress: bool = knob(True, "progress bar")
 
@@ -93,21 +94,19 @@ def make_optimizer(model, cfg: TrainConfig):
         return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def amp_setup(amp: str, device_type: str):
-    """-> (autocast context factory, GradScaler). Weights and optimizer stay fp32; only the
-    forward runs in bf16/fp16. fp16 needs loss scaling (its range is narrow), bf16 does not."""
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") \
-            if device_type == "cuda" else "off"
-    if amp not in ("off", "bf16", "fp16"):
-        raise ValueError(f"unknown --amp '{amp}': use auto, off, bf16 or fp16")
-    if amp == "fp16" and device_type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
-    scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
+def amp_setup(amp: str, device):
+    """--amp on device (a torch.device or its name; "cuda" is the current GPU; auto resolved
+    by common.resolve_amp) -> (autocast context factory, GradScaler). Weights and optimizer
+    stay fp32; only the forward runs in bf16/fp16. fp16 needs loss scaling (its range is
+    narrow), bf16 does not."""
+    amp, kind = resolve_amp(amp, device), torch.device(device).type
+    scaling = amp == "fp16"
+    scaler = torch.amp.GradScaler(kind, enabled=scaling) if hasattr(torch.amp, "GradScaler") \
+        else torch.cuda.amp.GradScaler(enabled=scaling)  # torch < 2.3 has only this one
     if amp == "off":
         return nullcontext, scaler
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return (lambda: torch.autocast(device_type, dtype=dtype)), scaler
+    return (lambda: torch.autocast(kind, dtype=dtype)), scaler
 
 
 # ---------------------------------------------------------------- one step, one evaluation
@@ -197,7 +196,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     per_epoch = math.ceil(len(train_data) / (B * accum * world))
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * per_epoch))
     optimizer = make_optimizer(model, cfg)
-    autocast, scaler = amp_setup(cfg.amp, next(model.parameters()).device.type)
+    device = next(model.parameters()).device
+    autocast, scaler = amp_setup(cfg.amp, device)
     settings = run_settings(cfg, run)
     lock = claim_out_dir(out_dir if rank == 0 else None, resume, overwrite)
     try:
@@ -213,8 +213,9 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
             save_checkpoint(out_dir, model, optimizer, scaler, step, log, save, settings)
 
         if rank == 0:
-            print(f"training {max_iters:,} steps ({per_epoch:,} per epoch of "
-                  f"{len(train_data):,} samples; batch {B} x {accum} accum x {world} processes)")
+            print(f"training {max_iters:,} steps in {PRECISIONS[resolve_amp(cfg.amp, device)]} "
+                  f"({per_epoch:,} per epoch of {len(train_data):,} samples; batch {B} x {accum} "
+                  f"accum x {world} processes)")
         if step == 0:
             log.start(validate())
         model.train()
