@@ -123,9 +123,16 @@ def extra_params(model: GPT, arm: str) -> int:
 
 
 def synchronizer(device: str):
+    """-> a function that waits for the kernels queued on device (a no-op off CUDA). Every
+    torch.cuda call here names the device: without it, it acts on the current GPU, which is
+    cuda:0 for --device cuda:1."""
     if device.startswith("cuda"):
-        return torch.cuda.synchronize
+        return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 # wall: latency as a user sees it. cpu: this process's CPU time, which other processes on a
@@ -415,7 +422,7 @@ def peak_memory_child(args) -> dict:
     idx, targets = batch_for(args, model.config)
     method = "ru_maxrss - RSS before build"
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(args.device)
         method = "cuda max_memory_allocated"
     else:
         try:
@@ -426,7 +433,7 @@ def peak_memory_child(args) -> dict:
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
         train_step(model, opt, idx, targets)
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated(args.device)
     elif method.startswith("VmHWM"):
         peak = _rss_bytes("VmHWM") - before
     else:
@@ -717,7 +724,7 @@ def parser() -> argparse.ArgumentParser:
                         "Table 1 model), tiny (2 layers, for tests)")
     g.add_argument("--init", default=None,
                    help="real weights instead: a released size, a directory or a weights file")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="of the weights and of every step (no autocast)")
     g = p.add_argument_group("what to measure")
@@ -828,7 +835,7 @@ def main(argv=None):
     res = dict(model=model_name, params=base.num_params(),
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(LORA, targets=list(LORA["targets"])),
-               machine=dict(device=torch.cuda.get_device_name() if cuda else "cpu",
+               machine=dict(device=device_name(args.device),
                             cpu=_cpu_name(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                             matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,

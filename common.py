@@ -29,13 +29,22 @@ def get_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(name).type
+        device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:1, ...)") \
             from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA device (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None:
+        check_gpu_index(device.index, f"--device {name}")
     return name
+
+
+def check_gpu_index(index: int, what: str):
+    """A ValueError naming what (a flag, LOCAL_RANK) if this machine has no GPU number index."""
+    n = torch.cuda.device_count()
+    if index >= n:
+        raise ValueError(f"{what}: this machine has {n} CUDA devices (cuda:0 to cuda:{n - 1})")
 
 
 PRECISIONS = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
@@ -262,14 +271,22 @@ def run_main(main):
 
 
 def setup_distributed(device: str = "auto"):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU.
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. On
+    GPUs each process takes the GPU of its LOCAL_RANK (made the current device before the
+    group is joined, as NCCL wants), so --device is auto or cuda: a fixed index (cuda:0) would
+    put every process on one GPU, and is a ValueError on every rank alike.
     -> (rank, world_size, device of this process)."""
     device = get_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise ValueError(f"--device {device} under torchrun: each process takes the GPU of "
+                             f"its LOCAL_RANK; use --device cuda (or auto)")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        check_gpu_index(local_rank, f"torchrun's LOCAL_RANK {local_rank} (a process per GPU)")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device

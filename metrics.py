@@ -155,8 +155,9 @@ def write_eval(result: dict, path):
 
 
 def now(device) -> float:
-    """A clock for tokens/s: on CUDA, wait for queued kernels first, or the time stops before
-    the GPU has finished the work it is meant to measure."""
+    """A clock for tokens/s: on CUDA, wait for the kernels queued on device (a torch.device or
+    its name) first, or the time stops before the GPU has finished the work it is meant to
+    measure."""
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # that GPU: without it, the current one
     return time.perf_counter()

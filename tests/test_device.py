@@ -71,3 +71,93 @@ def test_training_runs_on_a_torch_without_torch_amp_grad_scaler(monkeypatch):
     model, data = _toy_model(), toy_examples()
     cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=2, batch_size=4, progress=False)
     assert len(train.train(model, data, data, cfg)) == 2
+
+
+# ---------------------------------------------------------------- 14. --device cuda:1 honoured
+
+def test_timing_waits_for_the_gpu_it_times(monkeypatch):
+    import bench
+    import metrics
+
+    sync = Calls()
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    bench.synchronizer("cuda:1")()
+    metrics.now(torch.device("cuda", 1))  # evaluate_e2e passes the model's device
+    assert [torch.device(d) for d in sync] == [torch.device("cuda:1")] * 2
+    sync.clear()
+    bench.synchronizer("cpu")()
+    metrics.now("cpu")
+    assert sync == []
+
+
+def test_bench_reads_peak_memory_and_name_of_the_gpu_it_runs_on(monkeypatch):
+    """The memory probe's model is built on the CPU here (train_arm and batch_for replaced);
+    what is checked is which GPU the allocator's peak is reset and read on."""
+    import argparse
+
+    import bench
+    from conftest import tiny_gpt
+
+    reset, peak, name = Calls(), Calls(123_456), Calls("NVIDIA T4")
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", peak)
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+    model = tiny_gpt().train()
+    monkeypatch.setattr(bench, "train_arm", lambda args, arm: (model, bench.make_optimizer(
+        model, bench.TRAIN)))
+    monkeypatch.setattr(bench, "batch_for", lambda args, config: (
+        torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)))
+    args = argparse.Namespace(device="cuda:1", threads=torch.get_num_threads(), _child="lora",
+                              mem_steps=1)
+    res = bench.peak_memory_child(args)
+    assert res["peak_bytes"] == 123_456 and res["memory_method"] == "cuda max_memory_allocated"
+    assert bench.device_name("cuda:1") == "NVIDIA T4" and bench.device_name("cpu") == "cpu"
+    assert [torch.device(d) for d in reset + peak + name] == [torch.device("cuda:1")] * 3
+
+
+@pytest.fixture
+def torchrun(monkeypatch):
+    """This process as rank 1 of 2 under torchrun on a machine with 2 GPUs: -> the list of
+    calls (set_device, init_process_group) in their order; nothing is really joined."""
+    calls = []
+    fake_gpu(monkeypatch, (8, 0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    return calls
+
+
+@pytest.mark.parametrize("flag", ["cuda", "auto"])
+def test_torchrun_puts_each_rank_on_the_gpu_of_its_local_rank(torchrun, flag):
+    from common import setup_distributed
+
+    assert setup_distributed(flag) == (1, 2, "cuda:1")
+    assert [c[0] for c in torchrun] == ["set_device", "init"]  # the GPU first, then NCCL
+    assert torch.device(torchrun[0][1]) == torch.device("cuda:1") and torchrun[1][1] == "nccl"
+
+
+def test_torchrun_refuses_a_fixed_gpu_index_before_joining(torchrun):
+    from common import setup_distributed
+
+    with pytest.raises(ValueError, match=r"--device cuda:0 under torchrun: .*LOCAL_RANK.*"
+                                         r"--device cuda"):
+        setup_distributed("cuda:0")
+    assert torchrun == []  # refused on every rank alike, before init_process_group
+
+
+def test_a_gpu_index_this_machine_lacks_is_one_clear_error(torchrun, monkeypatch):
+    from common import get_device, setup_distributed
+
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA devices "
+                                         r"\(cuda:0 to cuda:1\)"):
+        get_device("cuda:2")
+    monkeypatch.setenv("LOCAL_RANK", "2")  # 3 processes per node, 2 GPUs
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 2 .* 2 CUDA devices"):
+        setup_distributed("cuda")
+    assert torchrun == []
