@@ -47,29 +47,27 @@ def check_gpu_index(index: int, what: str):
         raise ValueError(f"{what}: this machine has {n} CUDA devices (cuda:0 to cuda:{n - 1})")
 
 
-PRECISIONS = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
-
-
 def resolve_amp(amp: str, device) -> str:
-    """--amp on a device (a torch.device or a name such as "cuda:1"; "cuda" is the current
-    GPU) -> "off", "bf16" or "fp16" (PRECISIONS says each in words). auto: fp32 off CUDA; on
-    CUDA bf16 where the GPU computes it natively (NVIDIA compute capability 8.0 and up: A100,
-    RTX 30xx, H100; and ROCm, where torch counts bf16 as supported), else fp16 (T4, V100, RTX
-    20xx). torch.cuda.is_bf16_supported() is not what decides: by default it counts bf16
-    emulated in software as support, and it answers for the current GPU, not this one. An
-    unknown value, or fp16 off CUDA: ValueError."""
+    """--amp (auto, off, bf16, fp16) on a device (a torch.device or a name such as "cuda:1";
+    "cuda" is the current GPU) -> the precision the forward runs in: "fp32" (autocast off),
+    "bf16" or "fp16"; a precision is returned as it is. auto: fp32 off CUDA; on CUDA bf16 where
+    the GPU computes it natively (NVIDIA compute capability 8.0 and up: A100, RTX 30xx, H100;
+    and ROCm, where torch counts bf16 as supported), else fp16 (T4, V100, RTX 20xx).
+    torch.cuda.is_bf16_supported() does not decide: by default it counts bf16 emulated in
+    software as support, and it answers for the current GPU, not this one. An unknown value,
+    or fp16 off CUDA: ValueError."""
     kind = torch.device(device).type
     if amp == "auto":
         if kind != "cuda":
-            return "off"
+            return "fp32"
         native = torch.version.hip is not None or \
             tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
         return "bf16" if native else "fp16"
-    if amp not in PRECISIONS:
+    if amp not in ("off", "fp32", "bf16", "fp16"):
         raise ValueError(f"unknown --amp '{amp}': use auto, off, bf16 or fp16")
     if amp == "fp16" and kind != "cuda":
         raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
-    return amp
+    return "fp32" if amp == "off" else amp
 
 
 def get_tokenizer():

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common import ADAPTER_FILE, atomic_write, check_finite, check_tensors, nonfinite, \
-    save_figure, short_list
+    resolve_amp, save_figure, short_list
 
 CKPT = "ckpt.pt"
 LOCK = ".lock"
@@ -65,12 +65,16 @@ def release_out_dir(lock):
         lock.close()
 
 
-def run_settings(cfg, run: dict) -> dict:
-    """What defines a run, for --resume to compare: the script's `run` (model, data, LoRA) and
-    every TrainConfig setting that changes the weights it ends with."""
+def run_settings(cfg, run: dict, device) -> dict:
+    """What defines a run, for --resume to compare: the script's `run` (model, data, LoRA),
+    every TrainConfig setting that changes the weights it ends with, amp as the precision it
+    resolves to on device ("fp32", "bf16" or "fp16", common.resolve_amp: auto is bf16 on one
+    GPU, fp16 on another, fp32 on a CPU), and the device's type ("cpu", "cuda"; not its
+    index)."""
     keep = ("lr", "weight_decay", "batch_size", "grad_accum", "epochs", "max_iters", "warmup",
-            "decay", "label_smoothing", "grad_clip", "seed", "amp")
-    return {**(run or {}), **{k: getattr(cfg, k) for k in keep}}
+            "decay", "label_smoothing", "grad_clip", "seed")
+    return {**(run or {}), **{k: getattr(cfg, k) for k in keep},
+            "amp": resolve_amp(cfg.amp, device), "device": torch.device(device).type}
 
 
 def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, settings=None):

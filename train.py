@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import PRECISIONS, HelpFormatter, add_dataclass_args, check_dataclass, file_size, \
+from common import HelpFormatter, add_dataclass_args, check_dataclass, file_size, \
     resolve_amp, run_main, setup_distributed
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
@@ -95,15 +95,16 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def amp_setup(amp: str, device):
-    """--amp on device (a torch.device or its name; "cuda" is the current GPU; auto resolved
-    by common.resolve_amp) -> (autocast context factory, GradScaler). Weights and optimizer
+    """--amp (or the precision it resolved to) on device (a torch.device or its name; "cuda"
+    is the current GPU), as common.resolve_amp decides -> (autocast context factory,
+    GradScaler). Weights and optimizer
     stay fp32; only the forward runs in bf16/fp16. fp16 needs loss scaling (its range is
     narrow), bf16 does not."""
     amp, kind = resolve_amp(amp, device), torch.device(device).type
     scaling = amp == "fp16"
     scaler = torch.amp.GradScaler(kind, enabled=scaling) if hasattr(torch.amp, "GradScaler") \
         else torch.cuda.amp.GradScaler(enabled=scaling)  # torch < 2.3 has only this one
-    if amp == "off":
+    if amp == "fp32":
         return nullcontext, scaler
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return (lambda: torch.autocast(kind, dtype=dtype)), scaler
@@ -196,9 +197,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
     per_epoch = math.ceil(len(train_data) / (B * accum * world))
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * per_epoch))
     optimizer = make_optimizer(model, cfg)
-    device = next(model.parameters()).device
-    autocast, scaler = amp_setup(cfg.amp, device)
-    settings = run_settings(cfg, run)
+    settings = run_settings(cfg, run, next(model.parameters()).device)  # --amp auto resolved
+    autocast, scaler = amp_setup(settings["amp"], settings["device"])
     lock = claim_out_dir(out_dir if rank == 0 else None, resume, overwrite)
     try:
         log = RunLog(out_dir if rank == 0 else None, max_iters, cfg.progress and rank == 0)
@@ -213,9 +213,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
             save_checkpoint(out_dir, model, optimizer, scaler, step, log, save, settings)
 
         if rank == 0:
-            print(f"training {max_iters:,} steps in {PRECISIONS[resolve_amp(cfg.amp, device)]} "
-                  f"({per_epoch:,} per epoch of {len(train_data):,} samples; batch {B} x {accum} "
-                  f"accum x {world} processes)")
+            print(f"training {max_iters:,} steps in {settings['amp']} ({per_epoch:,} per epoch of "
+                  f"{len(train_data):,} samples; batch {B} x {accum} accum x {world} processes)")
         if step == 0:
             log.start(validate())
         model.train()

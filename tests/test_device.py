@@ -54,7 +54,7 @@ def test_amp_auto_picks_bf16_only_where_the_gpu_has_it_natively(monkeypatch, cap
 
 def test_amp_auto_is_fp32_on_cpu_and_the_run_says_its_precision_first(capsys):
     model, data = _toy_model(), toy_examples()
-    for amp, said in (("auto", "fp32"), ("bf16", "bf16 autocast")):
+    for amp, said in (("auto", "in fp32"), ("bf16", "in bf16")):
         cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=1, batch_size=4, amp=amp,
                                 progress=False)
         train.train(model, data, data, cfg)
@@ -161,3 +161,31 @@ def test_a_gpu_index_this_machine_lacks_is_one_clear_error(torchrun, monkeypatch
     with pytest.raises(ValueError, match=r"LOCAL_RANK 2 .* 2 CUDA devices"):
         setup_distributed("cuda")
     assert torchrun == []
+
+
+# ---------------------------------------------------------------- 15. resume: precision, device
+
+def _resume_run(out, amp, resume=False):
+    model, data = _toy_model(), toy_examples()
+    cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=2, ckpt_interval=1, batch_size=4,
+                            amp=amp, progress=False)
+    return train.train(model, data, data, cfg, out, resume=resume)
+
+
+def test_a_run_records_the_precision_auto_resolved_to_and_the_device_type(tmp_path):
+    _resume_run(tmp_path, "auto")
+    settings = torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]
+    assert settings["amp"] == "fp32" and settings["device"] == "cpu"
+    _resume_run(tmp_path, "off", resume=True)  # the same precision, said the other way
+
+
+def test_a_bf16_gpu_run_is_not_resumed_in_fp32_on_a_cpu(tmp_path):
+    """The checkpoint's settings made what a CUDA bf16 run records (no GPU here)."""
+    _resume_run(tmp_path, "auto")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["settings"].update(amp="bf16", device="cuda")
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"--resume with other settings than the run had: "
+                                         r"amp fp32 \(the run: bf16\), device cpu \(the run: "
+                                         r"cuda\); .*--overwrite"):
+        _resume_run(tmp_path, "auto", resume=True)
