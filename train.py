@@ -97,9 +97,8 @@ def make_optimizer(model, cfg: TrainConfig):
 def amp_setup(amp: str, device):
     """--amp (or the precision it resolved to) on device (a torch.device or its name; "cuda"
     is the current GPU), as common.resolve_amp decides -> (autocast context factory,
-    GradScaler). Weights and optimizer
-    stay fp32; only the forward runs in bf16/fp16. fp16 needs loss scaling (its range is
-    narrow), bf16 does not."""
+    GradScaler). Weights and optimizer stay fp32; only the forward runs in bf16/fp16. fp16
+    needs loss scaling (its range is narrow), bf16 does not."""
     amp, kind = resolve_amp(amp, device), torch.device(device).type
     scaling = amp == "fp16"
     scaler = torch.amp.GradScaler(kind, enabled=scaling) if hasattr(torch.amp, "GradScaler") \
