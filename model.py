@@ -252,7 +252,9 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors in the layout of transformers' GPT2LMHeadModel
-        (transformer. prefix, Conv1D orientation): it loads here and there. The two are one set
+        (transformer. prefix, Conv1D orientation): it loads here and there. A model with LoRA
+        layers (lora.py), merged or not, is written as the function it computes: W0 + ΔW in each
+        weight, no A or B (the model itself is not changed). The two files are one set
         (common.atomic_write_set): a failure while writing leaves the old pair, never a mix."""
         from safetensors.torch import save_file
 
@@ -269,7 +271,7 @@ class GPT(nn.Module):
         if c.vocab_size > EOT_TOKEN:  # GPT-2's vocabulary: <|endoftext|> starts and ends texts
             hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
         sd = {}
-        for k, v in self.state_dict().items():
+        for k, v in _lora_merged_state_dict(self).items():
             if k == "lm_head.weight" and tied:
                 continue  # transformers ties it back to wte on load
             if k.endswith(_CONV1D):
@@ -282,6 +284,23 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------- checkpoint helpers
+
+def _lora_merged_state_dict(model) -> dict:
+    """model.state_dict() with W0 + ΔW (as merge_lora computes it) in each LoRA layer's weight
+    and no lora_A / lora_B; for a model without LoRA, its state dict."""
+    from lora import LoRALinear  # imported here: lora.py builds on GPT-2, not the reverse
+
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            w = layer.weight.detach()  # merged: W0 + ΔW already
+            if not layer.merged:
+                w = w.to(torch.float32, copy=True)  # W0 itself is not changed
+                for n, (a, b) in layer.slices.items():
+                    w[a:b] += layer.delta_weight(n)
+            sd[name + ".weight"] = w.to(layer.weight.dtype)
+    return sd
+
 
 # GPT-2 checkpoints store these four as Conv1D weights, (in, out); nn.Linear is (out, in).
 # They are transposed here, once, at load time (and back in save_pretrained).

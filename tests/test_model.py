@@ -172,6 +172,42 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
     _logits_match(model, hf, idx)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_save_pretrained_of_a_lora_model_writes_the_adapted_model(tmp_path, merged):
+    """save_pretrained on a model with LoRA (merged or not: PEFT and TRL users merge, then save
+    to deploy) writes a plain GPT-2 checkpoint of W0 + ΔW, no LoRA keys, that our loader and
+    transformers both read as the adapted model; the model in memory is left as it was."""
+    from transformers import GPT2LMHeadModel
+
+    from lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=120)).eval()
+    idx = torch.randint(0, 120, (2, 20))
+    with torch.no_grad():
+        base_logits = model(idx)
+        apply_lora(model, rank=4, alpha=32, targets=("q", "v", "mlp"), bias="all")
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith("attn.bias"):
+                p.add_(torch.randn_like(p) * 0.5)  # a trained adapter, its biases trained too
+        if merged:
+            merge_lora(model)
+        adapted = model(idx)
+    assert (adapted - base_logits).abs().max() > 100 * TOL  # the adapter changes the function
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    model.save_pretrained(tmp_path)
+    assert not [k for k in load_file(tmp_path / "model.safetensors") if "lora" in k]
+    for back in (GPT.from_pretrained(tmp_path).eval(),
+                 GPT2LMHeadModel.from_pretrained(tmp_path).eval()):
+        with torch.no_grad():
+            out = back(idx)
+        assert (getattr(out, "logits", out) - adapted).abs().max() < TOL
+    assert all(layer.merged == merged for layer in model.modules() if hasattr(layer, "merged"))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_init_matches_its_docstring():
     """N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer), zero biases."""
     torch.manual_seed(0)
