@@ -57,7 +57,7 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, greedy=False):
 def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """Pick the next token of each row from logits (B, vocab) -> (B,): argmax (greedy, or
     temperature 0), or a sample after temperature, top-k (keep the k largest) and top-p (keep the
-    smallest set whose probability reaches p). Bad settings: ValueError (check_sampling); so are
+    smallest set of the most likely tokens whose probability reaches p, to within 1e-6). Bad settings: ValueError (check_sampling); so are
     nan or inf logits (a model whose weights diverged), which would otherwise pick garbage."""
     check_sampling(temperature, top_k, top_p, greedy)
     if not bool(torch.isfinite(logits).all()):
@@ -71,8 +71,12 @@ def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before it already >= p
+        probs = sorted_logits.double().softmax(dim=-1)  # float64: the sums round off ~1e-16
+        before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+        # p already reached: drop. The 1e-6 absorbs the float32 logits' rounding (~1e-7), so an
+        # exact boundary (.5 + .3 = .8) cannot keep one token too many; the first is always kept.
+        drop_sorted = before >= top_p - 1e-6
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

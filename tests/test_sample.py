@@ -154,6 +154,46 @@ def test_ban_repeated_ngrams_by_hand():
     assert banned(6).nonzero().numel() == 0  # no 6-gram fits yet
 
 
+def kept_by_top_p(logits, top_p, n=4000):
+    """The tokens sample_next can pick from logits (V,) under top_p: n draws find every token of
+    the kept set (each has probability >= 1/100 in these tests, missed with odds below e^-40),
+    and no other."""
+    g = torch.Generator().manual_seed(0)
+    return set(sample_next(logits.expand(n, -1), top_p=top_p, generator=g).tolist())
+
+
+@pytest.mark.parametrize("probs, top_p", [
+    ((.5, .3, .1, .1), .8), ((.5, .3, .1, .1), .9), ((.5, .3, .1, .1), .5), ((.25,) * 4, .5),
+    ((.25,) * 4, .75), ((.4, .3, .2, .1), .7), ((.4, .3, .2, .1), .9), ((.6, .3, .1), .9),
+    ((.7, .2, .1), .9), ((.1,) * 10, .3), ((.1,) * 10, .7), ((.2,) * 5, .6), ((.05,) * 20, .35)])
+def test_top_p_keeps_the_smallest_set_that_reaches_p_on_exact_boundaries(probs, top_p):
+    """.5 + .3 reaches .8 exactly, so top_p=0.8 keeps two tokens, not three (summed in float32,
+    .5 + .3 is 0.79999995). The expected count is computed in exact fractions; probs are in
+    descending order, and among tied tokens any may be kept. (transformers' float32 test keeps
+    eight of the twenty .05 at .35.)"""
+    from fractions import Fraction
+
+    need, mass = 0, Fraction(0)
+    while mass < Fraction(str(top_p)):
+        mass, need = mass + Fraction(str(probs[need])), need + 1
+    kept = kept_by_top_p(torch.tensor(probs).log(), top_p)
+    assert len(kept) == need and all(probs[t] >= probs[need - 1] for t in kept)
+
+
+def test_top_p_keeps_what_transformers_keeps():
+    """The same set as transformers' TopPLogitsWarper: on the issue's boundary and on random
+    logits (12 tokens, each with probability >= 1/100) at several p."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    cases = [(torch.tensor([.5, .3, .1, .1]).log(), .8)] + [
+        (torch.randn(12, generator=g) * 0.5, p) for p in (.2, .5, .8, .95) for _ in range(3)]
+    for logits, p in cases:
+        assert logits.softmax(-1).min() > 0.01
+        theirs = TopPLogitsWarper(p)(None, logits[None])[0].isfinite().nonzero().flatten()
+        assert kept_by_top_p(logits, p) == set(theirs.tolist()), (logits, p)
+
+
 # ---------------------------------------------------------------- several adapters (LoRA §4.2)
 
 @pytest.fixture(scope="module")
