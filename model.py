@@ -12,11 +12,9 @@ checkpoints. Choosing tokens is decoding.py's; `transformers` is used only by th
 import json
 import math
 import os
-import socket
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -327,21 +325,23 @@ def _resolve(source: str):
 
 
 def _from_hub(name: str):
-    """config.json and model.safetensors of a released size: from the HF cache when they are
-    there (no network), else downloaded into it; offline, one error at once, not after retries."""
+    """config.json and model.safetensors of a released size, through huggingface_hub alone (its
+    offline mode, proxies and endpoint): from its cache without a request when they are there,
+    else downloaded into it. Any failure: one OSError that says how to go on."""
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     files = ("config.json", "model.safetensors")
     try:
         try:
             cfg, weights = (hf_hub_download(name, f, local_files_only=True) for f in files)
-        except Exception:  # not cached: offline, or is the hub reachable? (retries take ~25 s)
-            if constants.HF_HUB_OFFLINE:
-                raise
-            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), 5).close()
+        except LocalEntryNotFoundError:  # not cached (yet)
             cfg, weights = (hf_hub_download(name, f) for f in files)
-    except Exception as e:  # offline and not cached, hub down, ...
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else type(e).__name__
+    except Exception as e:  # offline and not cached, no network, a gated repo, a full disk, ...
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "not in the cache, and the hub could not be reached"
+               if isinstance(e, LocalEntryNotFoundError)
+               else (str(e).strip() or repr(e)).splitlines()[0])  # the library's own words
         raise OSError(f"could not get '{name}' from the Hugging Face hub or its cache ({why}). "
                       f"Ways forward: download it once where online (it is cached), pass a "
                       f"local checkpoint (--init DIR or FILE), or train one: train.py") from None

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -403,6 +404,73 @@ def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "could not get 'gpt2'" in lines[0] and "--init" in lines[0] and "train.py" in lines[0]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Online as far as huggingface_hub's offline switch goes, with its download function
+    replaced by hub.download (set by the test) and every socket connection a test failure: a
+    released size must go through huggingface_hub alone (its proxies, endpoint and cache)."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_socket(*args, **kwargs):
+        pytest.fail("model.py opened a connection of its own")
+
+    monkeypatch.setattr(socket, "create_connection", no_socket)
+    monkeypatch.setattr(socket.socket, "connect", no_socket)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    state = SimpleNamespace(calls=[], download=None)
+
+    def download(repo_id, filename, **kwargs):
+        state.calls.append((repo_id, filename, kwargs.get("local_files_only", False)))
+        return state.download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return state
+
+
+def test_a_released_size_not_cached_is_downloaded_by_huggingface_hub_alone(hf, tmp_path, hub):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    hf.save_pretrained(tmp_path)
+
+    def download(repo_id, filename, local_files_only=False):
+        if local_files_only:  # as huggingface_hub says it for a file not in its cache
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        return str(tmp_path / filename)
+
+    hub.download = download
+    model = GPT.from_pretrained("gpt2").eval()
+    assert model.config.n_embd == 128 and model.name == "gpt2"
+    assert ("gpt2", "model.safetensors", False) in hub.calls
+    _logits_match(model, hf, torch.randint(0, 300, (2, 16)))
+
+
+@pytest.mark.parametrize("error, why", [
+    ("unreachable", "not in the cache, and the hub could not be reached"),
+    ("gated", "Access to model gpt2 is restricted"),
+])
+def test_huggingface_hub_errors_become_one_line_without_jargon(hub, error, why):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def download(repo_id, filename, local_files_only=False):
+        if error == "gated":
+            raise PermissionError("Access to model gpt2 is restricted.\nVisit the page to ask.")
+        try:  # how huggingface_hub reports a DNS failure when the file is not cached
+            raise OSError(-3, "Temporary failure in name resolution")
+        except OSError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on "
+                                          "the Hub and we cannot find it in the cache.") from e
+
+    hub.download = download
+    with pytest.raises(OSError) as e:
+        GPT.from_pretrained("gpt2")
+    message = str(e.value)
+    assert "\n" not in message and "could not get 'gpt2'" in message and why in message
+    assert "Error" not in message and "gaierror" not in message, message
 
 
 @pytest.mark.parametrize("case", ["unknown name", "truncated file"])
