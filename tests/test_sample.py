@@ -194,6 +194,72 @@ def test_top_p_keeps_what_transformers_keeps():
         assert kept_by_top_p(logits, p) == set(theirs.tolist()), (logits, p)
 
 
+# ---------------------------------------------------------------- host syncs and nan logits
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+              "cpu", "numpy")  # each waits for the device to finish (a host sync on a GPU)
+
+
+def host_reads(monkeypatch, call) -> int:
+    """How many times call() reads a tensor's values back to the host (the Python-level ways)."""
+    count = [0]
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    call()
+    monkeypatch.undo()
+    return count[0]
+
+
+@pytest.mark.parametrize("settings", [dict(greedy=True), dict(top_k=20, top_p=0.9)])
+def test_generate_reads_the_device_a_fixed_number_of_times(tiny, monkeypatch, settings):
+    """Finiteness is checked once, not for every token: 16 new tokens read the device back as
+    often as 4 (before: one isfinite check a token)."""
+    idx = prompts(1)[0].expand(2, -1)
+    reads = {n: host_reads(monkeypatch, lambda: generate(tiny, idx, n, **settings))
+             for n in (4, 16)}
+    assert reads[16] == reads[4] <= 2, reads
+
+
+def test_beam_search_reads_the_device_once_a_step(tiny, monkeypatch):
+    """One read-back a step for the hypotheses and the stop test (before: about 2 x beams), the
+    n-gram ban computed on the device."""
+    idx = prompts(1)[0]
+    reads = {n: host_reads(monkeypatch, lambda: beam_search(tiny, idx, 4, n, eos_token=None,
+                                                            no_repeat_ngram_size=3))
+             for n in (4, 16)}
+    assert reads[16] - reads[4] <= 12, reads
+
+
+def nan_at(model, call_number):
+    """A forward hook: the model's logits are nan from its call_number-th call on (0: the
+    prompt), as when fp16 activations overflow partway through a generation."""
+    calls = [0]
+
+    def hook(module, args, out):
+        calls[0] += 1
+        return out.fill_(float("nan")) if calls[0] > call_number else out
+    return model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("at", [0, 3])
+@pytest.mark.parametrize("decode", ["greedy", "sample", "beams"])
+def test_nan_logits_are_refused_and_no_token_from_them_is_streamed(tiny, at, decode):
+    idx, streamed = prompts(1)[0], []
+    handle = nan_at(tiny, at)
+    try:
+        with pytest.raises(ValueError, match="logits are nan or inf"):
+            if decode == "beams":
+                beam_search(tiny, idx, 3, 8, eos_token=None)
+            else:
+                generate(tiny, idx, 8, greedy=decode == "greedy", stream=streamed.append)
+    finally:
+        handle.remove()
+    assert len(streamed) <= at  # the tokens before the nan step, if any
+
+
 # ---------------------------------------------------------------- several adapters (LoRA §4.2)
 
 @pytest.fixture(scope="module")
