@@ -268,7 +268,8 @@ def _check_config(c: GPTConfig):
     n_embd a multiple of n_head: one ValueError naming the field, not an error inside a layer."""
     for f in fields(c):
         v, spec = getattr(c, f.name), {"dropout": "[0, 1)", "layer_norm_epsilon": "> 0"}
-        if type(v) not in ((int, float) if f.type is float else (f.type,)):  # True is no size
+        if not isinstance(v, (int, float) if f.type is float else f.type) or \
+                isinstance(v, bool) != (f.type is bool):  # to Python, True is an int
             raise ValueError(f"{f.name} must be of type {f.type.__name__}, got {v!r}")
         if f.type is not bool:
             check_range(f.name, v, spec.get(f.name, ">= 1"))  # the sizes: >= 1

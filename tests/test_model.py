@@ -1,4 +1,5 @@
-"""model.py is the same function as OpenAI's GPT-2 (transformers' GPT2LMHeadModel as the reference)."""
+"""model.py is the same function as OpenAI's GPT-2 (transformers' GPT2LMHeadModel as the
+reference)."""
 import json
 import math
 import os
@@ -396,7 +397,8 @@ def test_hub_name_loads_from_the_hf_cache_offline(hf, tmp_path, monkeypatch):
 
 
 def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
-    code = "from model import GPT; from common import run_main; run_main(lambda: GPT.from_pretrained('gpt2'))"
+    code = ("from model import GPT; from common import run_main; "
+            "run_main(lambda: GPT.from_pretrained('gpt2'))")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
