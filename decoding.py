@@ -57,12 +57,22 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, greedy=False):
 def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """Pick the next token of each row from logits (B, vocab) -> (B,): argmax (greedy, or
     temperature 0), or a sample after temperature, top-k (keep the k largest) and top-p (keep the
-    smallest set whose probability reaches p). Bad settings: ValueError (check_sampling); so are
-    nan or inf logits (a model whose weights diverged), which would otherwise pick garbage."""
+    smallest set of the most likely tokens whose probability reaches p, to within 1e-6). Bad
+    settings: ValueError (check_sampling); so are nan or inf logits (a model whose weights
+    diverged), which would otherwise pick garbage."""
     check_sampling(temperature, top_k, top_p, greedy)
-    if not bool(torch.isfinite(logits).all()):
+    _refuse_nonfinite(~logits.isfinite().all())
+    return _choose(logits, temperature, top_k, top_p, greedy, generator)
+
+
+def _refuse_nonfinite(bad):
+    if bool(bad):  # a host sync: done once where it matters, not for every token
         raise ValueError("the model's logits are nan or inf: its weights are broken (a run that "
                          "diverged?); train it again with a lower --lr")
+
+
+def _choose(logits, temperature, top_k, top_p, greedy, generator):
+    """sample_next without its checks, and without a host sync."""
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -71,8 +81,12 @@ def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before it already >= p
+        probs = sorted_logits.double().softmax(dim=-1)  # float64: the sums round off ~1e-16
+        before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+        # p already reached: drop. The 1e-6 absorbs the float32 logits' rounding (~1e-7), so an
+        # exact boundary (.5 + .3 = .8) cannot keep one token too many; the first is always kept.
+        drop_sorted = before >= top_p - 1e-6
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
@@ -89,7 +103,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     A row that emits eos_token keeps emitting it; generation stops when every row has.
     stream: optional callable given each new column of tokens (B,) as it is produced.
     Bad lengths (check_fits) and sampling settings (check_sampling) are a ValueError, raised
-    before the prompt runs.
+    before the prompt runs; so are nan or inf logits, checked without a host sync a token: on
+    the prompt's logits, before each column is streamed, and once at the end.
     """
     B, T = idx.size()
     check_fits(model, T, max_new_tokens)
@@ -99,13 +114,19 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
         cache = KVCache(model.config, B, T + max_new_tokens, idx.device,
                         model.wte.weight.dtype)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    bad = torch.zeros((), dtype=torch.bool, device=idx.device)  # a nan or inf logit so far
     step_input = idx
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if cache is None:
             step_input = idx
         logits = model(step_input, cache=cache, last_only=True)[:, -1, :]  # (B, vocab)
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                          greedy=greedy, generator=generator)  # (B,)
+        finite = logits.isfinite().all(dim=-1, keepdim=True)  # (B, 1)
+        bad |= ~finite.all()
+        if step == 0 or stream is not None:  # before any token chosen from them leaves
+            _refuse_nonfinite(bad)
+        # A row refused later must not crash torch.multinomial meanwhile: it samples from zeros.
+        nxt = _choose(logits.where(finite, 0.0), temperature, top_k, top_p, greedy,
+                      generator)  # (B,)
         if eos_token is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
             done |= nxt == eos_token
@@ -115,6 +136,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
             stream(nxt)
         if eos_token is not None and bool(done.all()):
             break
+    _refuse_nonfinite(bad)
     return idx
 
 
@@ -155,6 +177,7 @@ def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat
     check_fits(model, T, max_new_tokens)
     cache = KVCache(model.config, 1, T + max_new_tokens, idx.device, model.wte.weight.dtype)
     logits = model(idx, cache=cache, last_only=True)[:, -1]  # (1, V): the prompt runs once
+    bad = ~logits.isfinite().all()  # a nan or inf logit so far: refused at the end
     # Every beam starts as the prompt: copy its cache rows; only beam 0 may extend at step 1,
     # or all beams would pick the same tokens.
     cache.reorder(torch.zeros(beams, dtype=torch.long, device=idx.device))
@@ -174,39 +197,46 @@ def beam_search(model, idx, beams, max_new_tokens, length_penalty=1.0, no_repeat
         ends = torch.full_like(tok, last, dtype=torch.bool)  # at the last step, all end
         if eos_token is not None:
             ends |= tok == eos_token
+        # The step's one host sync: scores, ends and sources of the candidates, for the
+        # hypotheses and the stop test (float64 holds the float32 scores and the ids exactly).
+        cand_h, ends_h, src_h = torch.stack([cand.double(), ends.double(), src.double()]).tolist()
         for r in range(beams):  # only the best `beams` continuations may become hypotheses
-            if ends[r]:
-                hyps.append((cand[r].item() / step ** length_penalty,
-                             torch.cat([seqs[src[r]], tok[r:r + 1]])))
+            if ends_h[r]:
+                hyps.append((cand_h[r] / step ** length_penalty,
+                             torch.cat([seqs[int(src_h[r])], tok[r:r + 1]])))
         hyps = sorted(hyps, key=lambda h: h[0], reverse=True)[:beams]
         if last:
             break
-        keep = (~ends).nonzero().squeeze(1)[:beams]  # the best continuations that go on
+        # The best continuations that go on: at most `beams` end (one eos per beam), so there
+        # are `beams` others; a stable sort puts them first, in their order.
+        keep = ends.int().argsort(stable=True)[:beams]
         scores = cand[keep]
         seqs = torch.cat([seqs[src[keep]], tok[keep, None]], dim=1)  # (beams, T + step)
         cache.reorder(src[keep])
+        best = next(c for c, e in zip(cand_h, ends_h) if not e)  # scores[0], on the host
         if len(hyps) == beams and (early_stopping
-                                   or scores[0].item() / step ** length_penalty <= hyps[-1][0]):
+                                   or best / step ** length_penalty <= hyps[-1][0]):
             break
         # The prompt ran as one row; its adapter id (use_adapters) must follow all its beams.
         with repeat_adapter_ids(model, beams):
             logits = model(tok[keep, None], cache=cache, last_only=True)[:, -1]  # (beams, V)
+        bad |= ~logits.isfinite().all()
+    _refuse_nonfinite(bad)
     return hyps[0][1][None]
 
 
 def ban_repeated_ngrams(seqs, logp, n):
     """seqs (B, T), logp (B, V) -> logp with -inf for every token that would complete an n-gram
     already in the row's sequence (transformers' NoRepeatNGramLogitsProcessor; Table 11 bans
-    repeated 4-grams). logp is not modified in place."""
+    repeated 4-grams). On the device, without a host sync; logp is not modified in place."""
     T = seqs.size(1)
-    if T + 1 < n:
+    if T < n:  # no n-gram yet
         return logp
-    logp = logp.clone()
-    for row, seq in enumerate(seqs.tolist()):
-        prefix = seq[T - n + 1:]  # the last n - 1 tokens
-        banned = [seq[i + n - 1] for i in range(T - n + 1) if seq[i:i + n - 1] == prefix]
-        logp[row, banned] = float("-inf")
-    return logp
+    grams = seqs.unfold(1, n, 1)  # (B, T - n + 1, n): every n-gram of each row
+    seen = (grams[:, :, :-1] == seqs[:, None, T - n + 1:]).all(dim=-1)  # (B, T - n + 1):
+    # the n-grams that start with the row's last n - 1 tokens; their last tokens are banned
+    banned = torch.zeros_like(logp).scatter_add_(1, grams[:, :, -1], seen.to(logp.dtype))
+    return logp.masked_fill(banned > 0, float("-inf"))  # (B, V)
 
 
 def completions(out, prompt_len, eos_token=EOT_TOKEN):

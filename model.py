@@ -12,15 +12,15 @@ checkpoints. Choosing tokens is decoding.py's; `transformers` is used only by th
 import json
 import math
 import os
-import socket
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from common import EOT_TOKEN, atomic_write_set, check_finite, check_range, check_tensors
 
@@ -37,17 +37,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self):
-        """Types and ranges checked, so a config.json with "n_layer": "2" or "n_head": 0 is one
-        ValueError naming the field, not a TypeError or ZeroDivisionError inside a layer."""
-        for f in fields(self):
-            v, spec = getattr(self, f.name), {"dropout": "[0, 1)", "layer_norm_epsilon": "> 0"}
-            if not isinstance(v, (int, float) if f.type is float else f.type) or \
-                    isinstance(v, bool) != (f.type is bool):
-                raise ValueError(f"{f.name} must be of type {f.type.__name__}, got {v!r}")
-            if f.type is not bool:
-                check_range(f.name, v, spec.get(f.name, ">= 1"))  # the sizes: >= 1
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        _check_config(self)  # a field of the wrong type or range: one ValueError naming it
 
 
 PRETRAINED = {  # the four released sizes; head size is 64 in all of them
@@ -59,9 +49,10 @@ PRETRAINED = {  # the four released sizes; head size is 64 in all of them
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.layer = layer  # its index in the model: its buffers in a KVCache
         # q, k and v of all heads in one matrix: the output is [q | k | v], each n_embd wide.
         # LoRA adapts slices of it (lora.py), by default the q and v slices (paper §4.2).
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -73,8 +64,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         nh, hs = self.n_head, C // self.n_head
         q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # this layer's KVCache.append: all positions so far, S >= T
-            k, v = cache(k, v)  # (B, nh, S, hs)
+        if cache is not None:  # a KVCache: this layer's past keys and values, then these
+            k, v = cache.append(self.layer, k, v)  # (B, nh, S, hs): all positions so far, S >= T
         S = k.size(2)
         # Query t (at absolute position S - T + t) may attend to keys 0 .. S - T + t.
         if T == S:  # no past: the usual causal mask
@@ -107,10 +98,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -120,9 +111,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one buffer pair per layer. Generation runs
-    the prompt once (prefill), then one token per step that attends to the cached keys and values
-    instead of recomputing the whole prefix."""
+    """Keys and values of the positions seen so far, one buffer pair per layer: generation runs
+    the prompt once (prefill), then each new token attends to them, not to a recomputed prefix."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
@@ -148,7 +138,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: GPT-2 reads logits off the token embedding matrix (one tensor, two uses).
@@ -192,8 +182,8 @@ class GPT(nn.Module):
                              f"block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.h):
-            x = block(x, partial(cache.append, i) if cache is not None else None)
+        for block in self.h:
+            x = block(x, cache)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
@@ -208,29 +198,25 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source, *, device="cpu", dtype=torch.float32, **overrides):
-        """Load GPT-2 weights. source is one of:
-        - a released size: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", fetched with
-          huggingface_hub into the standard HF cache (nothing is downloaded when it is there);
-        - a directory with config.json and model.safetensors (or pytorch_model.bin), as written
-          by transformers' save_pretrained or by GPT.save_pretrained;
-        - a single .safetensors or .bin file (the config is read from the tensors' shapes).
+        """Load GPT-2 weights from a released size ("gpt2", "gpt2-medium", "gpt2-large",
+        "gpt2-xl", through huggingface_hub and its cache), a directory with config.json and
+        model.safetensors or pytorch_model.bin (as transformers' or our save_pretrained write
+        them), or a single .safetensors or .bin file (config from its metadata or tensor shapes).
         device, dtype: of the model returned. overrides: GPTConfig fields to set (dropout=0.1;
-        n_head for a bare file whose head size is not GPT-2's 64). A bad file: one ValueError.
-        """
-        config_dict, path = _resolve(str(source))
-        config_file = path if config_dict is None else path.parent / "config.json"
-        sd = _to_our_layout(_read_state_dict(path))
-        if config_dict is None:
-            config_dict = _infer_config(sd, path)
-        tie = config_dict.pop("tie_word_embeddings", None)  # None: no config.json
-        unknown = set(overrides) - {f.name for f in fields(GPTConfig)}
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        n_head for a bare file whose head size is not GPT-2's 64). A bad file: one ValueError."""
+        config_file, path = _resolve(str(source))  # config.json (None: there is none), weights
+        # Both layouts in the wild -> our names: no `transformer.` prefix (save_pretrained's),
+        # no attention-mask buffers, the Conv1D weights transposed; lm_head.weight, if any, kept.
+        sd = {k.removeprefix("transformer."): v.t() if k.endswith(_CONV1D) else v
+              for k, v in _read_state_dict(path).items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        fields_ = _config_from_json(config_file) if config_file else _infer_config(sd, path)
+        tie = fields_.pop("tie_word_embeddings", None)  # None: no config.json
         try:
-            config = GPTConfig(**{**config_dict, **overrides})
+            config = GPTConfig(**fields_)
         except (TypeError, ValueError) as e:  # a field of the wrong type, out of range, unknown
-            raise ValueError(f"{config_file}: {e}") from None
-        model = cls(config)
+            raise ValueError(f"{config_file or path}: {e}") from None
+        model = cls(replace(config, **overrides))  # a bad override: its own ValueError
         # The head is wte, or the file's own lm_head.weight where it differs from wte (refused if
         # config.json says tied: transformers 4 then uses wte, 5 the stored head).
         head = sd.get("lm_head.weight")
@@ -241,10 +227,9 @@ class GPT(nn.Module):
                              f"has tie_word_embeddings true")
         elif head is not None or tie is False:
             model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())  # untie
-        ours = model.state_dict()
-        if model.lm_head.weight is model.wte.weight:
-            ours.pop("lm_head.weight")  # tied: loaded as wte.weight
-        check_tensors({k: v.shape for k, v in ours.items()}, sd, path)  # names every mismatch
+        tied = model.lm_head.weight is model.wte.weight  # then loaded as wte.weight
+        check_tensors({k: v.shape for k, v in model.state_dict().items()
+                       if not (tied and k == "lm_head.weight")}, sd, path)  # names every mismatch
         check_finite(sd, path)  # a nan in, a nan loss later, blamed on the learning rate
         model.load_state_dict(sd, strict=False)  # exactly ours but a tied lm_head (checked)
         model.name = str(source)
@@ -252,13 +237,12 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors in the layout of transformers' GPT2LMHeadModel
-        (transformer. prefix, Conv1D orientation): it loads here and there. The two are one set
+        (transformer. prefix, Conv1D orientation): it loads here and there. A model with LoRA
+        layers (lora.py), merged or not, is written as the function it computes: W0 + ΔW in each
+        weight, no A or B (the model itself is not changed). The two files are one set
         (common.atomic_write_set): a failure while writing leaves the old pair, never a mix."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
+        directory, c = Path(directory), self.config
         directory.mkdir(parents=True, exist_ok=True)
-        c = self.config
         tied = self.lm_head.weight is self.wte.weight
         hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                      "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
@@ -269,19 +253,45 @@ class GPT(nn.Module):
         if c.vocab_size > EOT_TOKEN:  # GPT-2's vocabulary: <|endoftext|> starts and ends texts
             hf_config.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
         sd = {}
-        for k, v in self.state_dict().items():
-            if k == "lm_head.weight" and tied:
-                continue  # transformers ties it back to wte on load
-            if k.endswith(_CONV1D):
-                v = v.t()
-            sd[k if k == "lm_head.weight" else "transformer." + k] = v.detach().contiguous().cpu()
+        for k, v in _lora_merged_state_dict(self).items():
+            if not (tied and k == "lm_head.weight"):  # a tied head: transformers ties it back
+                v = (v.t() if k.endswith(_CONV1D) else v).detach().contiguous().cpu()
+                sd[k if k == "lm_head.weight" else "transformer." + k] = v
         text = json.dumps(hf_config, indent=2) + "\n"
         meta = {"format": "pt", "gpt_config": json.dumps(asdict(c))}
         atomic_write_set({directory / "config.json": lambda p: Path(p).write_text(text),
                           directory / "model.safetensors": partial(save_file, sd, metadata=meta)})
 
 
+def _check_config(c: GPTConfig):
+    """Each field of its type (an int where a float is asked: JSON writes 0.0 as 0) and range,
+    n_embd a multiple of n_head: one ValueError naming the field, not an error inside a layer."""
+    for f in fields(c):
+        v, spec = getattr(c, f.name), {"dropout": "[0, 1)", "layer_norm_epsilon": "> 0"}
+        if not isinstance(v, (int, float) if f.type is float else f.type) or \
+                isinstance(v, bool) != (f.type is bool):  # to Python, True is an int
+            raise ValueError(f"{f.name} must be of type {f.type.__name__}, got {v!r}")
+        if f.type is not bool:
+            check_range(f.name, v, spec.get(f.name, ">= 1"))  # the sizes: >= 1
+    if c.n_embd % c.n_head:
+        raise ValueError(f"n_embd {c.n_embd} is not a multiple of n_head {c.n_head}")
+
+
 # ---------------------------------------------------------------- checkpoint helpers
+
+def _lora_merged_state_dict(model) -> dict:
+    """model.state_dict() as the function it computes: W0 + ΔW in each LoRA layer's weight (as
+    merge_lora makes it), no lora_A / lora_B. The model is not changed."""
+    from lora import LoRALinear  # imported here: lora.py builds on GPT-2, not the reverse
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            w = m.weight.detach().to(torch.float32, copy=True)  # a copy: W0 stays as it is
+            for n, (a, b) in m.slices.items() if not m.merged else ():  # merged: W0 + ΔW now
+                w[a:b] += m.delta_weight(n)
+            sd[name + ".weight"] = w.to(m.weight.dtype)
+    return sd
+
 
 # GPT-2 checkpoints store these four as Conv1D weights, (in, out); nn.Linear is (out, in).
 # They are transposed here, once, at load time (and back in save_pretrained).
@@ -289,7 +299,7 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 
 
 def _resolve(source: str):
-    """-> (config dict or None, path of the weights file)."""
+    """-> (path of config.json, or None where there is none; path of the weights file)."""
     if source in PRETRAINED:
         return _from_hub(source)
     p = Path(source)
@@ -297,8 +307,7 @@ def _resolve(source: str):
         found = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()]
         if not found:
             raise FileNotFoundError(f"{p}: no model.safetensors or pytorch_model.bin in it")
-        cfg = p / "config.json"
-        return (_config_from_json(cfg) if cfg.exists() else None), found[0]
+        return (p / "config.json" if (p / "config.json").exists() else None), found[0]
     if p.is_file():
         return None, p
     if os.sep in source or source.startswith(".") or p.suffix in (".safetensors", ".bin"):
@@ -308,25 +317,19 @@ def _resolve(source: str):
 
 
 def _from_hub(name: str):
-    """config.json and model.safetensors of a released size: from the HF cache when they are
-    there (no network), else downloaded into it; offline, one error at once, not after retries."""
+    """Paths of config.json and model.safetensors of a released size through huggingface_hub
+    alone (its cache, offline mode, proxies, endpoint); a failure: one OSError, how to go on."""
     from huggingface_hub import constants, hf_hub_download
-
-    files = ("config.json", "model.safetensors")
+    from huggingface_hub.utils import LocalEntryNotFoundError
     try:
-        try:
-            cfg, weights = (hf_hub_download(name, f, local_files_only=True) for f in files)
-        except Exception:  # not cached: offline, or is the hub reachable? (retries take ~25 s)
-            if constants.HF_HUB_OFFLINE:
-                raise
-            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), 5).close()
-            cfg, weights = (hf_hub_download(name, f) for f in files)
-    except Exception as e:  # offline and not cached, hub down, ...
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else type(e).__name__
+        return tuple(Path(hf_hub_download(name, f)) for f in ("config.json", "model.safetensors"))
+    except Exception as e:  # offline and not cached, no network, a gated repo, a full disk, ...
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "not in the cache, and "
+               "the hub could not be reached" if isinstance(e, LocalEntryNotFoundError)
+               else (str(e).strip() or repr(e)).splitlines()[0])  # the library's own words
         raise OSError(f"could not get '{name}' from the Hugging Face hub or its cache ({why}). "
                       f"Ways forward: download it once where online (it is cached), pass a "
                       f"local checkpoint (--init DIR or FILE), or train one: train.py") from None
-    return _config_from_json(Path(cfg)), Path(weights)
 
 
 # config.json fields that change transformers' GPT-2 and that this model does not implement, with
@@ -339,7 +342,7 @@ _GPT2_VALUES = {
     "scale_attn_weights": (True,),  # q.k / sqrt(head size) ...
     "scale_attn_by_inverse_layer_idx": (False,),  # ... and not also / (layer index + 1)
     "add_cross_attention": (False,),  # a decoder reading an encoder, not a language model
-    "n_inner": (None,),  # null: the MLP is 4 * n_embd wide
+    "n_inner": (None,),  # null (or 4 * n_embd written out): GPT-2's MLP width
 }
 
 
@@ -351,8 +354,7 @@ def _config_from_json(path: Path) -> dict:
                    block_size=c["n_positions"], vocab_size=c["vocab_size"],
                    tie_word_embeddings=c.get("tie_word_embeddings", True),
                    layer_norm_epsilon=c.get("layer_norm_epsilon", GPTConfig.layer_norm_epsilon))
-        if c.get("n_inner") == 4 * c["n_embd"]:
-            c["n_inner"] = None  # GPT-2's MLP width, written out
+        c["n_inner"] = None if c.get("n_inner") == 4 * c["n_embd"] else c.get("n_inner")
     except (ValueError, KeyError, TypeError) as e:  # not UTF-8, not JSON, not an object, ...
         raise ValueError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from None
     for field, ok in _GPT2_VALUES.items():
@@ -364,36 +366,23 @@ def _config_from_json(path: Path) -> dict:
 
 def _read_state_dict(path: Path) -> dict:
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read weights, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
 
 
-def _to_our_layout(sd: dict) -> dict:
-    """Both layouts in the wild -> our names: drop the `transformer.` prefix (save_pretrained),
-    skip attention-mask buffers, transpose the Conv1D weights. lm_head.weight, where a file has
-    it, is kept: from_pretrained decides whether it is tied."""
-    out = {k.removeprefix("transformer."): v for k, v in sd.items()
-           if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal masks, no weights
-    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in out.items()}
-
-
 def _infer_config(sd: dict, path: Path) -> dict:
     """Config of a bare weights file: from the safetensors metadata save_pretrained writes, else
-    from the tensor shapes (n_head from GPT-2's head size of 64)."""
+    from the tensor shapes (n_head from GPT-2's head size of 64, else 1: override it)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "gpt_config" in meta:
-            return json.loads(meta["gpt_config"])
+            if "gpt_config" in (f.metadata() or {}):
+                return json.loads(f.metadata()["gpt_config"])
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte.weight / wpe.weight)")
     vocab_size, n_embd = sd["wte.weight"].shape
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    return dict(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd,
+    return dict(n_layer=n_layer, n_head=1 if n_embd % 64 else n_embd // 64, n_embd=n_embd,
                 block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size)

@@ -1,9 +1,11 @@
-"""model.py is the same function as OpenAI's GPT-2 (transformers' GPT2LMHeadModel as the reference)."""
+"""model.py is the same function as OpenAI's GPT-2 (transformers' GPT2LMHeadModel as the
+reference)."""
 import json
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,6 +172,42 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 120, (2, 20))
     _logits_match(model, hf, idx)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_save_pretrained_of_a_lora_model_writes_the_adapted_model(tmp_path, merged):
+    """save_pretrained on a model with LoRA (merged or not: PEFT and TRL users merge, then save
+    to deploy) writes a plain GPT-2 checkpoint of W0 + ΔW, no LoRA keys, that our loader and
+    transformers both read as the adapted model; the model in memory is left as it was."""
+    from transformers import GPT2LMHeadModel
+
+    from lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=120)).eval()
+    idx = torch.randint(0, 120, (2, 20))
+    with torch.no_grad():
+        base_logits = model(idx)
+        apply_lora(model, rank=4, alpha=32, targets=("q", "v", "mlp"), bias="all")
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith("attn.bias"):
+                p.add_(torch.randn_like(p) * 0.5)  # a trained adapter, its biases trained too
+        if merged:
+            merge_lora(model)
+        adapted = model(idx)
+    assert (adapted - base_logits).abs().max() > 100 * TOL  # the adapter changes the function
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    model.save_pretrained(tmp_path)
+    assert not [k for k in load_file(tmp_path / "model.safetensors") if "lora" in k]
+    for back in (GPT.from_pretrained(tmp_path).eval(),
+                 GPT2LMHeadModel.from_pretrained(tmp_path).eval()):
+        with torch.no_grad():
+            out = back(idx)
+        assert (getattr(out, "logits", out) - adapted).abs().max() < TOL
+    assert all(layer.merged == merged for layer in model.modules() if hasattr(layer, "merged"))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_init_matches_its_docstring():
@@ -359,7 +397,8 @@ def test_hub_name_loads_from_the_hf_cache_offline(hf, tmp_path, monkeypatch):
 
 
 def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
-    code = "from model import GPT; from common import run_main; run_main(lambda: GPT.from_pretrained('gpt2'))"
+    code = ("from model import GPT; from common import run_main; "
+            "run_main(lambda: GPT.from_pretrained('gpt2'))")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
@@ -367,6 +406,73 @@ def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "could not get 'gpt2'" in lines[0] and "--init" in lines[0] and "train.py" in lines[0]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Online as far as huggingface_hub's offline switch goes, with its download function
+    replaced by hub.download (set by the test) and every socket connection a test failure: a
+    released size must go through huggingface_hub alone (its proxies, endpoint and cache)."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_socket(*args, **kwargs):
+        pytest.fail("model.py opened a connection of its own")
+
+    monkeypatch.setattr(socket, "create_connection", no_socket)
+    monkeypatch.setattr(socket.socket, "connect", no_socket)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    state = SimpleNamespace(calls=[], download=None)
+
+    def download(repo_id, filename, **kwargs):
+        state.calls.append((repo_id, filename, kwargs.get("local_files_only", False)))
+        return state.download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return state
+
+
+def test_a_released_size_not_cached_is_downloaded_by_huggingface_hub_alone(hf, tmp_path, hub):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    hf.save_pretrained(tmp_path)
+
+    def download(repo_id, filename, local_files_only=False):
+        if local_files_only:  # as huggingface_hub says it for a file not in its cache
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        return str(tmp_path / filename)
+
+    hub.download = download
+    model = GPT.from_pretrained("gpt2").eval()
+    assert model.config.n_embd == 128 and model.name == "gpt2"
+    assert ("gpt2", "model.safetensors", False) in hub.calls
+    _logits_match(model, hf, torch.randint(0, 300, (2, 16)))
+
+
+@pytest.mark.parametrize("error, why", [
+    ("unreachable", "not in the cache, and the hub could not be reached"),
+    ("gated", "Access to model gpt2 is restricted"),
+])
+def test_huggingface_hub_errors_become_one_line_without_jargon(hub, error, why):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def download(repo_id, filename, local_files_only=False):
+        if error == "gated":
+            raise PermissionError("Access to model gpt2 is restricted.\nVisit the page to ask.")
+        try:  # how huggingface_hub reports a DNS failure when the file is not cached
+            raise OSError(-3, "Temporary failure in name resolution")
+        except OSError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on "
+                                          "the Hub and we cannot find it in the cache.") from e
+
+    hub.download = download
+    with pytest.raises(OSError) as e:
+        GPT.from_pretrained("gpt2")
+    message = str(e.value)
+    assert "\n" not in message and "could not get 'gpt2'" in message and why in message
+    assert "Error" not in message and "gaierror" not in message, message
 
 
 @pytest.mark.parametrize("case", ["unknown name", "truncated file"])

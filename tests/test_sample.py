@@ -154,6 +154,112 @@ def test_ban_repeated_ngrams_by_hand():
     assert banned(6).nonzero().numel() == 0  # no 6-gram fits yet
 
 
+def kept_by_top_p(logits, top_p, n=4000):
+    """The tokens sample_next can pick from logits (V,) under top_p: n draws find every token of
+    the kept set (each has probability >= 1/100 in these tests, missed with odds below e^-40),
+    and no other."""
+    g = torch.Generator().manual_seed(0)
+    return set(sample_next(logits.expand(n, -1), top_p=top_p, generator=g).tolist())
+
+
+@pytest.mark.parametrize("probs, top_p", [
+    ((.5, .3, .1, .1), .8), ((.5, .3, .1, .1), .9), ((.5, .3, .1, .1), .5), ((.25,) * 4, .5),
+    ((.25,) * 4, .75), ((.4, .3, .2, .1), .7), ((.4, .3, .2, .1), .9), ((.6, .3, .1), .9),
+    ((.7, .2, .1), .9), ((.1,) * 10, .3), ((.1,) * 10, .7), ((.2,) * 5, .6), ((.05,) * 20, .35)])
+def test_top_p_keeps_the_smallest_set_that_reaches_p_on_exact_boundaries(probs, top_p):
+    """.5 + .3 reaches .8 exactly, so top_p=0.8 keeps two tokens, not three (summed in float32,
+    .5 + .3 is 0.79999995). The expected count is computed in exact fractions; probs are in
+    descending order, and among tied tokens any may be kept. (transformers' float32 test keeps
+    eight of the twenty .05 at .35.)"""
+    from fractions import Fraction
+
+    need, mass = 0, Fraction(0)
+    while mass < Fraction(str(top_p)):
+        mass, need = mass + Fraction(str(probs[need])), need + 1
+    kept = kept_by_top_p(torch.tensor(probs).log(), top_p)
+    assert len(kept) == need and all(probs[t] >= probs[need - 1] for t in kept)
+
+
+def test_top_p_keeps_what_transformers_keeps():
+    """The same set as transformers' TopPLogitsWarper: on the issue's boundary and on random
+    logits (12 tokens, each with probability >= 1/100) at several p."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    cases = [(torch.tensor([.5, .3, .1, .1]).log(), .8)] + [
+        (torch.randn(12, generator=g) * 0.5, p) for p in (.2, .5, .8, .95) for _ in range(3)]
+    for logits, p in cases:
+        assert logits.softmax(-1).min() > 0.01
+        theirs = TopPLogitsWarper(p)(None, logits[None])[0].isfinite().nonzero().flatten()
+        assert kept_by_top_p(logits, p) == set(theirs.tolist()), (logits, p)
+
+
+# ---------------------------------------------------------------- host syncs and nan logits
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+              "cpu", "numpy")  # each waits for the device to finish (a host sync on a GPU)
+
+
+def host_reads(monkeypatch, call) -> int:
+    """How many times call() reads a tensor's values back to the host (the Python-level ways)."""
+    count = [0]
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    call()
+    monkeypatch.undo()
+    return count[0]
+
+
+@pytest.mark.parametrize("settings", [dict(greedy=True), dict(top_k=20, top_p=0.9)])
+def test_generate_reads_the_device_a_fixed_number_of_times(tiny, monkeypatch, settings):
+    """Finiteness is checked once, not for every token: 16 new tokens read the device back as
+    often as 4 (before: one isfinite check a token)."""
+    idx = prompts(1)[0].expand(2, -1)
+    reads = {n: host_reads(monkeypatch, lambda: generate(tiny, idx, n, **settings))
+             for n in (4, 16)}
+    assert reads[16] == reads[4] <= 2, reads
+
+
+def test_beam_search_reads_the_device_once_a_step(tiny, monkeypatch):
+    """One read-back a step for the hypotheses and the stop test (before: about 2 x beams), the
+    n-gram ban computed on the device."""
+    idx = prompts(1)[0]
+    reads = {n: host_reads(monkeypatch, lambda: beam_search(tiny, idx, 4, n, eos_token=None,
+                                                            no_repeat_ngram_size=3))
+             for n in (4, 16)}
+    assert reads[16] - reads[4] <= 12, reads
+
+
+def nan_at(model, call_number):
+    """A forward hook: the model's logits are nan from its call_number-th call on (0: the
+    prompt), as when fp16 activations overflow partway through a generation."""
+    calls = [0]
+
+    def hook(module, args, out):
+        calls[0] += 1
+        return out.fill_(float("nan")) if calls[0] > call_number else out
+    return model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("at", [0, 3])
+@pytest.mark.parametrize("decode", ["greedy", "sample", "beams"])
+def test_nan_logits_are_refused_and_no_token_from_them_is_streamed(tiny, at, decode):
+    idx, streamed = prompts(1)[0], []
+    handle = nan_at(tiny, at)
+    try:
+        with pytest.raises(ValueError, match="logits are nan or inf"):
+            if decode == "beams":
+                beam_search(tiny, idx, 3, 8, eos_token=None)
+            else:
+                generate(tiny, idx, 8, greedy=decode == "greedy", stream=streamed.append)
+    finally:
+        handle.remove()
+    assert len(streamed) <= at  # the tokens before the nan step, if any
+
+
 # ---------------------------------------------------------------- several adapters (LoRA §4.2)
 
 @pytest.fixture(scope="module")
