@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_writable, \
-    get_tokenizer, run_main
+from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_manifest, \
+    check_writable, get_tokenizer, run_main
 from data.datasets import IGNORE, load_data
 
 
@@ -213,6 +213,9 @@ def main(argv=None):
     for label, path in (("LoRA", args.lora_eval), ("full fine-tuning", args.full_eval)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: run sample.py --eval e2e --out {path}")
+        path = Path(path)  # with its .hyp.txt and .ref.txt: one set (metrics.write_eval)
+        check_manifest(path.parent, [path.name] + [path.with_suffix(s).name
+                                                   for s in (".hyp.txt", ".ref.txt")])
         try:
             evals[label] = json.loads(Path(path).read_text())
             evals[label]["outputs"][0]["output"], evals[label]["init"], evals[label]["adapter"]

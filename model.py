@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import EOT_TOKEN, atomic_write_set, check_finite, check_range, check_tensors
+from common import EOT_TOKEN, atomic_write_set, check_finite, check_manifest, check_range, \
+    check_tensors
 
 
 @dataclass
@@ -297,7 +298,7 @@ def _resolve(source: str):
         found = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()]
         if not found:
             raise FileNotFoundError(f"{p}: no model.safetensors or pytorch_model.bin in it")
-        cfg = p / "config.json"
+        check_manifest(p, ((cfg := p / "config.json").name, found[0].name))  # torn: refused
         return (_config_from_json(cfg) if cfg.exists() else None), found[0]
     if p.is_file():
         return None, p
