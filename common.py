@@ -8,6 +8,7 @@ name with model.GPT.from_pretrained.)
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import sys
@@ -122,38 +123,130 @@ def short_list(names, n=6) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def fsync_path(path) -> None:
+    """Flush a file's bytes, or a folder's entries (the renames in it), to the disk: what is
+    written after depends on them, also across a power cut. (Windows cannot open a folder.)"""
+    if Path(path).is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path, write, shown=None) -> None:
+    """write(path), then its bytes flushed to the disk (fsync_path). An OSError (a full disk, ...)
+    is one line naming the file (or `shown`: the name it is written for)."""
+    try:
+        write(path)
+        fsync_path(path)
+    except (OSError, RuntimeError) as e:  # torch.save says RuntimeError on a full disk
+        raise OSError(f"{shown or path}: cannot write it "
+                      f"({getattr(e, 'strerror', None) or e})") from None
+
+
 def atomic_write(path, write):
-    """write(tmp_path) then rename over path: readers never see a half-written file, and a
-    failed write leaves no temporary file behind. An OSError (disk full, ...) names the file."""
+    """write(tmp_path), fsync, then one rename over path: readers see the old file or the new
+    one, whole, whatever stops the writer (a failure, a crash, a power cut), and a failed write
+    leaves no temporary file behind. An OSError (disk full, ...) names the file."""
     atomic_write_set({path: write})
 
 
+MANIFEST = "manifest.json"  # {"sha256": {file: hex digest, or null: no such file}}
+
+
 def atomic_write_set(writes: dict):
-    """{path: write}: every write(tmp_path) first, then every rename: a failure while writing
-    (disk full, a bad input found halfway) leaves the old set of files as it was, never a mix of
-    old and new, and no temporary files."""
+    """{path: write}, every path in one folder. Every write(tmp_path) first, each flushed to the
+    disk: a failure while writing (disk full, a bad input found halfway) leaves the old set as
+    it was, never a mix, and no temporary files. Then one rename per file, and no file system
+    renames several files at once: a crash between two renames would leave a mix. For a set of
+    two or more, the folder's MANIFEST records each file's sha256, written LAST (after the
+    renames reached the disk), and the loaders check the files they read against it
+    (check_manifest): a mix is refused, naming the file. Before the first rename the manifest
+    already records every file of the set as it is (absent ones as null), so a mix is refused
+    also on a folder written by another tool (transformers) or by nothing yet."""
+    paths = [Path(p) for p in writes]
+    if not paths:
+        return
+    folder = paths[0].parent
+    if len(paths) > 1 and any(p.parent != folder for p in paths):
+        raise ValueError(f"one set, one folder: {', '.join(map(str, paths))}")
     tmps = {}
     try:
-        for path, write in writes.items():
-            path = Path(path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        for path, write in zip(paths, writes.values()):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name + ".", suffix=".tmp")
             os.close(fd)
             tmps[path] = tmp
-            try:
-                write(tmp)
-            except (OSError, RuntimeError) as e:  # torch.save says RuntimeError on a full disk
-                raise OSError(f"{path}: cannot write it ({getattr(e, 'strerror', None) or e})") \
-                    from None
+            write_synced(tmp, write, shown=path)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        if len(paths) > 1:
+            _record(folder, {p: _sha256(p) if p.exists() else None for p in paths}, keep=True)
         for path, tmp in tmps.items():
             os.replace(tmp, path)
+        fsync_path(folder)
+        if len(paths) > 1:
+            _record(folder, {p: _sha256(p) for p in paths}, keep=False)
     except BaseException:
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+
+
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_manifest(folder, strict=True) -> dict:
+    """{file: sha256 or None} of the folder's MANIFEST; {} without one, or (strict=False) for
+    one that is not readable, which the writer then replaces."""
+    path = Path(folder) / MANIFEST
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["sha256"]
+        if not all(isinstance(v, (str, type(None))) for v in recorded.values()):
+            raise TypeError("a value is neither a hex digest nor null")
+        return recorded
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if not strict:
+            return {}
+        raise ValueError(f"{path}: not a manifest of this project ({e!r}); write the set again, "
+                         f"or delete {MANIFEST} if another tool wrote the folder") from None
+
+
+def _record(folder, digests: dict, keep: bool):
+    """Put {path: sha256 or None} into the folder's manifest; keep=True: only files it does not
+    record yet (what it records is what a torn set is checked against)."""
+    recorded = _read_manifest(folder, strict=False)
+    new = {p.name: d for p, d in digests.items() if not (keep and p.name in recorded)}
+    if new:
+        text = json.dumps({"sha256": {**recorded, **new}}, indent=1, sort_keys=True) + "\n"
+        atomic_write(Path(folder) / MANIFEST, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def check_manifest(folder, names) -> None:
+    """The files `names` of folder as its MANIFEST (written by atomic_write_set) records them: a
+    ValueError naming the first that is not, the mark of a set torn by a crash between two
+    renames (or of a file changed by another tool). A name it does not record, or a folder
+    without one (such as transformers writes), is not checked: there is nothing to check
+    against. Reads each recorded file once (sha256: about a second per GB)."""
+    recorded = _read_manifest(folder)
+    for name in names:
+        if name not in recorded:
+            continue
+        path, want = Path(folder) / name, recorded[name]
+        got = _sha256(path) if path.exists() else None
+        if got != want:
+            raise ValueError(
+                f"{path}: not as {Path(folder) / MANIFEST} records it "
+                f"({'absent' if got is None else 'present' if want is None else 'other bytes'}):"
+                f" the set was torn by a crash while written, or changed by another tool; "
+                f"write it again (or delete {MANIFEST} if another tool wrote it)")
 
 
 def check_writable(path, flag, directory=False):

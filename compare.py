@@ -10,8 +10,9 @@ Prints and writes (OUT/report.md, OUT/loss.png, one set):
   - both runs' validation loss on one plot, against step and against training time (a LoRA step
     is cheaper: no gradient for W0, §4.2), so "the same budget" can be read either way;
   - where the gap is: the validation loss of the three models by kind of target token (the
-    first token, tokens that occur in the example's MR, the other description tokens, the
-    closing <|endoftext|>): the format, using the MR, the register;
+    first token, tokens of the example's slot values, which a description can copy from its
+    MR, the other description tokens, the closing <|endoftext|>): the format, using the MR,
+    the register;
   - a few test MRs with the base's, LoRA's and full fine-tuning's outputs side by side (the
     base is decoded here, greedily, as sample.py decodes the other two).
 
@@ -21,12 +22,13 @@ validated on the same data, so that their step-0 losses (the base's) agree.
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_writable, \
-    get_tokenizer, run_main
+from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_manifest, \
+    check_writable, get_tokenizer, run_main
 from data.datasets import IGNORE, load_data
 
 
@@ -60,15 +62,32 @@ def share_of_drop(base: float, lora: float, full: float):
 KINDS = ("first token", "in the MR", "other", "<|endoftext|>")
 
 
+SLOT_VALUE = re.compile(r"\[([^\]]*)\]")  # an E2E MR is key[value], ...: name[The Eagle]
+
+
+def mr_value_tokens(prompt: str) -> set:
+    """The token ids a description could copy from the MR in `prompt`: each slot value's
+    tokens as written at the start of a sentence ("The Eagle") and after a space (" The
+    Eagle"). Not the slot keys (" area", " near": words a description also uses on its own),
+    the brackets, nor the "||" that ends the prompt."""
+    enc = get_tokenizer()
+    return {t for value in SLOT_VALUE.findall(prompt) for form in (value, " " + value)
+            for t in enc.encode_ordinary(form)}
+
+
 def token_kinds(x, y):
-    """x, y (B, T) inputs and targets of prompt/completion examples -> (B, T) kind index into
-    KINDS (-1 off the targets): the completion's first token, a token that occurs in the
-    example's prompt (the MR: copying a slot value), any other token, the closing EOT."""
+    """x, y (B, T) inputs and targets of E2E prompt/completion examples -> (B, T) kind index
+    into KINDS (-1 off the targets): the completion's first token, a token of one of the
+    example's slot values (mr_value_tokens: copying from the MR), any other token, the closing
+    EOT."""
     target = y != IGNORE
-    first = target.int().argmax(1)  # (B,) position of the first target
+    first = target.int().argmax(1)  # (B,) position of the first target: x[:first + 1] is the prompt
+    enc = get_tokenizer()
+    copied = torch.zeros_like(target)  # (B, T)
+    for b in range(y.size(0)):
+        values = mr_value_tokens(enc.decode(x[b, :first[b] + 1].tolist()))
+        copied[b] = torch.isin(y[b], torch.tensor(sorted(values), dtype=y.dtype))
     pos = torch.arange(y.size(1))
-    in_prompt = pos[None, None, :] <= first[:, None, None]  # (B, 1, T) prompt positions of x
-    copied = ((y[:, :, None] == x[:, None, :]) & in_prompt).any(-1)  # (B, T)
     kind = torch.where(copied, 1, 2)
     kind = torch.where(pos[None, :] == first[:, None], 0, kind)
     kind = torch.where(y == EOT_TOKEN, 3, kind)
@@ -79,7 +98,8 @@ def token_kinds(x, y):
 def loss_by_kind(models: dict, data, batch_size=8) -> dict:
     """Mean validation loss per kind of target token (token_kinds) of each model {label: GPT}
     -> {label: [(mean loss, tokens) per KINDS]}. Which kinds a method lowers tells what it
-    learned: the format (first token, EOT), the register (other), or to use the MR (in the MR)."""
+    learned: the format (first token, EOT), the register (other), or to use the MR (in the MR:
+    the slot values)."""
     from tqdm import tqdm
 
     sums = {label: torch.zeros(len(KINDS), dtype=torch.float64) for label in models}
@@ -193,6 +213,9 @@ def main(argv=None):
     for label, path in (("LoRA", args.lora_eval), ("full fine-tuning", args.full_eval)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: run sample.py --eval e2e --out {path}")
+        path = Path(path)  # with its .hyp.txt and .ref.txt: one set (metrics.write_eval)
+        check_manifest(path.parent, [path.name] + [path.with_suffix(s).name
+                                                   for s in (".hyp.txt", ".ref.txt")])
         try:
             evals[label] = json.loads(Path(path).read_text())
             evals[label]["outputs"][0]["output"], evals[label]["init"], evals[label]["adapter"]

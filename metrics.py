@@ -33,7 +33,7 @@ def evaluate_e2e(model, enc, *, split="test", raw_dir=None, limit=None, max_new_
     "metrics" {"BLEU", "ROUGE_L"} (both 0 to 100, as in Table 3), tokens_per_s and every
     {"mr", "output", "references"}.
 
-    References: data/e2e/{split}.refs.json, written by prepare.py, or with raw_dir the E2E CSVs
+    References: data/e2e/prepared-*/{split}.refs.json, from prepare.py, or with raw_dir the E2E CSVs
     in that folder (data.e2e.prepare.load_references; FileNotFoundError when neither is there).
     Greedy decoding batches MRs whose prompts have the same number of tokens (no padding needed,
     so every row is exactly what it would be alone); beam search runs MR by MR. Under
@@ -142,7 +142,8 @@ def write_eval(result: dict, path):
     (each MR's references, groups separated by a blank line): the input files of e2e-metrics'
     measure_scores.py, so the paper's script can score the same outputs with all five metrics.
     The three are one set (common.atomic_write_set): a failure while writing leaves the old
-    three whole, never a mix of two evaluations."""
+    three whole; a crash between two of the renames leaves a mix that the folder's manifest.json
+    shows, and compare.py refuses it (common.check_manifest)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outs = result["outputs"]

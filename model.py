@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common import EOT_TOKEN, atomic_write_set, check_finite, check_range, check_tensors
+from common import EOT_TOKEN, atomic_write_set, check_finite, check_manifest, check_range, \
+    check_tensors
 
 
 @dataclass
@@ -307,6 +308,7 @@ def _resolve(source: str):
         found = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()]
         if not found:
             raise FileNotFoundError(f"{p}: no model.safetensors or pytorch_model.bin in it")
+        check_manifest(p, ("config.json", found[0].name))  # a torn set is refused
         return (p / "config.json" if (p / "config.json").exists() else None), found[0]
     if p.is_file():
         return None, p

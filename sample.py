@@ -277,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
                    help=ranged("only the first N MRs", "eval_limit"))
     g.add_argument("--raw-dir", default=None,
                    help="folder with the E2E CSVs to read the references from (default: "
-                        "data/e2e/SPLIT.refs.json, written by data/e2e/prepare.py)")
+                        "data/e2e/prepared-*/SPLIT.refs.json, written by data/e2e/prepare.py)")
     g.add_argument("--batch-size", type=int, default=16,
                    help=ranged("MRs per greedy batch", "batch_size"))
     g.add_argument("--out", default=None, help="score file (default: out/eval/e2e_SPLIT.json)")

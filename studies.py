@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from safetensors.torch import load_file, save_file
 
 from adapters import load_adapter, save_adapter
 from common import HelpFormatter, atomic_write, check_flags, check_writable, get_device, run_main, \
@@ -174,8 +175,8 @@ def describe_run(args) -> str:
 class Runs:
     """Fine-tuning runs of one base model on one task, each trained once with the same budget
     (steps, batch, schedule) and cached under out/runs: NAME.json (settings, validation loss,
-    time) and, for LoRA, NAME.safetensors (the adapter). A cached run is reused only if its
-    settings match."""
+    time) and, for LoRA, NAME.safetensors (the adapter) and NAME.A_init.safetensors (every A as
+    the run started from it). A cached run is reused only if its settings match."""
 
     def __init__(self, args):
         self.args = args
@@ -210,8 +211,7 @@ class Runs:
     def get(self, targets, rank: int = 0, seed: int = 0) -> dict:
         """Run (or reuse) one fine-tuning: targets "full" (every weight) or a tuple of LoRA
         targets at `rank`. -> its record: val_loss, trainable, paper_params, seconds, ..."""
-        name = "full" if targets == "full" else f"{''.join(targets)}-r{rank}"
-        name += f"-s{seed}"
+        name = self._name(targets, rank, seed)
         return self._cached(name, self.settings(
             targets if targets == "full" else list(targets), rank, seed),
             lambda: self._train(name, targets, rank, seed))
@@ -219,17 +219,25 @@ class Runs:
     def model(self, targets, rank, seed=0):
         """The fine-tuned LoRA model of a run (trained first if needed), on the CPU."""
         self.get(targets, rank, seed)
-        name = f"{''.join(targets)}-r{rank}-s{seed}"
-        return load_adapter(self.load_base("cpu"), self.dir / f"{name}.safetensors")
+        return load_adapter(self.load_base("cpu"),
+                            self.dir / f"{self._name(targets, rank, seed)}.safetensors")
 
     def initial_A(self, targets, rank, seed, layer, name):
-        """A as apply_lora drew it before training (same seed): to see how far training moved
-        it."""
-        m = self.load_base("cpu")
-        torch.manual_seed(seed)
-        apply_lora(m, rank=rank, alpha=self.args.alpha, targets=targets,
-                   dropout=self.args.lora_dropout)
-        return lora_factors(m, layer, name)[0]
+        """A of slice `name` of block `layer` as the run started from it (trained first if
+        needed), (r, C) on the CPU: to see how far training moved it. Recorded when the run
+        started, not drawn again: on a GPU, apply_lora draws A from the device's generator,
+        which a CPU redraw with the same seed does not reproduce."""
+        self.get(targets, rank, seed)
+        tensors = load_file(self.dir / f"{self._name(targets, rank, seed)}.A_init.safetensors")
+        key = [k for k in tensors
+               if k.startswith(f"h.{layer}.") and k.endswith(f".lora_A.{name}")]
+        if len(key) != 1:
+            raise ValueError(f"block {layer} has no LoRA on W_{name}")
+        return tensors[key[0]]
+
+    @staticmethod
+    def _name(targets, rank, seed) -> str:
+        return ("full" if targets == "full" else f"{''.join(targets)}-r{rank}") + f"-s{seed}"
 
     def _cached(self, name, settings, compute) -> dict:
         path = self.dir / f"{name}.json"
@@ -237,7 +245,8 @@ class Runs:
             rec = json.loads(path.read_text())
             if rec.get("settings") == settings and (
                     name == "base" or name.startswith("full")
-                    or (self.dir / f"{name}.safetensors").exists()):
+                    or all((self.dir / f"{name}{ext}").exists()
+                           for ext in (".safetensors", ".A_init.safetensors"))):
                 return rec
         t0 = time.perf_counter()
         rec = {"name": name, "settings": settings, **compute(),
@@ -254,6 +263,9 @@ class Runs:
         else:
             apply_lora(model, rank=rank, alpha=a.alpha, targets=targets, dropout=a.lora_dropout)
             paper = paper_num_params(model.config, rank, targets)
+            # The A this run starts from, kept as drawn (on --device) for initial_A.
+            A_init = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                      if ".lora_A." in n}
         cfg = TrainConfig(lr=a.lr_full if targets == "full" else a.lr, batch_size=a.batch_size,
                           max_iters=a.steps, warmup=a.warmup, decay="linear",
                           label_smoothing=0.0, eval_interval=a.steps,
@@ -263,6 +275,8 @@ class Runs:
               f"{a.steps} steps", flush=True)
         history = train(model, self.train_data, self.val_data, cfg)
         if targets != "full":
+            atomic_write(self.dir / f"{name}.A_init.safetensors",
+                         lambda p: save_file(A_init, p))
             save_adapter(model.cpu(), self.dir / f"{name}.safetensors", base_name=str(a.init))
         return {"val_loss": history[-1]["val_loss"], "train_loss": history[-1]["train_loss"],
                 "trainable": count_trainable(model), "paper_params": paper,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import EOT_TOKEN, get_tokenizer
-from data.files import read_meta, read_text
+from data.files import prepared_folder, read_meta, read_text
 
 DATA_DIR = Path(__file__).resolve().parent
 IGNORE = -100  # target id of positions without loss (model.forward, F.cross_entropy)
@@ -124,10 +124,11 @@ def _prepared(directory: Path, meta: dict, split: str, block_size: int):
     for a in arrays:
         if a not in meta["files"]:
             raise ValueError(f"{directory / 'meta.json'}: lists no {a}: prepare it again")
-    tokens = np.memmap(directory / arrays[0], dtype=np.uint16, mode="r")
+    folder = prepared_folder(directory, meta)  # the one meta.json names
+    tokens = np.memmap(folder / arrays[0], dtype=np.uint16, mode="r")
     name = f"{directory.name}/{split}"
     if meta["kind"] == "examples":
-        index = np.fromfile(directory / arrays[1], dtype=np.int64)
+        index = np.fromfile(folder / arrays[1], dtype=np.int64)
         return Examples(tokens, index, block_size, name)
     return TokenStream(tokens, block_size, name)
 

@@ -53,6 +53,27 @@ def test_prepared_e2e_example_is_prompt_then_completion_and_loss_covers_completi
     assert torch.equal(y[0, first:n - 1], x[0, first + 1:n])
 
 
+def test_a_set_an_older_prepare_wrote_beside_meta_json_loads_and_is_replaced_whole(
+        e2e_dir, tmp_path):
+    """Sets from before the arrays had a folder of their own (meta.json without "folder", the
+    files beside it) still load; the next prepare replaces them and removes their files."""
+    import shutil
+
+    old = tmp_path / "e2e"
+    meta = json.loads((e2e_dir / "meta.json").read_text())
+    shutil.copytree(e2e_dir / meta.pop("folder"), old)
+    (old / "meta.json").write_text(json.dumps(meta))
+    (old / "notes.txt").write_text("the user's")
+    train, _ = load_data(str(old), 128)
+    assert np.array_equal(train.tokens, load_data(str(e2e_dir), 128)[0].tokens)
+    assert e2e.load_references("test", prepared=old) == \
+        e2e.load_references("test", prepared=e2e_dir)
+    new = e2e.prepare(E2E_RAW, old)
+    assert sorted(p.name for p in old.iterdir()) == sorted(["meta.json", new["folder"],
+                                                            "notes.txt"])
+    assert len(load_data(str(old), 128)[0]) == meta["splits"]["train"]["examples"]
+
+
 def _toy_examples(n=10, block_size=16):
     """Example i = [i, i, i, 1000 + i] with a 2-token prompt: rows are recognisable."""
     tokens, index = [], []

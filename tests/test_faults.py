@@ -10,6 +10,7 @@ function and, for a few, through the command line (exit 1, one line on stderr).
 """
 import csv
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -53,8 +54,31 @@ def _second_write_hits_a_full_disk(seen):
     return write_set
 
 
+def _second_file_hits_a_full_disk(seen):
+    """common.write_synced (as data.files uses it), except that the second file's write stops
+    halfway with ENOSPC (its path goes to `seen`)."""
+    def write_synced(path, write, shown=None):
+        if len(seen) == 1:
+            seen.append(Path(path))
+
+            def write(tmp):
+                Path(tmp).write_bytes(b"half a file")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        elif not seen:
+            seen.append(None)
+        return common.write_synced(path, write, shown)
+    return write_synced
+
+
 def _snapshot(directory):
-    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+    """{path under directory: bytes} of every file in it, in its folders too."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def _folder(directory) -> Path:
+    """The folder of a prepared directory's files, as its meta.json names it."""
+    return Path(directory) / json.loads((Path(directory) / "meta.json").read_text())["folder"]
 
 
 def _one_line(cmd, cwd=ROOT):
@@ -111,12 +135,12 @@ def test_e2e_prepare_failing_on_its_second_file_keeps_the_old_set(e2e_dir, tmp_p
     shutil.copytree(e2e_dir, out)
     before = _snapshot(out)
     seen = []
-    monkeypatch.setattr(data.files, "atomic_write_set", _second_write_hits_a_full_disk(seen))
+    monkeypatch.setattr(data.files, "write_synced", _second_file_hits_a_full_disk(seen))
     raw = _small_e2e_raw(tmp_path / "raw")
     assert _error_os(e2e.prepare, raw, out) == \
-        f"{out / 'train.idx.bin'}: cannot write it (No space left on device)"
-    assert seen == [out / "train.idx.bin"]
-    assert _snapshot(out) == before
+        f"{seen[1]}: cannot write it (No space left on device)"
+    assert seen[1].name == "train.idx.bin" and seen[1].parent.parent == out
+    assert _snapshot(out) == before  # not even the new set's folder is left
     train, _ = load_data(str(out), 128)  # still the full set, and whole
     assert len(train) == json.loads(before["meta.json"])["splits"]["train"]["examples"]
 
@@ -130,9 +154,10 @@ def test_shakespeare_prepare_failing_on_its_second_file_keeps_the_old_set(
     raw.mkdir()
     (raw / "input.txt").write_text("A much shorter play. " * 500)
     seen = []
-    monkeypatch.setattr(data.files, "atomic_write_set", _second_write_hits_a_full_disk(seen))
+    monkeypatch.setattr(data.files, "write_synced", _second_file_hits_a_full_disk(seen))
     assert _error_os(shakespeare.prepare, raw, out) == \
-        f"{out / 'val.bin'}: cannot write it (No space left on device)"
+        f"{seen[1]}: cannot write it (No space left on device)"
+    assert seen[1].name == "val.bin"
     assert _snapshot(out) == before
 
 
@@ -162,29 +187,38 @@ def test_write_eval_failing_on_its_second_file_keeps_the_old_three(tmp_path, mon
     monkeypatch.setattr(metrics, "atomic_write_set", _second_write_hits_a_full_disk(seen))
     assert _error_os(metrics.write_eval, result("new"), path) == \
         f"{path.with_suffix('.ref.txt')}: cannot write it (No space left on device)"
-    assert sorted(before) == ["test.hyp.txt", "test.json", "test.ref.txt"]
+    assert sorted(before) == [common.MANIFEST, "test.hyp.txt", "test.json", "test.ref.txt"]
     assert _snapshot(path.parent) == before
 
 
 def test_a_prepared_directory_mixing_two_runs_is_refused_in_one_line(e2e_dir, tmp_path):
+    """prepare never leaves a mix (test_prepare_killed_while_writing_leaves_the_old_set_whole);
+    files copied in by hand can."""
     mixed, small = tmp_path / "mixed", tmp_path / "small"
     shutil.copytree(e2e_dir, mixed)
     e2e.prepare(_small_e2e_raw(tmp_path / "raw"), small)
-    shutil.copy(small / "train.bin", mixed / "train.bin")  # arrays from another run
-    got, said = (mixed / "train.bin").stat().st_size, (e2e_dir / "train.bin").stat().st_size
-    expected = (f"{mixed / 'train.bin'}: {got:,} bytes, but meta.json says {said:,}: the "
+    arrays, other = _folder(mixed), _folder(small)
+    shutil.copy(other / "train.bin", arrays / "train.bin")  # arrays from another run
+    got = (arrays / "train.bin").stat().st_size
+    said = (_folder(e2e_dir) / "train.bin").stat().st_size
+    expected = (f"{arrays / 'train.bin'}: {got:,} bytes, but meta.json says {said:,}: the "
                 f"directory mixes two prepare runs or lost a file; {REDO}")
     assert _error(load_data, str(mixed), 128) == expected
     assert _one_line(["train.py", "--data", str(mixed), "--out", str(tmp_path / "out")]) == \
         f"error: {expected}\n"
-    shutil.copy(e2e_dir / "train.bin", mixed / "train.bin")
-    (mixed / "val.idx.bin").unlink()
+    shutil.copy(_folder(e2e_dir) / "train.bin", arrays / "train.bin")
+    (arrays / "val.idx.bin").unlink()
     assert _error(load_data, str(mixed), 128).startswith(
-        f"{mixed / 'val.idx.bin'}: missing, but meta.json says ")
-    shutil.copy(e2e_dir / "val.idx.bin", mixed / "val.idx.bin")
-    shutil.copy(small / "test.refs.json", mixed / "test.refs.json")  # what evaluation reads
+        f"{arrays / 'val.idx.bin'}: missing, but meta.json says ")
+    shutil.copy(_folder(e2e_dir) / "val.idx.bin", arrays / "val.idx.bin")
+    shutil.copy(other / "test.refs.json", arrays / "test.refs.json")  # what evaluation reads
     assert _error(e2e.load_references, "test", prepared=mixed).startswith(
-        f"{mixed / 'test.refs.json'}: ")
+        f"{arrays / 'test.refs.json'}: ")
+    meta = json.loads((mixed / "meta.json").read_text())
+    (mixed / "meta.json").write_text(json.dumps({**meta, "folder": "../small"}))
+    assert _error(load_data, str(mixed), 128) == (
+        f"{mixed / 'meta.json'}: folder '../small' is not the name of a folder beside it: "
+        f"{REDO}")
 
 
 def test_an_index_that_does_not_fit_its_tokens_is_refused():
@@ -200,8 +234,9 @@ def test_a_prepared_directory_is_whole_after_prepare(e2e_dir):
     assert set(meta["files"]) == {f"{s}{ext}" for s in e2e.SPLITS
                                   for ext in (".bin", ".idx.bin")} | {"val.refs.json",
                                                                       "test.refs.json"}
-    assert all((e2e_dir / f).stat().st_size == n for f, n in meta["files"].items())
-    assert not list(e2e_dir.glob("*.tmp"))
+    assert all((_folder(e2e_dir) / f).stat().st_size == n for f, n in meta["files"].items())
+    assert sorted(p.name for p in e2e_dir.iterdir()) == sorted(["meta.json", meta["folder"]])
+    assert sorted(p.name for p in _folder(e2e_dir).iterdir()) == sorted(meta["files"])
 
 
 def test_release_zip_is_unpacked_all_or_nothing(tmp_path, monkeypatch):
@@ -224,7 +259,146 @@ def test_release_zip_is_unpacked_all_or_nothing(tmp_path, monkeypatch):
         f"{z}: not a whole ZIP file (File is not a zip file): delete it and run again"
 
 
+# ---------------------------------------------------------------- a writer killed halfway
+
+# A writer stopped dead (os._exit: no finally, no cleanup, as SIGKILL or a power cut) at a chosen
+# point, in a process of its own. KILL_AT: "after-replace:NAME" (just after a file named NAME is
+# renamed into place), "before-replace:NAME", or "after-fsync:N" (after the N-th fsync).
+KILLED = 137
+KILLING_WRITER = """
+import os, sys
+sys.path.insert(0, {root!r})
+how, at = os.environ["KILL_AT"].split(":")
+real_replace, real_fsync, fsyncs = os.replace, os.fsync, []
+
+def replace(src, dst):
+    if how == "before-replace" and os.path.basename(dst) == at:
+        os._exit({killed})
+    real_replace(src, dst)
+    if how == "after-replace" and os.path.basename(dst) == at:
+        os._exit({killed})
+
+def fsync(fd):
+    real_fsync(fd)
+    fsyncs.append(fd)
+    if how == "after-fsync" and len(fsyncs) == int(at):
+        os._exit({killed})
+
+os.replace, os.fsync = replace, fsync
+exec(sys.argv[1])
+"""
+
+
+def _killed_while_writing(tmp_path, kill_at, code):
+    """Run `code` (Python, with ROOT importable) in a new process killed at kill_at."""
+    helper = tmp_path / "killing_writer.py"
+    helper.write_text(KILLING_WRITER.format(root=str(ROOT), killed=KILLED))
+    r = subprocess.run([sys.executable, str(helper), code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "KILL_AT": kill_at})
+    assert r.returncode == KILLED, f"not killed at {kill_at}: {r.returncode} {r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("written_by", ["save_pretrained", "transformers"])
+def test_a_model_directory_torn_by_a_crash_between_two_renames_is_refused(
+        written_by, tiny_base, tmp_path):
+    """config.json and model.safetensors share their folder with ckpt.pt and the log, so they
+    are renamed in one at a time; a crash between the two leaves the new config.json with the
+    old weights. Loading that is refused, naming the file, whoever wrote the old pair."""
+    d = tmp_path / "model"
+    if written_by == "transformers":
+        shutil.copytree(tiny_base, d)
+        assert GPT.from_pretrained(d) is not None and not (d / common.MANIFEST).exists()
+    else:
+        tiny_gpt(seed=1).save_pretrained(d)
+    old = GPT.from_pretrained(d)
+    shutil.copytree(d, tmp_path / "old")
+    # the same shapes (so nothing else would notice), another config.json, other weights
+    new = ("import torch; from model import GPT; m = GPT.from_pretrained({old!r}); "
+           "m.config.layer_norm_epsilon = 1e-3; torch.manual_seed(7); "
+           "[p.data.normal_() for p in m.parameters()]; m.save_pretrained({d!r})"
+           ).format(old=str(tmp_path / "old"), d=str(d))
+    _killed_while_writing(tmp_path, "after-replace:config.json", new)
+    assert json.loads((d / "config.json").read_text())["layer_norm_epsilon"] == 1e-3  # torn
+    err = _error(GPT.from_pretrained, d)
+    assert err.startswith(f"{d / 'config.json'}: not as {d / common.MANIFEST} records it"), err
+    assert len(err.splitlines()) == 1
+    # Writing the set again (uninterrupted) makes it whole, and it loads.
+    exec(new)
+    loaded = GPT.from_pretrained(d)
+    assert loaded.config.layer_norm_epsilon == 1e-3
+    assert not torch.equal(loaded.wte.weight, old.wte.weight)
+    recorded = json.loads((d / common.MANIFEST).read_text())["sha256"]
+    for name in ("config.json", "model.safetensors"):
+        assert recorded[name] == hashlib.sha256((d / name).read_bytes()).hexdigest()
+
+
+def test_an_evaluation_torn_by_a_crash_between_two_renames_is_refused_by_compare(tmp_path,
+                                                                                 capsys):
+    from compare import main
+    from conftest import one_error_line
+
+    def result(text):
+        return {"metrics": {"BLEU": 1.0}, "init": "base", "adapter": "a.safetensors",
+                "outputs": [{"mr": "m", "output": text, "references": [text + " ref"]}]}
+
+    path = tmp_path / "eval" / "lora.json"
+    metrics.write_eval(result("old"), path)
+    _killed_while_writing(tmp_path, "after-replace:lora.hyp.txt",
+                          f"import metrics; metrics.write_eval({result('new')!r}, {str(path)!r})")
+    log = "".join(json.dumps({"step": s, "val_loss": 3.0 - s / 10}) + "\n" for s in (0, 1))
+    for run in ("lora", "full"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "log.jsonl").write_text(log)
+    err = one_error_line(capsys, main, ["--lora", tmp_path / "lora", "--full", tmp_path / "full",
+                                        "--lora-eval", path, "--full-eval", path])
+    assert err.startswith(f"error: {path.with_suffix('.hyp.txt')}: not as "), err
+
+
+@pytest.mark.parametrize("kill_at", ["after-fsync:2", "before-replace:meta.json"])
+def test_prepare_killed_while_writing_leaves_the_old_set_whole(kill_at, e2e_dir, tmp_path):
+    """The arrays go into a folder of their own; one rename of meta.json swaps it in. Killed
+    after two of the new files, or with all of them written but before that rename, the old
+    set is still what loads, whole; the next prepare replaces it and clears what was left."""
+    out = tmp_path / "e2e"
+    shutil.copytree(e2e_dir, out)
+    old_train, old_val = load_data(str(out), 128)
+    old_refs = e2e.load_references("test", prepared=out)
+    raw = _small_e2e_raw(tmp_path / "raw")
+    _killed_while_writing(tmp_path, kill_at, "from data.e2e.prepare import prepare; "
+                                             f"prepare({str(raw)!r}, {str(out)!r})")
+    train, val = load_data(str(out), 128)
+    assert np.array_equal(train.tokens, old_train.tokens)
+    assert np.array_equal(val.index, old_val.index)
+    assert e2e.load_references("test", prepared=out) == old_refs
+    e2e.prepare(raw, out)
+    train, _ = load_data(str(out), 128)
+    assert len(train) == e2e.prepare(raw, tmp_path / "again")["splits"]["train"]["examples"]
+    assert len(train) < len(old_train)
+    meta = json.loads((out / "meta.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", meta["folder"]])
+    assert sorted(p.name for p in (out / meta["folder"]).iterdir()) == sorted(meta["files"])
+
+
 # ---------------------------------------------------------------- bad inputs, one line each
+
+
+def _saved_to_be_edited_by_hand(directory):
+    """A model directory whose config.json is then edited by hand: without the manifest, which
+    would refuse the edit first (test_a_hand_edited_config_json_is_refused_by_the_manifest)."""
+    tiny_gpt().save_pretrained(directory)
+    (Path(directory) / common.MANIFEST).unlink()
+
+
+def test_a_hand_edited_config_json_is_refused_by_the_manifest(tmp_path):
+    tiny_gpt().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-3}))
+    assert _error(GPT.from_pretrained, tmp_path) == (
+        f"{tmp_path / 'config.json'}: not as {tmp_path / common.MANIFEST} records it (other "
+        f"bytes): the set was torn by a crash while written, or changed by another tool; write "
+        f"it again (or delete {common.MANIFEST} if another tool wrote it)")
+    (tmp_path / common.MANIFEST).unlink()  # as the line says: then nothing is checked
+    assert GPT.from_pretrained(tmp_path).config.layer_norm_epsilon == 1e-3
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -237,7 +411,7 @@ def test_release_zip_is_unpacked_all_or_nothing(tmp_path, monkeypatch):
 ])
 def test_config_json_with_a_bad_field_is_one_line_naming_file_and_field(tmp_path, field,
                                                                          value, message):
-    tiny_gpt().save_pretrained(tmp_path)
+    _saved_to_be_edited_by_hand(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
     assert _error(GPT.from_pretrained, tmp_path) == f"{tmp_path / 'config.json'}: {message}"
@@ -252,7 +426,7 @@ def test_config_json_with_a_bad_field_is_one_line_naming_file_and_field(tmp_path
                             "position 13: invalid start byte"),
 ])
 def test_config_json_that_is_not_a_config_is_one_line(tmp_path, content, why):
-    tiny_gpt().save_pretrained(tmp_path)
+    _saved_to_be_edited_by_hand(tmp_path)
     (tmp_path / "config.json").write_bytes(content)
     assert _error(GPT.from_pretrained, tmp_path) == \
         f"{tmp_path / 'config.json'}: not a GPT-2 config.json ({why})"
@@ -267,7 +441,7 @@ def test_gpt_config_checks_its_fields():
 
 
 def test_a_bad_config_json_through_the_command_line(tmp_path):
-    tiny_gpt().save_pretrained(tmp_path)
+    _saved_to_be_edited_by_hand(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_head": 0}))
     assert _one_line(["sample.py", "--init", str(tmp_path), "--no-adapter"]) == \
@@ -414,11 +588,11 @@ def test_an_empty_split_array_is_refused_at_load_naming_it(shakespeare_dir, tmp_
     shutil.copytree(shakespeare_dir, d)
     meta = json.loads((d / "meta.json").read_text())
     meta["files"]["val.bin"] = 0
-    (d / "val.bin").write_bytes(b"")
+    (_folder(d) / "val.bin").write_bytes(b"")
     (d / "meta.json").write_text(json.dumps(meta))
     assert _error(load_data, str(d), 64) == \
-        f"{d / 'val.bin'}: empty (0 bytes): a split with nothing in it; give more raw text and " \
-        f"{REDO}"
+        f"{_folder(d) / 'val.bin'}: empty (0 bytes): a split with nothing in it; give more raw " \
+        f"text and {REDO}"
 
 
 def test_an_e2e_csv_cut_inside_a_quoted_field_is_one_line(tmp_path):

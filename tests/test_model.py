@@ -165,7 +165,7 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=120)).eval()
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "manifest.json", "model.safetensors"]
     back = GPT.from_pretrained(tmp_path).eval()
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k

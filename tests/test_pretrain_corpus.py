@@ -10,11 +10,11 @@ from data.pretrain.prepare import documents, prepare
 
 
 def test_the_corpus_holds_no_validation_or_test_mr_and_never_pairs_an_mr_with_its_text(tmp_path):
-    prepare(SHARED_DATA, tmp_path)
+    folder = tmp_path / prepare(SHARED_DATA, tmp_path)["folder"]
     enc = get_tokenizer()
     docs = []
     for split in ("train", "val"):
-        text = enc.decode(np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16).tolist())
+        text = enc.decode(np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist())
         docs += [d for d in text.split("<|endoftext|>") if d.strip()]
         assert "||" not in text  # the task's prompt format is never shown
     corpus = set(d.strip() for d in docs)

@@ -84,18 +84,55 @@ def test_share_of_drop_is_undefined_when_full_finetuning_did_not_lower_the_loss(
 
 
 def test_token_kinds_on_a_constructed_example():
-    """Targets of one example: prompt [5, 6, 7] -> completion [8, 6, 9, EOT]; 6 occurs in the
-    prompt (a slot value copied), 8 is the first token, 9 another, then the closing EOT."""
+    """Two examples in one right-padded batch, each with its own MR: a value is "in the MR" only
+    for the example whose MR has it (" Loch Fyne" is not in the first)."""
     import torch
 
+    from common import EOT_TOKEN, get_tokenizer
     from compare import KINDS, token_kinds
-    from common import EOT_TOKEN
 
-    seq = [5, 6, 7, 8, 6, 9, EOT_TOKEN]
-    x = torch.tensor([seq[:-1] + [0]])
-    y = torch.tensor([[-100, -100] + seq[3:] + [-100]])
-    assert token_kinds(x, y).tolist() == [[-1, -1, 0, 1, 2, 3, -1]]
+    enc = get_tokenizer()
+    rows = [(enc.encode_ordinary("eatType[pub] ||"), enc.encode_ordinary(" A pub by Loch Fyne")),
+            (enc.encode_ordinary("name[Loch Fyne], eatType[pub] ||"),
+             enc.encode_ordinary(" pub Loch Fyne"))]
+    assert [len(c) for _, c in rows] == [6, 4]  # " Loch" is " L", "och"
+    T = max(len(p) + len(c) for p, c in rows)
+    x = torch.full((2, T), EOT_TOKEN)
+    y = torch.full((2, T), -100)
+    for b, (p, c) in enumerate(rows):
+        seq = p + c + [EOT_TOKEN]
+        x[b, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[b, len(p) - 1:len(seq) - 1] = torch.tensor(seq[len(p):])
+    kinds = token_kinds(x, y)
+    assert [[k for k in row if k >= 0] for row in kinds.tolist()] == [[0, 1, 2, 2, 2, 2, 3],
+                                                                   [0, 1, 1, 1, 3]]
     assert KINDS == ("first token", "in the MR", "other", "<|endoftext|>")
+
+
+def test_in_the_mr_counts_slot_values_not_slot_keys():
+    """Of a real E2E example, "in the MR" is a token of a slot value as a description would
+    write it (" Burger", " King", " riverside"), not a slot key that a description happens to
+    share (" near", " area") nor the prompt's "||"."""
+    import torch
+
+    from common import EOT_TOKEN, get_tokenizer
+    from compare import token_kinds
+    from data.e2e.prepare import format_completion, format_prompt
+
+    enc = get_tokenizer()
+    prompt = enc.encode_ordinary(format_prompt(
+        "name[The Eagle], area[riverside], near[Burger King]"))
+    first, mr, other, eot = range(4)
+    words = [(" The", first), (" Eagle", mr), (" is", other), (" near", other), (" Burger", mr),
+             (" King", mr), (" in", other), (" the", other), (" riverside", mr), (" area", other),
+             (" ||", other)]
+    completion = [t for w, _ in words for t in enc.encode_ordinary(w)]
+    want = [k for w, k in words for _ in enc.encode_ordinary(w)] + [eot]  # " rivers", "ide"
+    assert completion == enc.encode_ordinary(format_completion(
+        "The Eagle is near Burger King in the riverside area ||"))
+    seq = prompt + completion + [EOT_TOKEN]
+    x, y = torch.tensor([seq[:-1]]), torch.tensor([[-100] * (len(prompt) - 1) + seq[len(prompt):]])
+    assert token_kinds(x, y)[0, len(prompt) - 1:].tolist() == want
 
 
 def test_compare_refuses_missing_or_foreign_files_in_one_line(tmp_path, capsys):

@@ -260,6 +260,55 @@ def test_all_studies_end_to_end_on_a_tiny_model(tiny_base, e2e_dir, tmp_path, ca
     assert json.loads((res / "rank.json").read_text())["lora"] == rank["lora"]
 
 
+def test_initial_A_is_the_A_training_started_from(tiny_base, e2e_dir, tmp_path, monkeypatch):
+    """§7.2's "how far A moved from its initialization" must compare with the A the run
+    started from. On CUDA that A is drawn by the GPU's generator, which a CPU redraw with the
+    same seed does not reproduce; here a model loaded for --device draws from a generator of
+    its own (a seed of its own, the CPU stream untouched), as a CUDA model does."""
+    import studies
+    from studies import Runs, lora_factors, parser
+
+    on_device, started = set(), {}
+    real_load, real_apply, real_train = Runs.load_base, studies.apply_lora, studies.train
+
+    def load_base(self, device):
+        model = real_load(self, "cpu")
+        if device != "cpu":
+            on_device.add(id(model))
+        return model
+
+    def apply_lora(model, **kw):
+        if id(model) not in on_device:
+            return real_apply(model, **kw)
+        with torch.random.fork_rng(devices=[]):  # the device's generator, not the CPU's
+            torch.manual_seed(torch.initial_seed() + 12345)
+            return real_apply(model, **kw)
+
+    def train(model, *args, **kw):
+        if getattr(model, "lora_config", None):
+            started[model.lora_config["rank"]] = {
+                n: lora_factors(model, 1, n)[0].clone() for n in ("q", "v")}
+        return real_train(model, *args, **kw)
+
+    monkeypatch.setattr(Runs, "load_base", load_base)
+    monkeypatch.setattr(studies, "apply_lora", apply_lora)
+    monkeypatch.setattr(studies, "train", train)
+    args = parser().parse_args(["subspace", "--init", str(tiny_base), "--data", str(e2e_dir),
+                                "--out", str(tmp_path)] + TINY)
+    args.device = "the device"
+    runs = Runs(args)
+    runs.get(("q", "v"), 4, 0)
+    for n in ("q", "v"):
+        assert torch.equal(runs.initial_A(("q", "v"), 4, 0, 1, n), started[4][n]), n
+    # and from the cache, in a later process: the trained run is not rerun
+    started.clear()
+    again = Runs(args)
+    again.get(("q", "v"), 4, 0)
+    assert not started
+    assert torch.equal(again.initial_A(("q", "v"), 4, 0, 1, "q"),
+                       runs.initial_A(("q", "v"), 4, 0, 1, "q"))
+
+
 @pytest.mark.parametrize("case", ["missing base", "no steps"])
 def test_bad_inputs_are_one_line_errors(case, tiny_base, e2e_dir, tmp_path):
     import subprocess

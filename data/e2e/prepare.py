@@ -15,10 +15,12 @@ Splits:
   train and val are carved out of devset by *distinct MR*: every 10th distinct MR, in file order,
   goes to val, the rest to train, so no MR is in both; test = testset_w_refs.
 
-Writes data/e2e/{train,val,test}.bin (uint16 tokens of all examples, back to back),
-{split}.idx.bin (int64 rows: start, prompt length, length), {val,test}.refs.json (each
-distinct MR with all its references, what sample.py --eval scores against) and meta.json (each
-file's size), as one set: every split is read and tokenized before the first file is written.
+Writes {train,val,test}.bin (uint16 tokens of all examples, back to back), {split}.idx.bin
+(int64 rows: start, prompt length, length) and {val,test}.refs.json (each distinct MR with all
+its references, what sample.py --eval scores against) into a new folder data/e2e/prepared-XXXX,
+then data/e2e/meta.json (that folder's name, each file's size), which swaps the set in with one
+rename (data.files.write_prepared): every split is read and tokenized before the first file is
+written, and a run stopped at any point leaves the old set whole.
 """
 
 import argparse
@@ -34,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `data` importable from th
 
 from common import atomic_write_set, get_tokenizer, run_main  # noqa: E402
 from data.datasets import tokenize_examples  # noqa: E402
-from data.files import download, read_meta, read_text, write_prepared  # noqa: E402
+from data.files import download, prepared_folder, read_meta, read_text, write_prepared  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The official release (tuetschek/e2e-dataset, v1.0.0): one ZIP with the four CSVs.
@@ -109,11 +111,13 @@ def load_references(split: str, raw_dir=None, prepared=HERE) -> list[tuple[str, 
     """Distinct MRs of a split in file order, each with all its references (for BLEU etc.):
     from the CSVs in raw_dir if given, else from what prepare() wrote to `prepared`."""
     if raw_dir is None:
-        path = Path(prepared) / f"{split}.refs.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `python data/e2e/prepare.py` (add "
-                                    f"--raw-dir DIR with the E2E CSVs offline)")
-        if path.name not in read_meta(prepared)["files"]:  # and the set is whole
+        if not (Path(prepared) / "meta.json").exists():
+            raise FileNotFoundError(f"{Path(prepared) / 'meta.json'} not found: run `python "
+                                    f"data/e2e/prepare.py` (add --raw-dir DIR with the E2E "
+                                    f"CSVs offline)")
+        meta = read_meta(prepared)  # and the set is whole
+        path = prepared_folder(prepared, meta) / f"{split}.refs.json"
+        if path.name not in meta["files"]:
             raise ValueError(f"{path}: not listed in meta.json, from another prepare run")
         try:
             return [(mr, list(refs)) for mr, refs in json.loads(read_text(path))]

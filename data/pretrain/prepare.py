@@ -14,8 +14,9 @@ The descriptions of one restaurant make one document, as a web page of reviews o
 would: text in which the same name, food and area recur, the kind GPT-2 learned to copy from
 context in; the MR that the descriptions were written from is never beside them.
 
-Writes data/pretrain/{train,val}.bin (uint16 GPT-2 tokens, documents separated by
-<|endoftext|>) and meta.json, as one set. Validation: the last 10% of Tiny Shakespeare and 5% of
+Writes {train,val}.bin (uint16 GPT-2 tokens, documents separated by <|endoftext|>) into
+data/pretrain/prepared-XXXX and meta.json beside it, as one set (data.files.write_prepared).
+Validation: the last 10% of Tiny Shakespeare and 5% of
 the E2E documents.
 """
 

@@ -5,7 +5,8 @@
     python data/shakespeare/prepare.py --raw-dir ../shared/data/tinyshakespeare  # local input.txt
 
 GPT-2 BPE tokens of the first 90% of the text -> train.bin, the last 10% -> val.bin (uint16),
-written with meta.json as one set (data.files.write_prepared).
+in data/shakespeare/prepared-XXXX, with meta.json beside it, as one set
+(data.files.write_prepared).
 """
 
 import argparse
