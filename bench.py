@@ -13,20 +13,22 @@
     python bench.py --quick --clock cpu --threads 1  # the same on a shared or busy machine
 
 Noise: a shared machine swings a single ratio by 5-10%. So the thread count is fixed, every arm
-is warmed up, the arms run interleaved within each round (in a rotating order), and the ratio to
-base reported is the median over rounds of the paired per-round ratios. All inference arms read
-the same weight tensors (see build_arm). Where other processes compete for the cores, wall time
-counts their time too: --clock cpu times this process's CPU time instead, and with --threads 1
-that is the compute time itself. Peak training memory is measured for each arm in its own
-process.
+is warmed up, and the arms run interleaved within each round (in a rotating order): each round
+gives a paired ratio arm / base, and the ratio reported is their geometric mean with a 95%
+interval (a t-interval on the log-ratios, see paired_ratio). A target is met, missed, or
+"within noise" when the interval straddles it (verdict). All inference arms read the same
+weight tensors (see build_arm). Where other processes compete for the cores, wall time counts
+their time too: --clock cpu times this process's CPU time instead, and with --threads 1 that is
+the compute time itself. Peak training memory is measured for each arm in its own process.
 
-Reading order: the arms -> timing harness -> machine peaks and FLOP counts -> the three
-benchmarks -> the plan and progress lines -> report and main().
+Reading order: the arms -> timing harness and intervals -> machine peaks and FLOP counts -> the
+three benchmarks -> progress lines -> claims, report and main().
 """
 
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -41,18 +43,15 @@ from tqdm import tqdm
 
 from baselines import add_adapters, adapter_params, bottleneck_for
 from common import DTYPES, HelpFormatter, atomic_write, check_flags, check_writable, get_device, \
-    run_main
+    help_with_range, run_main
 from lora import apply_lora, count_trainable, merge_lora
 from model import GPT, PRETRAINED, GPTConfig, KVCache
 from train import TrainConfig, make_optimizer
 
-# What to pass on a machine other processes also use: the advice --help and the plan line give.
-SHARED_MACHINE = "--clock cpu --threads 1"
-
 # ---------------------------------------------------------------- the arms
 
 ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L")
-LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
+PAPER_LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
 TRAIN = TrainConfig()  # train.py's defaults: AdamW lr 2e-4, weight decay 0.01, clip 1.0
 
 
@@ -82,7 +81,7 @@ def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int =
     if arm not in ("lora_merged", "lora_unmerged"):
         raise ValueError(f"unknown arm {arm!r}: use some of {', '.join(ARMS)}")
     model = shared_copy(base)
-    apply_lora(model, **LORA)
+    apply_lora(model, **PAPER_LORA)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -176,16 +175,50 @@ def profile_ops(fn, device: str, top: int = 6) -> list:
     return [dict(op=e.key, self_ms=getattr(e, key) / 1e3, calls=e.count) for e in rows]
 
 
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df >= 1 degrees of freedom: a two-sided 95%
+    interval's half-width in standard errors. Exact for df 1 and 2 (closed forms); from df 3 the
+    expansion in powers of 1/df of Abramowitz & Stegun 26.7.5, within 0.2% of the exact value
+    (3.179 against 3.182 at df 3, closer above)."""
+    if df == 1:
+        return math.tan(math.pi * 0.475)
+    if df == 2:
+        return 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    z = statistics.NormalDist().inv_cdf(0.975)
+    g = [(z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160]
+    return z + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
+
+
+def paired_ratio(ts, base_ts):
+    """Seconds per round of an arm and of the base, timed in alternation within each round ->
+    (geometric mean of the per-round ratios ts[i] / base_ts[i], their 95% interval [lo, hi]).
+
+    The interval is a Student t-interval on the log-ratios, exponentiated:
+    exp(mean ± t(0.975, n - 1) · sd / sqrt(n)). Paired, so a slow moment of the machine, which
+    hits both sides of a round's ratio, leaves it; in logs, because timing noise multiplies
+    and a ratio and its inverse are then symmetric. It assumes the rounds' log-ratios are
+    independent and about normal; a few outlying rounds widen it. With one round there is no
+    interval: None."""
+    logs = [math.log(t / b) for t, b in zip(ts, base_ts)]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), None
+    half = t_quantile_975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), [math.exp(mean - half), math.exp(mean + half)]
+
+
 def summarize(times: dict, base: str, per: int = 1) -> dict:
-    """mean and std in ms (per item: per=tokens per call), and the median of the per-round
-    paired ratios to base: a slow moment of the machine hits both sides of each ratio."""
+    """times: arm -> seconds per round. -> per arm: mean, std and median in ms (per item:
+    per=tokens per call), and the ratio to base with its 95% interval (paired_ratio)."""
     out = {}
     for name, ts in times.items():
         ms = [t * 1e3 / per for t in ts]
-        ratios = [t / b for t, b in zip(ts, times[base])]
+        ratio, ci = paired_ratio(ts, times[base])
         out[name] = dict(mean_ms=statistics.fmean(ms),
                          std_ms=statistics.stdev(ms) if len(ms) > 1 else 0.0,
-                         median_ms=statistics.median(ms), ratio_to_base=statistics.median(ratios),
+                         median_ms=statistics.median(ms), ratio_to_base=ratio, ratio_ci95=ci,
                          trials=len(ms))
     return out
 
@@ -357,14 +390,14 @@ def train_arm(args, arm: str):
     no Adam state, fused kernels) with train.py's defaults (TrainConfig, the paper's recipe)."""
     model = build_base(args)
     if arm == "lora":
-        apply_lora(model, **LORA)
+        apply_lora(model, **PAPER_LORA)
     elif arm != "full":
         raise ValueError(f"unknown training arm {arm!r}")
     model.train()
     return model, make_optimizer(model, TRAIN)
 
 
-def train_step(model, opt, idx, targets):
+def _train_step(model, opt, idx, targets):
     """One optimizer step as train.py's loop takes it: forward with targets -> loss (label
     smoothing as configured), backward, gradient clipping, AdamW step. The model runs in --dtype
     without autocast, the dtype the matmul FLOP/s is measured in, so the two compare."""
@@ -431,7 +464,7 @@ def peak_memory_child(args) -> dict:
         except OSError:
             pass
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
-        train_step(model, opt, idx, targets)
+        _train_step(model, opt, idx, targets)
     if cuda:
         peak = torch.cuda.max_memory_allocated(args.device)
     elif method.startswith("VmHWM"):
@@ -459,7 +492,7 @@ def bench_train(args) -> dict:
         say(args, f"training peak memory, {arm}: {mem[arm]['peak_bytes'] / 2 ** 20:.0f} MiB")
     arms = {arm: train_arm(args, arm) for arm in ("full", "lora")}
     idx, targets = batch_for(args, arms["full"][0].config)
-    fns = {arm: (lambda mo=mo: train_step(*mo, idx, targets)) for arm, mo in arms.items()}
+    fns = {arm: (lambda mo=mo: _train_step(*mo, idx, targets)) for arm, mo in arms.items()}
     times = time_interleaved(fns, args.train_rounds, 1, synchronizer(args.device), "train",
                              CLOCKS[args.clock])
     out = summarize(times, "full")
@@ -477,47 +510,11 @@ def bench_train(args) -> dict:
     return dict(batch=args.train_batch, seq=T, arms=out)
 
 
-# ---------------------------------------------------------------- the plan and progress lines
-
-# Rough shares of this machine's measured peaks that the timed calls reach, for the estimate
-# of the plan line only. Seen on a 2-core CPU, gpt2 shape, --quick: forward 40-75% of the matmul
-# FLOP/s, decoding 25-65% of the matrix-vector bandwidth, a training step 10-70%; the low ends
-# under load with 2 threads, the high ends with --threads 1.
-EXPECTED_SHARE = {"forward": 0.6, "decode": 0.4, "train": 0.3}
-PROCESS_START_S = 5.0  # a memory probe's Python, torch and model build, besides its steps
+# ---------------------------------------------------------------- progress lines
 
 
-def estimate_seconds(args, base: GPT, n_arms: int, shapes, skip) -> float:
-    """Roughly how long the timed work takes: the FLOPs (or, decoding, the weight bytes) of
-    every call, warm-ups and profiled calls included, at EXPECTED_SHARE of the matmul FLOP/s
-    and matrix-vector bandwidth this run measured, so under the load of the moment."""
-    c, n = base.config, counted_params(base)
-    calls = args.warmup + args.rounds + (1 if args.profile else 0)
-    flops_s = args.peak_flops
-    total = 0.0
-    if "forward" not in skip:
-        for B, T in shapes:
-            f = B * T * flops_per_token(c, n, T, "forward")
-            total += n_arms * calls * f / (flops_s * EXPECTED_SHARE["forward"])
-    if "decode" not in skip:
-        token_s = n * base.wte.weight.element_size() / (
-            args.gemv_bandwidth * EXPECTED_SHARE["decode"])
-        prefill = args.decode_prompt * flops_per_token(c, n, args.decode_prompt, "forward")
-        total += n_arms * (calls * args.decode_tokens * token_s
-                           + prefill / (flops_s * EXPECTED_SHARE["forward"]))
-    if "train" not in skip:
-        tokens, T = args.train_batch * args.train_seq, args.train_seq
-        step = {k: tokens * flops_per_token(c, n, T, kind) / (flops_s * EXPECTED_SHARE["train"])
-                for k, kind in (("full", "train"), ("lora", "lora_train"))}
-        # memory probes (a process each), then 1 warm-up step and the timed steps per arm
-        total += 2 * PROCESS_START_S + args.mem_steps * (step["full"] + step["lora"])
-        total += (1 + args.train_rounds) * (step["full"] + step["lora"])
-    return total
-
-
-def plan_line(args, model_name: str, names, shapes, skip, seconds: float) -> str:
-    """One line before the work: what runs, about how long it takes, and the settings for a
-    shared machine (wall time there counts the other processes' time as ours)."""
+def plan_line(args, model_name: str, names, shapes, skip) -> str:
+    """One line before the work: what runs, in which settings, and the machine's load."""
     parts = []
     if "forward" not in skip:
         parts.append("forward " + ", ".join(f"{B}x{T}" for B, T in shapes))
@@ -525,21 +522,11 @@ def plan_line(args, model_name: str, names, shapes, skip, seconds: float) -> str
         parts.append(f"decode {args.decode_tokens} tokens")
     if "train" not in skip:
         parts.append(f"train {args.train_batch}x{args.train_seq} (full, lora)")
-    minutes = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(seconds, 1):.0f} s"
     load, cpus = _load(), os.cpu_count() or 1
     busy = f"load {load:.1f} on {cpus} CPUs" if load is not None else f"{cpus} CPUs"
-    if args.device.startswith("cuda"):
-        advice = "on a shared GPU, run when it is idle"
-    elif args.clock == "cpu" and args.threads == 1:
-        advice = "CPU-time clock on 1 thread: the settings for a shared machine"
-    elif _busy(args.threads):
-        advice = f"this machine is busy: use {SHARED_MACHINE}"
-    else:
-        advice = f"on a shared or busy machine use {SHARED_MACHINE}"
     return (f"bench.py: {model_name}, {args.device} {args.dtype}, {args.threads} threads, "
             f"{args.clock} clock; {', '.join(parts) or 'nothing'}; {len(names)} arms x "
-            f"{args.rounds} rounds; about {minutes} at this machine's speed now ({busy}); "
-            f"{advice}")
+            f"{args.rounds} rounds; {busy}")
 
 
 def say(args, text: str):
@@ -553,11 +540,11 @@ def ratios_text(part: dict, unit: str = "ms") -> str:
     return f"base {arms['base']['median_ms']:.2f} {unit}; ratio to base: {others}"
 
 
-# ---------------------------------------------------------------- targets and report
+# ---------------------------------------------------------------- claims and report
 
 # What this implementation should reach: (description, where the figure is in the results,
 # the bound, <= or >=)
-TARGETS = [
+CLAIMS = [
     ("forward seq 128: lora_merged / base", ("forward128", "lora_merged"), 1.01, "<="),
     ("forward seq 128: lora_unmerged / base", ("forward128", "lora_unmerged"), 1.05, "<="),
     ("decode 1 token: lora_merged / base", ("decode", "lora_merged"), 1.01, "<="),
@@ -570,42 +557,62 @@ TARGETS = [
 ]
 
 
+def verdict(value: float, ci, bound: float, op: str) -> str:
+    """'met', 'missed' or 'within noise' for a figure that should be op ('<=' or '>=') bound.
+    With a 95% interval ci = [lo, hi] (paired_ratio): met when all of it is on the right side
+    of the bound, missed when all of it is on the wrong side, within noise when it straddles
+    the bound. A figure measured once (ci None: peak memory, shares of the machine's peaks, a
+    single round) is met or missed by its value."""
+    lo, hi = ci if ci is not None else (value, value)
+    if op == "<=":
+        return "met" if hi <= bound else "missed" if lo > bound else "within noise"
+    return "met" if lo >= bound else "missed" if hi < bound else "within noise"
+
+
 def check_targets(res: dict) -> list:
+    """Each of CLAIMS whose figure this run measured: its value, 95% interval (None where the
+    figure is measured once) and verdict."""
     fwd = next((f for f in res.get("forward", []) if f["seq"] == 128), None)
     dec, tr = res.get("decode"), res.get("train")
-    figures = {}
+    figures = {}  # key -> (value, interval or None)
     if fwd:
         for a, s in fwd["arms"].items():
-            figures[("forward128", a)] = s["ratio_to_base"]
-        figures[("forward128_mfu",)] = fwd["base_mfu"]
+            figures[("forward128", a)] = s["ratio_to_base"], s["ratio_ci95"]
+        figures[("forward128_mfu",)] = fwd["base_mfu"], None
     if dec:
         for a, s in dec["arms"].items():
-            figures[("decode", a)] = s["ratio_to_base"]
-        figures[("decode_bw",)] = dec["base_bandwidth_share"]
+            figures[("decode", a)] = s["ratio_to_base"], s["ratio_ci95"]
+        figures[("decode_bw",)] = dec["base_bandwidth_share"], None
     if tr:
-        figures[("train_time",)] = tr["arms"]["lora"]["ratio_to_base"]
-        figures[("train_mem",)] = tr["arms"]["lora"]["memory_ratio_to_full"]
-        figures[("train_mfu",)] = tr["arms"]["full"]["mfu"]
+        lora = tr["arms"]["lora"]
+        figures[("train_time",)] = lora["ratio_to_base"], lora["ratio_ci95"]
+        figures[("train_mem",)] = lora["memory_ratio_to_full"], None
+        figures[("train_mfu",)] = tr["arms"]["full"]["mfu"], None
     out = []
-    for desc, key, bound, op in TARGETS:
+    for desc, key, bound, op in CLAIMS:
         if key in figures:
-            v = figures[key]
-            met = v <= bound if op == "<=" else v >= bound
-            out.append(dict(target=desc, value=v, bound=f"{op} {bound}", met=met))
+            v, ci = figures[key]
+            out.append(dict(target=desc, value=v, ci95=ci, bound=f"{op} {bound}",
+                            verdict=verdict(v, ci, bound, op)))
     return out
+
+
+def _with_ci(value: float, ci) -> str:
+    """A figure with its 95% interval, if it has one: '1.003 [0.995, 1.012]'."""
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def print_report(res: dict):
     m = res["machine"]
     print(f"\n{res['model']} ({res['params'] / 1e6:.1f}M parameters), {m['device']} "
           f"{res['dtype']}, {m['threads']} threads, {res['clock']} clock, {m['cpu']}, "
-          f"torch {m['torch']}; {res['seconds']:.0f} s (estimated {res['estimated_seconds']:.0f})")
+          f"torch {m['torch']}; {res['seconds']:.0f} s")
     load = (f"; load average {m['load_average_start']:.1f} at start, "
             f"{m['load_average_end']:.1f} at end" if m["load_average_start"] is not None else "")
     print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
           f"{m['read_bandwidth'] / 1e9:.1f} GB/s (matrix-vector {m['gemv_bandwidth'] / 1e9:.1f} "
           f"GB/s){load}")
-    row = "{:<15} {:>12} {:>20} {:>10}"
+    row = "{:<15} {:>12} {:>20} {:>22}"
     for f in res.get("forward", []):
         print(f"\nForward pass, batch {f['batch']} x seq {f['seq']} ({f['arms']['base']['trials']}"
               f" rounds; adapters sized for {f['adapter_params_target'] / 1e6:g}M parameters); "
@@ -622,30 +629,28 @@ def print_report(res: dict):
         t = res["train"]
         print(f"\nTraining step, batch {t['batch']} x seq {t['seq']}, AdamW "
               f"({t['arms']['full']['trials']} rounds; peak memory in a process per arm)")
-        trow = "{:<6} {:>12} {:>18} {:>9} {:>9} {:>11} {:>8} {:>6}"
-        print(trow.format("arm", "trainable", "step ms", "ratio", "tokens/s", "peak MiB",
-                          "ratio", "MFU"))
+        trow = "{:<6} {:>12} {:>18} {:>22} {:>9} {:>11} {:>8} {:>6}"
+        print(trow.format("arm", "trainable", "step ms", "ratio [95% interval]", "tokens/s",
+                          "peak MiB", "ratio", "MFU"))
         for a, s in t["arms"].items():
             print(trow.format(a, f"{s['trainable_params']:,}",
                               f"{s['mean_ms']:.1f} ± {s['std_ms']:.1f}",
-                              f"{s['ratio_to_base']:.3f}", f"{s['tokens_per_s']:.0f}",
+                              _with_ci(s["ratio_to_base"], s["ratio_ci95"]),
+                              f"{s['tokens_per_s']:.0f}",
                               f"{s['peak_bytes'] / 2 ** 20:.0f}",
                               f"{s['memory_ratio_to_full']:.3f}", f"{s['mfu']:.0%}"))
-    print("\nTargets:")
+    print("\nTargets (a timed ratio: geometric mean over rounds [95% interval]; within "
+          "noise: the interval straddles the target):")
     for t in res["targets"]:
-        print(f"  {'met ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.3f} "
+        print(f"  {t['verdict']:<12} {t['target']}: {_with_ci(t['value'], t['ci95'])} "
               f"(target {t['bound']})")
-    missed = not all(t["met"] for t in res["targets"])
-    if missed and _busy(m["threads"]) and (res["clock"], m["threads"]) != ("cpu", 1):
-        print(f"(on a shared or busy machine, other processes' time counts as the arms': "
-              f"rerun with {SHARED_MACHINE})")
 
 
 def _arm_table(part: dict, row: str):
-    print(row.format("arm", "extra params", "mean ms ± std", "ratio"))
+    print(row.format("arm", "extra params", "mean ms ± std", "ratio [95% interval]"))
     for a, s in part["arms"].items():
         print(row.format(a, f"{s['extra_params']:,}", f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
-                         f"{s['ratio_to_base']:.3f}"))
+                         _with_ci(s["ratio_to_base"], s["ratio_ci95"])))
     for a, ops in part.get("profile", {}).items():
         print(f"  {a} spends one call in: " + ", ".join(
             f"{o['op']} {o['self_ms']:.2f} ms ({o['calls']}x)" for o in ops))
@@ -664,12 +669,6 @@ def _cpu_name() -> str:
 def _load():
     """1-minute load average: how busy the machine was (other processes skew timings)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def _busy(threads: int) -> bool:
-    """Whether other processes want more of the CPUs than our threads leave them."""
-    load = _load()
-    return load is not None and load + threads > (os.cpu_count() or 1)
 
 
 def parse_shapes(text: str):
@@ -697,26 +696,23 @@ def parse_count(text: str) -> int:
 
 
 # The allowed values of every numeric flag (common.RANGES): in --help, checked before any work.
-FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
-               "decode_tokens": ">= 1", "train_batch": ">= 1", "train_seq": ">= 1",
-               "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1",
-               "seed": "[0, 2**32)"}
+_FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
+                "decode_tokens": ">= 1", "train_batch": ">= 1", "train_seq": ">= 1",
+                "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1",
+                "seed": "[0, 2**32)"}
 
 
-def ranged(text, name) -> str:
+def _ranged(text, name) -> str:
     """A flag's help with its allowed values, as main checks them."""
-    return f"{text} ({FLAG_RANGES[name]})"
+    return help_with_range(text, _FLAG_RANGES, name)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Latency of LoRA (merged, unmerged) and adapter baselines against GPT-2 "
                     "(LoRA Table 1), and LoRA's training savings against full fine-tuning (§4.2). "
-                    "A first line says what will run and about how long; a line follows as "
-                    "each measurement completes.",
-        epilog=f"On a machine other processes also use (a shared server, a laptop busy with "
-               f"other work), pass {SHARED_MACHINE}: wall time would count their time as the "
-               f"arms', and the ratios and FLOP/s shares would swing with them.",
+                    "Each ratio comes with a 95% interval over paired rounds; a target is met, "
+                    "missed, or within noise.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), default="gpt2",
@@ -744,34 +740,34 @@ def parser() -> argparse.ArgumentParser:
                    help="parts to leave out, comma-separated: forward, decode, train")
     g = p.add_argument_group("rounds and sizes")
     g.add_argument("--rounds", type=int, default=None,
-                   help=ranged("timed rounds per arm", "rounds") + "; default 30, quick 10")
+                   help=_ranged("timed rounds per arm", "rounds") + "; default 30, quick 10")
     g.add_argument("--warmup", type=int, default=2,
-                   help=ranged("untimed calls per arm first", "warmup"))
+                   help=_ranged("untimed calls per arm first", "warmup"))
     g.add_argument("--decode-prompt", type=int, default=128,
-                   help=ranged("cached prompt length", "decode_prompt"))
+                   help=_ranged("cached prompt length", "decode_prompt"))
     g.add_argument("--decode-tokens", type=int, default=None,
-                   help=ranged("tokens decoded per timed call", "decode_tokens")
+                   help=_ranged("tokens decoded per timed call", "decode_tokens")
                    + "; default 16, quick 8")
     g.add_argument("--train-batch", type=int, default=None,
-                   help=ranged("sequences per training step", "train_batch")
+                   help=_ranged("sequences per training step", "train_batch")
                    + "; default 4, quick 2")
     g.add_argument("--train-seq", type=int, default=128,
-                   help=ranged("tokens per training sequence", "train_seq"))
+                   help=_ranged("tokens per training sequence", "train_seq"))
     g.add_argument("--train-rounds", type=int, default=None,
-                   help=ranged("timed training steps per arm", "train_rounds")
+                   help=_ranged("timed training steps per arm", "train_rounds")
                    + "; default 10, quick 3")
     g.add_argument("--mem-steps", type=int, default=2,
-                   help=ranged("steps of each memory probe", "mem_steps"))
-    g = p.add_argument_group("run (on a shared or busy machine: " + SHARED_MACHINE + ")")
+                   help=_ranged("steps of each memory probe", "mem_steps"))
+    g = p.add_argument_group("run (on a shared or busy machine: --clock cpu --threads 1)")
     g.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help=ranged("torch threads, fixed for the run; 1 on a shared machine",
+                   help=_ranged("torch threads, fixed for the run; 1 on a shared machine",
                                "threads"))
     g.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: latency as a user sees it; cpu: this process's CPU time, which "
                         "other processes hardly change (with --threads 1 it is the compute "
                         "time; with more threads it sums them, so it is no latency)")
     g.add_argument("--seed", type=int, default=0,
-                   help=ranged("random weights, LoRA matrices, inputs", "seed"))
+                   help=_ranged("random weights, LoRA matrices, inputs", "seed"))
     g.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # memory probe, internal
     return p
@@ -787,7 +783,7 @@ def main(argv=None):
                               ("train_rounds", 3, 10)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
-    check_flags(args, FLAG_RANGES)
+    check_flags(args, _FLAG_RANGES)
     if args.adapter_params is not None:
         args.adapter_params = parse_count(args.adapter_params)
     torch.set_num_threads(args.threads)
@@ -829,19 +825,17 @@ def main(argv=None):
     args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
     args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
     model_name = getattr(base, "name", args.model)
-    seconds = estimate_seconds(args, base, len(names), shapes, skip)
-    print(plan_line(args, model_name, names, shapes, skip, seconds), flush=True)
+    print(plan_line(args, model_name, names, shapes, skip), flush=True)
     arms = Arms(base, names, args.seed)
     res = dict(model=model_name, params=base.num_params(),
                dtype=args.dtype, clock=args.clock, argv=argv,
-               lora=dict(LORA, targets=list(LORA["targets"])),
+               lora=dict(PAPER_LORA, targets=list(PAPER_LORA["targets"])),
                machine=dict(device=device_name(args.device),
                             cpu=_cpu_name(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                             matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,
                             gemv_bandwidth=args.gemv_bandwidth,
-                            load_average_start=_load()),
-               estimated_seconds=seconds)
+                            load_average_start=_load()))
     if "forward" not in skip:
         res["forward"] = []
         for B, T in shapes:

@@ -320,6 +320,14 @@ def check_flags(args, ranges: dict, skip=()):
                 check_range("--" + name.replace("_", "-"), v, spec)
 
 
+def help_with_range(text: str, ranges: dict, name: str, more: str = "") -> str:
+    """A flag's help text followed by its allowed values as check_flags(args, ranges) checks
+    them: help_with_range("timed rounds", {"rounds": ">= 1"}, "rounds") -> "timed rounds
+    (>= 1)"; more is added inside the brackets (", at most 64"). KeyError if name is not in
+    ranges."""
+    return f"{text} ({ranges[name]}{more})"
+
+
 def check_dataclass(obj):
     """check_range for every field of a dataclass that has a "range" in its metadata."""
     for f in dataclasses.fields(obj):

@@ -1,9 +1,10 @@
 """bench.py and baselines.py: the adapter baselines (parameter counts, identity at init,
-placement), every arm's forward, the FLOP count against torch's counter, the plan and progress
-lines, and the CLI end to end on a tiny model. No timing is asserted: timings are what bench.py
-reports, not what it must get."""
+placement), every arm's forward, the FLOP count against torch's counter, the ratios' intervals
+and the verdicts on constructed rounds, the plan and progress lines, and the CLI end to end on a
+tiny model. No timing is asserted: timings are what bench.py reports, not what it must get."""
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def test_flop_count_matches_torch_counter(kind):
     model = tiny().train()
     n = bench.counted_params(model)
     if kind == "lora_train":
-        apply_lora(model, **bench.LORA)
+        apply_lora(model, **bench.PAPER_LORA)
     B, T = 2, 64
     idx = torch.randint(0, TINY.vocab_size, (B, T))
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
@@ -155,12 +156,15 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
     for part in (res["forward"][0], res["decode"]):  # --profile: where each arm's time went
         assert set(part["profile"]) == set(bench.ARMS)
         assert all(ops and ops[0]["op"].startswith("aten::") for ops in part["profile"].values())
-    keys = {"mean_ms", "std_ms", "ratio_to_base", "extra_params"}
+    keys = {"mean_ms", "std_ms", "ratio_to_base", "ratio_ci95", "extra_params"}
     for part in (res["forward"][0], res["decode"]):
         assert set(part["arms"]) == set(bench.ARMS)
         for s in part["arms"].values():
             assert keys <= set(s) and s["mean_ms"] > 0
+            lo, hi = s["ratio_ci95"]  # two rounds: an interval around the ratio
+            assert lo <= s["ratio_to_base"] <= hi
         assert part["arms"]["base"]["ratio_to_base"] == 1.0
+        assert part["arms"]["base"]["ratio_ci95"] == [1.0, 1.0]
     f = res["forward"][0]
     assert (f["batch"], f["seq"]) == (1, 128) and 0 < f["base_mfu"]
     assert res["decode"]["base_bandwidth_share"] > 0 and res["decode"]["base_gemv_share"] > 0
@@ -169,19 +173,27 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
     assert tr["lora"]["trainable_params"] < tr["full"]["trainable_params"]
     for s in tr.values():
         assert s["peak_bytes"] > 0 and s["tokens_per_s"] > 0 and s["mfu"] > 0
-    assert {t["target"] for t in res["targets"]} == {t[0] for t in bench.TARGETS}
-    assert "Targets" in r.stdout and "lora_unmerged" in r.stdout
-    # Before any measurement, one line with the plan, an estimate and the shared-machine
-    # settings; then a line as each measurement completes, before the report.
+    assert {t["target"] for t in res["targets"]} == {t[0] for t in bench.CLAIMS}
+    for t in res["targets"]:
+        assert t["verdict"] in ("met", "missed", "within noise")
+    # the ratios' intervals are in the JSON and printed: one round trip through the report
+    timed = {t["target"]: t for t in res["targets"]}["train: lora step time / full"]
+    assert timed["ci95"] is None and res["train"]["arms"]["lora"]["ratio_ci95"] is None  # 1 round
+    merged = {t["target"]: t for t in res["targets"]}["decode 1 token: lora_merged / base"]
+    lo, hi = merged["ci95"]
+    assert f"decode 1 token: lora_merged / base: {merged['value']:.3f} [{lo:.3f}, {hi:.3f}]" \
+        in r.stdout
+    assert "lora_unmerged" in r.stdout and "MISS" not in r.stdout
+    # Before any measurement, one line with the plan; then a line as each measurement
+    # completes, before the report.
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("bench.py: tiny shape") and "about " in lines[0]
-    assert bench.SHARED_MACHINE in lines[0]
-    report = lines.index("Targets:")
+    assert lines[0].startswith("bench.py: tiny shape") and "2 rounds" in lines[0]
+    report = next(i for i, line in enumerate(lines) if line.startswith("Targets"))
     progress = ["forward 1x128: base", "decode, per token: base", "training peak memory, full",
                 "training peak memory, lora", "training step: full"]
     at = [next(i for i, line in enumerate(lines) if want in line) for want in progress]
     assert at == sorted(at) and 0 < at[0] and at[-1] < report
-    assert res["estimated_seconds"] > 0 and res["seconds"] > 0
+    assert res["seconds"] > 0
 
 
 def test_help_shows_every_option_and_the_shared_machine_settings():
@@ -193,8 +205,8 @@ def test_help_shows_every_option_and_the_shared_machine_settings():
             continue
         assert action.help, action.option_strings
         assert "default" not in action.help or action.default is None, action.option_strings
-    # the settings for a shared machine are said up front: in the group heading and the epilog
-    assert " ".join(text.split()).count(bench.SHARED_MACHINE) >= 2
+    # the settings for a shared machine are said in the heading of the run's group
+    assert "run (on a shared or busy machine: --clock cpu --threads 1)" in text
 
 
 def plan_args(**kw):
@@ -204,19 +216,15 @@ def plan_args(**kw):
     return argparse.Namespace(**{**a, **kw})
 
 
-def test_plan_line_says_what_runs_how_long_and_which_settings():
-    base, shapes = tiny(), [(1, 128)]
-    line = bench.plan_line(plan_args(), "tiny", bench.ARMS, shapes, set(), 150.0)
+def test_plan_line_says_what_runs_and_in_which_settings():
+    shapes = [(1, 128)]
+    line = bench.plan_line(plan_args(), "tiny", bench.ARMS, shapes, set())
     assert "forward 1x128" in line and "decode 8 tokens" in line and "train 2x128" in line
-    assert "about 2 min" in line and bench.SHARED_MACHINE in line
+    assert "2 threads, wall clock" in line and "5 arms x 10 rounds" in line
     line = bench.plan_line(plan_args(clock="cpu", threads=1), "tiny", bench.ARMS, shapes,
-                           {"decode", "train"}, 20.0)
-    assert "about 20 s" in line and "settings for a shared machine" in line
+                           {"decode", "train"})
+    assert "1 threads, cpu clock" in line
     assert "decode" not in line and "train" not in line
-    # the estimate counts every timed call: more rounds, more time; nothing skipped, more
-    est = [bench.estimate_seconds(plan_args(rounds=n), base, 5, shapes, set()) for n in (10, 20)]
-    assert 0 < est[0] < est[1]
-    assert bench.estimate_seconds(plan_args(), base, 5, shapes, {"train"}) < est[0]
 
 
 def test_bad_input_is_one_line_error():
@@ -291,6 +299,86 @@ def test_an_unusable_json_path_is_found_before_any_measurement(no_measuring, tmp
 
 
 def test_help_states_the_range_of_every_numeric_flag():
-    helps = {a.dest: a.help for a in bench.parser()._actions}
-    for name, spec in bench.FLAG_RANGES.items():
-        assert f"({spec})" in helps[name], name
+    """Every int flag's help names its range (common.help_with_range), and main refuses a value
+    outside it: the range --help states is the one checked."""
+    below = {">= 1": 0, ">= 0": -1, "[0, 2**32)": -1}
+    for action in bench.parser()._actions:
+        if action.type is not int:
+            continue
+        spec = next((s for s in below if f"({s})" in action.help), None)
+        assert spec, action.option_strings
+        flag = action.option_strings[0]
+        with pytest.raises(ValueError, match=f"{flag} must be"):
+            bench.main(["--model", "tiny", flag, str(below[spec])])
+
+
+def rounds_with_ratios(ratios, base_s=0.01):
+    """Per-round times of a base arm and another arm whose paired ratios are the given ones."""
+    base = [base_s * (1 + 0.1 * (i % 3)) for i in range(len(ratios))]  # the machine drifts
+    return {"base": base, "arm": [b * r for b, r in zip(base, ratios)]}
+
+
+def test_interval_is_a_t_interval_on_the_paired_log_ratios():
+    # log-ratios -0.1, 0, 0.1: mean 0, sd 0.1, 3 rounds -> exp(± t(0.975, 2) * 0.1 / sqrt(3))
+    times = rounds_with_ratios([math.exp(-0.1), 1.0, math.exp(0.1)])
+    s = bench.summarize(times, "base")["arm"]
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert s["ratio_to_base"] == pytest.approx(1.0)
+    assert s["ratio_ci95"] == pytest.approx([math.exp(-half), math.exp(half)], rel=1e-6)
+    assert bench.summarize(times, "base")["base"]["ratio_ci95"] == [1.0, 1.0]
+    # one round: no interval
+    assert bench.summarize(rounds_with_ratios([1.2]), "base")["arm"]["ratio_ci95"] is None
+    # Student's t quantiles against the published table (df 1, 2, 3, 10, 30)
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (10, 2.228), (30, 2.042)):
+        assert bench.t_quantile_975(df) == pytest.approx(t, rel=2e-3), df
+
+
+@pytest.mark.parametrize("ratios, op, bound, want", [
+    ([1.027 + 0.05 * d for d in (-1, 1, -0.5, 0.5, 0, -1, 1, 0.2, -0.2, 0)], "<=", 1.01,
+     "within noise"),  # straddles the bound
+    ([1.05 + 0.002 * d for d in (-1, 1, 0, 0.5, -0.5)], "<=", 1.01, "missed"),  # clearly above
+    ([0.99 + 0.002 * d for d in (-1, 1, 0, 0.5, -0.5)], "<=", 1.01, "met"),  # clearly below
+    ([0.61 + 0.005 * d for d in (-1, 1, 0)], "<=", 0.65, "met"),
+    ([0.70 + 0.002 * d for d in (-1, 1, 0)], ">=", 0.60, "met"),
+    ([0.50 + 0.002 * d for d in (-1, 1, 0)], ">=", 0.60, "missed"),
+    ([0.61 + 0.1 * d for d in (-1, 1, 0)], ">=", 0.60, "within noise"),
+])
+def test_verdict_on_constructed_rounds(ratios, op, bound, want):
+    s = bench.summarize(rounds_with_ratios(ratios), "base")["arm"]
+    assert bench.verdict(s["ratio_to_base"], s["ratio_ci95"], bound, op) == want
+
+
+def test_verdict_without_an_interval_is_met_or_missed():
+    assert bench.verdict(0.36, None, 0.40, "<=") == "met"
+    assert bench.verdict(0.42, None, 0.60, ">=") == "missed"
+
+
+def test_noise_around_a_target_is_not_reported_as_missed(capsys):
+    """Merged LoRA is the base model's computation: rounds whose paired ratios average 1.027
+    with a wide spread (the issue's 'MISS decode 1 token: lora_merged / base: 1.027') are noise,
+    not a miss; a real regression (tight rounds at 1.05) still is."""
+    noisy = [1.027 + 0.05 * d for d in (-1, 1, -0.5, 0.5, 0, -1, 1, 0.2, -0.2, 0)]
+    slow = [1.05 + 0.002 * d for d in (-1, 1, 0, 0.5, -0.5, 0, 1, -1, 0.2, -0.2)]
+    base = rounds_with_ratios(noisy)["base"]
+    times = {"base": base, "lora_merged": rounds_with_ratios(noisy)["arm"],
+             "lora_unmerged": [b * r * 1.06 for b, r in zip(base, slow)]}
+    arms = bench.summarize(times, "base")
+    for s in arms.values():
+        s["extra_params"] = 0
+    res = dict(model="tiny", params=1, dtype="float32", clock="cpu", seconds=1.0,
+               machine=dict(device="cpu", threads=1, cpu="x", torch="2", matmul_flops=1e9,
+                            read_bandwidth=1e9, gemv_bandwidth=1e9, load_average_start=None,
+                            load_average_end=None),
+               decode=dict(arms=arms, prompt=8, tokens=2, base_bandwidth_share=0.7,
+                           base_gemv_share=0.8))
+    res["targets"] = bench.check_targets(res)
+    bench.print_report(res)
+    out = capsys.readouterr().out
+    merged = next(line for line in out.splitlines() if "decode 1 token: lora_merged" in line)
+    assert "MISS" not in merged and "missed" not in merged and "within noise" in merged
+    assert ": 1.026 [1.001, 1.052] (target <= 1.01)" in merged  # geometric mean, interval
+    unmerged = next(line for line in out.splitlines() if "decode 1 token: lora_unmerged" in line)
+    assert "missed" in unmerged  # 1.05 * 1.06 ~ 1.11 with a narrow interval: a real miss
+    by_name = {t["target"]: t for t in res["targets"]}
+    t = by_name["decode 1 token: lora_merged / base"]
+    assert t["verdict"] == "within noise" and t["ci95"][0] < 1.01 < t["ci95"][1]
