@@ -46,7 +46,8 @@ class TrainConfig:
     grad_accum: int = knob(1, "micro-steps per optimizer step", ">= 1")
     epochs: float = knob(5.0, "passes over the training set (unless --max-iters)", "> 0")
     max_iters: int = knob(None, "optimizer steps (overrides --epochs)", ">= 1")
-    warmup: int = knob(500, "steps of linear warmup from 0 to --lr", ">= 0")
+    warmup: int = knob(500, "steps of linear warmup from 0 to --lr (no more than the run's)",
+                       ">= 0")
     decay: str = knob("linear", "after warmup: linear or cosine to 0 at the end, or constant",
                       choices=("linear", "cosine", "constant"))
     label_smoothing: float = knob(0.1, "of the training loss (validation has none)", "[0, 1)")
@@ -196,6 +197,10 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
                          f"batch ({B} x {world} processes): use more data or a smaller batch")
     per_epoch = math.ceil(len(train_data) / (B * accum * world))
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * per_epoch))
+    if cfg.warmup > max_iters:  # the learning rate would never reach --lr, nor decay
+        raise ValueError(f"--warmup {cfg.warmup} is longer than the run (" + (
+            f"--max-iters {max_iters}" if cfg.max_iters else f"--epochs {cfg.epochs:g}: "
+            f"{max_iters:,} steps") + f"): pass a --warmup of at most {max_iters}, or train longer")
     optimizer = make_optimizer(model, cfg)
     autocast, scaler = amp_setup(cfg.amp, next(model.parameters()).device.type)
     settings = run_settings(cfg, run)

@@ -90,7 +90,7 @@ def test_bf16_autocast_on_cpu_trains_and_fp16_needs_cuda():
     assert math.isfinite(history[-1]["val_loss"])
     assert model.wte.weight.dtype == torch.float32  # weights stay fp32 under autocast
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        train.train(model, data, data, train.TrainConfig(amp="fp16", max_iters=1,
+        train.train(model, data, data, train.TrainConfig(amp="fp16", max_iters=1, warmup=0,
                                                          progress=False))
 
 
@@ -129,12 +129,21 @@ def test_train_py_pretrains_from_scratch_and_writes_a_loadable_model(shakespeare
     out = tmp_path / "scratch"
     train.main(["--data", str(shakespeare_dir), "--n-layer", "1", "--n-head", "2",
                 "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--max-iters",
-                "10", "--eval-interval", "5", "--eval-batches", "2", "--out", str(out),
-                "--no-progress"])
+                "10", "--warmup", "2", "--eval-interval", "5", "--eval-batches", "2",
+                "--out", str(out), "--no-progress"])
     log = _read_log(out)
     assert log[-1]["step"] == 10 and log[-1]["val_loss"] < log[0]["val_loss"]
     model = GPT.from_pretrained(out)
     assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (1, 32, 32)
+
+
+def test_train_py_refuses_a_warmup_longer_than_the_run(shakespeare_dir, tmp_path, capsys):
+    from conftest import one_error_line
+    line = one_error_line(capsys, train.main, [
+        "--data", shakespeare_dir, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--block-size", "16", "--max-iters", "10", "--out", tmp_path / "o"])  # warmup 20
+    assert "--warmup 20" in line and "--max-iters 10" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_py_full_finetuning_updates_every_weight(tiny_base, shakespeare_dir, tmp_path):
