@@ -113,10 +113,21 @@ def amp_setup(amp: str, device_type: str):
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def token_loss_sum(fwd, x, y, label_smoothing=0.0):
+def token_loss_sum(fwd, x, y, label_smoothing=0.0, target_index=None):
     """Σ over the target tokens of -log p(y_t | x_<t) (with label smoothing): eq. 2's sum, not a
     mean, so that micro-batches and processes can be weighted by their token counts."""
-    return fwd(x, y, label_smoothing=label_smoothing, reduction="sum")  # GPT.forward
+    return fwd(x, y, label_smoothing=label_smoothing, reduction="sum",  # GPT.forward
+               target_index=target_index)
+
+
+def to_device(x, y, device):
+    """A CPU batch -> (x, y, target_index) on device: the flat positions of y's targets are
+    found on the CPU, so that neither they nor the token count wait for the GPU (a nonzero on
+    it would). On CUDA the copies are pinned and do not block."""
+    index = (y.flatten() != IGNORE).nonzero().squeeze(1)  # (N,)
+    cuda = device.type == "cuda"
+    return tuple((t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
+                 for t in (x, y, index))
 
 
 def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast) -> float:
@@ -131,22 +142,24 @@ def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocas
     """
     device = next(model.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-    n = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in batches)), device=device)
-    if world > 1:
-        dist.all_reduce(n)
-    n = n.clamp(min=1)
+    n = float(sum(int((y != IGNORE).sum()) for _, y in batches))  # on the CPU: no sync
+    if world > 1:  # every process's target tokens
+        n_all = torch.tensor(n, device=device)
+        dist.all_reduce(n_all)
+        n = n_all.item()
+    n = max(n, 1.0)
+    batches = [to_device(x, y, device) for x, y in batches]
     loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
+    for i, (x, y, index) in enumerate(batches):
         last = i == len(batches) - 1
         with nullcontext() if world == 1 or last else fwd.no_sync():  # all-reduce once a step
             with autocast():
-                loss = token_loss_sum(fwd, x, y, cfg.label_smoothing)
+                loss = token_loss_sum(fwd, x, y, cfg.label_smoothing, index)
             scaler.scale(loss * world / n).backward()
         loss_sum += loss.detach()
     if world > 1:
         dist.all_reduce(loss_sum)
-    train_loss = float(loss_sum / n)
+    train_loss = float(loss_sum / n)  # the step's one wait for the device
     if math.isfinite(train_loss):
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)

@@ -94,6 +94,37 @@ def test_bf16_autocast_on_cpu_trains_and_fp16_needs_cuda():
                                                          progress=False))
 
 
+def test_a_compiled_training_step_is_one_graph_with_the_loss_unchanged():
+    """The target-only projection without a host-device sync: train_step finds the target
+    positions on the CPU and GPT.forward gathers them with index_select, so torch.compile
+    traces the forward with targets as one graph (a boolean mask's gather is a nonzero: a
+    graph break, and a sync on a GPU). The loss is the one of every position projected."""
+    model, (x, y) = _toy_model(), toy_examples().get_batch(4, 0)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        fwd = torch.compile(model, backend=counting_backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train.train_step(fwd, model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                [(x, y)], train.TrainConfig(label_smoothing=0.1), nullcontext)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    with torch.no_grad():
+        every = model(x).flatten(0, 1)  # (B T, vocab): every position, -100 ignored
+        want = F.cross_entropy(every, y.flatten(), ignore_index=IGNORE, label_smoothing=0.1)
+        assert loss == pytest.approx(float(want), rel=1e-5)
+        index = (y.flatten() != IGNORE).nonzero().squeeze(1)
+        per_target = F.cross_entropy(every[index], y.flatten()[index], reduction="none")
+        for kw in ({}, {"target_index": index}):  # forward finds the targets itself if not given
+            assert torch.allclose(model(x, y, reduction="none", **kw), per_target, atol=1e-5)
+
+
 class _PoisonAt(Examples):
     """Puts a nan into a frozen weight when batch `at` is drawn (a test-only trigger)."""
 
