@@ -90,7 +90,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, set
         save(model, out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "params": params, "history": log.history, "pending": log.pending,
-             "settings": settings}
+             "skipped": log.skipped, "settings": settings}
     atomic_write(Path(out_dir) / CKPT, lambda p: torch.save(state, p))
     log.rewrite()
 
@@ -129,6 +129,7 @@ def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> in
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     log.history, log.pending, log.saved_step = state["history"], state["pending"], state["step"]
+    log.skipped = state.get("skipped", 0)
     log.rewrite()  # drops the lines written after the checkpoint
     log.bar.update(state["step"])
     return state["step"]
@@ -145,6 +146,7 @@ class RunLog:
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.history, self.pending, self.saved_step = [], {"loss": 0.0, "steps": 0}, None
+        self.skipped = 0  # optimizer steps fp16's loss scaler skipped (inf gradients)
         self.bar = tqdm(total=total, disable=not progress, dynamic_ncols=True)
         self.tokens, self.t_last = 0, time.perf_counter()
 
@@ -152,7 +154,7 @@ class RunLog:
         if val_loss is not None:
             print(f"validation loss before training: {val_loss:.4f}")
         self.history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
-                             "train_s": 0.0, "val_loss": val_loss})
+                             "train_s": 0.0, "val_loss": val_loss, "skipped_steps": 0})
         self.rewrite()
 
     def kept(self, out_dir) -> str:
@@ -193,12 +195,18 @@ class RunLog:
         entry = {"step": step, "train_loss": self.pending["loss"] / self.pending["steps"],
                  "lr": lr, "tokens_per_s": self.tokens / seconds,
                  "train_s": (self.history[-1].get("train_s") or 0.0) + seconds,
-                 "val_loss": val_loss}
+                 "val_loss": val_loss, "skipped_steps": self.skipped}
         self.history.append(entry)
         self.pending, self.tokens, self.t_last = {"loss": 0.0, "steps": 0}, 0, now
         self.rewrite()
         self.bar.set_postfix(loss=f"{entry['train_loss']:.3f}", lr=f"{lr:.2e}",
-                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}),
+                             **({"skipped": self.skipped} if self.skipped else {}))
+
+    def skip(self):
+        """Count a step fp16's loss scaler skipped (it is not a step: nothing was updated)."""
+        self.skipped += 1
+        self.bar.set_postfix(skipped=self.skipped)
 
     def rewrite(self):
         """log.jsonl as the history: written whole and atomically (never a half line), and

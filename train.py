@@ -130,10 +130,11 @@ def to_device(x, y, device):
                  for t in (x, y, index))
 
 
-def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast) -> float:
-    """One optimizer step over this process's micro-batches [(x, y), ...] -> the mean loss per
-    target token of the whole effective batch. A step that gives a non-finite loss updates
-    nothing (the caller stops).
+def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast):
+    """One optimizer step over this process's micro-batches [(x, y), ...] -> (the mean loss per
+    target token of the whole effective batch, skipped). A step that gives a non-finite loss
+    updates nothing (the caller stops); skipped: fp16's loss scaler found inf or nan gradients,
+    updated nothing and lowered its scale (the caller does not count the step).
 
     Normalized as one big batch: each micro-batch's summed loss is divided by N, the number of
     target tokens (y != -100) of all micro-batches of all W processes, counted before the
@@ -160,15 +161,18 @@ def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocas
     if world > 1:
         dist.all_reduce(loss_sum)
     train_loss = float(loss_sum / n)  # the step's one wait for the device
+    skipped = False
     if math.isfinite(train_loss):
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        scale = scaler.get_scale()  # 1.0 when disabled (no fp16)
         scaler.step(optimizer)
         scaler.update()
+        skipped = scaler.get_scale() < scale  # only a skipped step lowers the scale
     optimizer.zero_grad(set_to_none=True)
-    return train_loss
+    return train_loss, skipped
 
 
 @torch.no_grad()
@@ -194,7 +198,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
           resume=False, overwrite=False, run: dict = None) -> list[dict]:
     """Train the parameters of `model` that have requires_grad; -> history, one dict per
     log_interval steps: step, train_loss, lr, tokens_per_s, train_s (seconds of training so far,
-    validation left out), and val_loss where evaluated.
+    validation left out), val_loss where evaluated, skipped_steps (by fp16's loss scaler so far;
+    a skipped step is no step: max_iters and the schedule count the optimizer steps taken).
 
     save(model, out_dir) writes the result (full model or LoRA adapter) at each checkpoint and
     at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png; a directory
@@ -243,13 +248,17 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
                     group["lr"] = lr
                 # Dropout (LoRA's too) draws from a seed fixed by (seed, step, rank): a resumed
                 # run repeats the uninterrupted one exactly, with no RNG state to save.
-                torch.manual_seed(cfg.seed + 1_000_003 * step + 7919 * rank)
-                batches = [train_data.get_batch(B, (step * accum + m) * world + rank, cfg.seed)
+                drawn = step + log.skipped  # batches drawn so far, skipped steps' included
+                torch.manual_seed(cfg.seed + 1_000_003 * drawn + 7919 * rank)
+                batches = [train_data.get_batch(B, (drawn * accum + m) * world + rank, cfg.seed)
                            for m in range(accum)]
-                loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
+                loss, skipped = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
                 if not math.isfinite(loss):  # stop; the last checkpoint stays as it is
                     raise TrainingDiverged(f"the loss is {loss} at step {step + 1}: stopping"
                                            f"{log.kept(out_dir)}. Try a lower --lr, or --amp off")
+                if skipped:  # fp16's scaler: not a step, the schedule stays
+                    log.skip()
+                    continue
                 step += 1
                 end = step == max_iters
                 val = validate() if step % cfg.eval_interval == 0 or end else None

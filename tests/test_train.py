@@ -110,8 +110,8 @@ def test_a_compiled_training_step_is_one_graph_with_the_loss_unchanged():
     try:
         fwd = torch.compile(model, backend=counting_backend)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        loss = train.train_step(fwd, model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                [(x, y)], train.TrainConfig(label_smoothing=0.1), nullcontext)
+        loss, _ = train.train_step(fwd, model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                   [(x, y)], train.TrainConfig(label_smoothing=0.1), nullcontext)
     finally:
         torch._dynamo.reset()
     assert len(graphs) == 1
@@ -154,6 +154,63 @@ def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["params"].values())
     assert all(torch.equal(saved[n], t) for n, t in ckpt["params"].items())
+
+
+class _InfGradAt(Examples):
+    """Drawing batch `at` makes that micro-step's gradient of h.0.attn.c_attn.weight inf (as an
+    fp16 overflow would), once; drawing batch `stop` is a Ctrl-C that saves nothing."""
+
+    def __init__(self, base, model, at, stop=None):
+        super().__init__(base.tokens, base.index, base.block_size, base.name)
+        self.at, self.stop, self.poison, self.drawn = at, stop, False, []
+        model.h[0].attn.c_attn.weight.register_hook(
+            lambda g: torch.full_like(g, math.inf) if self.poison else g)
+
+    def get_batch(self, batch_size, index=0, seed=0):
+        if index == self.stop:
+            raise KeyboardInterrupt
+        self.drawn.append(index)
+        self.poison = index == self.at
+        return super().get_batch(batch_size, index, seed)
+
+
+def test_a_step_the_loss_scaler_skips_is_logged_and_not_counted(tmp_path, monkeypatch):
+    """fp16's GradScaler skips the optimizer step whose gradients are inf: the step is logged
+    as skipped, and the schedule and --max-iters count the steps taken, so the run still makes
+    max_iters updates with the whole schedule; resume after a skip is exact. (The real scaler,
+    enabled on the CPU, in place of amp_setup's: fp16 needs CUDA.)"""
+    monkeypatch.setattr(train, "amp_setup",
+                        lambda *a, **k: (nullcontext, torch.amp.GradScaler("cpu")))
+    cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=5, eval_interval=5, log_interval=1,
+                            ckpt_interval=1, batch_size=4, progress=False)
+    clean = train.train(_toy_model(), toy_examples(), toy_examples(4), cfg)
+    model = _toy_model()
+    data = _InfGradAt(toy_examples(), model, at=2)
+    history = train.train(model, data, toy_examples(4), cfg, out_dir=tmp_path / "whole",
+                          save=lambda m, d: None)
+    assert data.drawn == [0, 1, 2, 3, 4, 5]  # batch 2's step was skipped: one more batch
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4, 5]
+    assert [h["lr"] for h in history] == [h["lr"] for h in clean]  # lr_at(0), ..., lr_at(4)
+    assert [h["skipped_steps"] for h in history] == [0, 0, 0, 1, 1, 1]
+    assert _read_log(tmp_path / "whole") == json.loads(json.dumps(history))
+    ckpt = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    assert all(s["step"] == 5 for s in ckpt["optimizer"]["state"].values())  # 5 AdamW updates
+
+    parts, model = tmp_path / "parts", _toy_model()
+    with pytest.raises(KeyboardInterrupt):  # after step 3 (batches 0, 1, 2 skipped, 3)
+        train.train(model, _InfGradAt(toy_examples(), model, at=2, stop=4), toy_examples(4),
+                    cfg, out_dir=parts, save=lambda m, d: None)
+    model = _toy_model()
+    data = _InfGradAt(toy_examples(), model, at=None)
+    train.train(model, data, toy_examples(4), cfg, out_dir=parts, resume=True,
+                save=lambda m, d: None)
+    assert data.drawn == [4, 5]
+
+    def strip(log):
+        return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "train_s")} for h in log]
+    assert strip(_read_log(parts)) == strip(_read_log(tmp_path / "whole"))
+    resumed = torch.load(parts / "ckpt.pt", weights_only=True)["params"]
+    assert all(torch.equal(resumed[k], t) for k, t in ckpt["params"].items())
 
 
 def test_train_py_pretrains_from_scratch_and_writes_a_loadable_model(shakespeare_dir, tmp_path):
