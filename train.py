@@ -176,18 +176,21 @@ def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocas
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off") -> float:
+def evaluate(model, data, batch_size: int = 8, max_batches=None) -> float:
     """Mean loss per target token (targets -100 excluded) over data's first max_batches
-    evaluation batches (None or 0: all), without label smoothing."""
+    evaluation batches (None or 0: all), without label smoothing. In one precision whatever the
+    run's --amp: the weights' own dtype (fp32 unless the model was loaded in half precision),
+    autocast off even inside an autocast region, so validation losses compare (a bf16 run's,
+    studies' base loss)."""
     device = next(model.parameters()).device
-    autocast, _ = amp_setup(amp, device.type)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in data.eval_batches(batch_size, max_batches or None):
-        with autocast():
-            total += float(token_loss_sum(model, x.to(device), y.to(device)))
-        count += int((y != IGNORE).sum())
+    with torch.autocast(device.type, enabled=False):
+        for x, y in data.eval_batches(batch_size, max_batches or None):
+            count += int((y != IGNORE).sum())
+            x, y, index = to_device(x, y, device)
+            total += float(token_loss_sum(model, x, y, target_index=index))
     model.train(was_training)
     return total / max(count, 1)
 
@@ -229,7 +232,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
         fwd = wrap_model(model, cfg, world)
 
         def validate():  # on rank 0, not counted in tokens/s
-            return log.paused(evaluate, model, val_data, B, cfg.eval_batches, cfg.amp) \
+            return log.paused(evaluate, model, val_data, B, cfg.eval_batches) \
                 if rank == 0 else None
 
         def checkpoint():

@@ -64,6 +64,19 @@ def test_evaluate_is_the_mean_loss_per_target_token():
     assert train.evaluate(model, data, batch_size=2) == pytest.approx(total / count, rel=1e-5)
 
 
+def test_validation_is_in_the_weights_precision_whatever_amp_the_run_trains_with():
+    """One precision for every validation loss: the weights' dtype (fp32 here), no autocast,
+    even inside an autocast region, so a run's bf16 training and studies' base loss compare."""
+    data, cfg = toy_examples(), dict(lr=1e-2, warmup=0, max_iters=1, batch_size=4,
+                                     progress=False)
+    step0 = {amp: train.train(_toy_model(), data, data, train.TrainConfig(amp=amp, **cfg))[0]
+             for amp in ("off", "bf16")}  # step 0: validation before any update
+    want = train.evaluate(_toy_model(), data, 4, train.TrainConfig().eval_batches)
+    assert step0["off"]["val_loss"] == step0["bf16"]["val_loss"] == want
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train.evaluate(_toy_model(), data, 4, train.TrainConfig().eval_batches) == want
+
+
 def test_train_lowers_validation_loss_and_records_history(tmp_path):
     model, data = _toy_model(), toy_examples()
     cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=12, eval_interval=6, log_interval=3,
