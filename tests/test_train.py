@@ -14,6 +14,7 @@ import train
 from conftest import tiny_gpt, toy_examples
 from data.datasets import IGNORE, Examples
 from model import GPT
+from runs import TrainingDiverged
 
 
 def _toy_model(**kw):
@@ -159,7 +160,7 @@ def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp
     saved = {}
     cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=10, ckpt_interval=2, batch_size=4,
                             progress=False)
-    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5.*step 4\)"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step 4\)"):
         train.train(model, _PoisonAt(data, model, at=4), data, cfg, out_dir=tmp_path,
                     save=lambda m, d: saved.update(
                         {n: p.detach().clone() for n, p in m.named_parameters()
