@@ -150,18 +150,16 @@ def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocas
             scaler.scale(loss * world / n).backward()
         loss_sum += loss.detach()
     train_loss = float(all_sum(loss_sum) / n)  # the step's one wait for the device
-    skipped = False
+    scale = scaler.get_scale()  # 1.0 when disabled (no fp16)
     if math.isfinite(train_loss):
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        scale = scaler.get_scale()  # 1.0 when disabled (no fp16)
         scaler.step(optimizer)
         scaler.update()
-        skipped = scaler.get_scale() < scale  # only a skipped step lowers the scale
     optimizer.zero_grad(set_to_none=True)
-    return train_loss, skipped
+    return train_loss, scaler.get_scale() < scale  # skipped: only a skip lowers the scale
 
 
 @torch.no_grad()
