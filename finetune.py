@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 with LoRA: load a base model, add low-rank adapters, train only A and B.
 
     python finetune.py --rank 4                         # GPT-2 on E2E, the paper's recipe
-    python finetune.py --init out/base --data e2e --max-iters 200 --warmup 20
+    python finetune.py --init out/train --max-iters 300 --warmup 30 --lr 1e-2  # train.py's base
 
 Each adapted weight W0 becomes W0 + (α/r) B A with W0 frozen (LoRA §4.1): the optimizer holds
 state for A and B only, the gradients of W0 are never computed, and what is saved is the adapter,
@@ -25,7 +25,7 @@ from lora import BIAS_OPTIONS, TARGETS, apply_lora, describe_trainable
 from model import GPT
 from train import add_train_args, config_from_args, train
 
-LORA = inspect.signature(apply_lora).parameters  # the defaults are apply_lora's (Table 11)
+LORA_DEFAULTS = inspect.signature(apply_lora).parameters  # apply_lora's: Table 11
 RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size": ">= 1"}  # in --help
 
 
@@ -38,13 +38,13 @@ def parser() -> argparse.ArgumentParser:
                    "(Hugging Face cache or download), a directory with config.json + "
                    "model.safetensors (e.g. what train.py wrote), or a weights file")
     g = p.add_argument_group("LoRA (defaults: the paper's GPT-2 setting, Table 11)")
-    g.add_argument("--rank", type=int, default=LORA["rank"].default,
+    g.add_argument("--rank", type=int, default=LORA_DEFAULTS["rank"].default,
                    help=f"r, the rank of B A ({RANGES['rank']})")
-    g.add_argument("--alpha", type=float, default=LORA["alpha"].default,
+    g.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"].default,
                    help=f"α; the update is scaled by α/r ({RANGES['alpha']})")
-    g.add_argument("--targets", default=",".join(LORA["targets"].default),
+    g.add_argument("--targets", default=",".join(LORA_DEFAULTS["targets"].default),
                    help=f"comma-separated weights to adapt: {', '.join(TARGETS)}")
-    g.add_argument("--dropout", type=float, default=LORA["dropout"].default,
+    g.add_argument("--dropout", type=float, default=LORA_DEFAULTS["dropout"].default,
                    help=f"dropout on LoRA's input ({RANGES['dropout']})")
     g.add_argument("--bias", default="none", choices=BIAS_OPTIONS, help="biases that train too")
     g.add_argument("--rslora", action="store_true", help="scale by α/√r instead of α/r")

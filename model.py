@@ -168,14 +168,14 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, *, label_smoothing=0.0, reduction="mean", cache=None,
-                last_only=False):
+                last_only=False, target_index=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), or the loss if targets is given.
 
         targets (B, T): the next token at each position, -100 where no loss is taken (E2E: the
-        prompt, so only the target text y is learned, LoRA eq. 2); only the targets are projected
-        to the vocabulary, the largest matmul. reduction: "mean", "sum" or "none" (per target).
-        cache: a KVCache; idx continues its positions. last_only: project only the last position
-        (all that sampling needs)."""
+        prompt: only the target text y is learned, LoRA eq. 2); only the targets are projected to
+        the vocabulary (the largest matmul), gathered by target_index (N,): their flat positions
+        in B*T, found here if not given (a GPU sync). reduction: "mean", "sum" or "none" (per
+        target). cache: a KVCache; idx continues its positions. last_only: last position only."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -190,10 +190,11 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)  # (B, T or 1, vocab_size)
-        keep = targets != -100  # (B, T); on E2E a third of the positions or fewer
-        logits = self.lm_head(x[keep]).float()  # (N, vocab_size); the loss in fp32 under autocast
-        return F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing,
-                               reduction=reduction)
+        if target_index is None:  # E2E: a third of the positions or fewer; nonzero waits for a GPU
+            target_index = (targets.flatten() != -100).nonzero().squeeze(1)  # (N,)
+        logits = self.lm_head(x.flatten(0, 1)[target_index]).float()  # (N, vocab); fp32 loss
+        return F.cross_entropy(logits, targets.flatten()[target_index],
+                               label_smoothing=label_smoothing, reduction=reduction)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -1,7 +1,8 @@
-"""A training run's records and their guards: its output directory (claimed, locked), its
-checkpoint (to resume exactly, with the settings that define the run), its history, log.jsonl,
-loss.png and progress bar, and Ctrl-C honoured between steps. train.train calls these; nothing
-here knows what is trained.
+"""A training run's bookkeeping, behind one object (RunRecords, what train.train's loop calls):
+its output directory (claimed, locked), its checkpoint (to resume exactly, with the settings
+that define the run), its history, log.jsonl, loss.png and progress bar, Ctrl-C honoured
+between steps, and the stop when the loss or the weights stop being finite. Nothing here knows
+what is trained.
 """
 
 import json
@@ -25,6 +26,97 @@ RESULTS = ("config.json", "model.safetensors", ADAPTER_FILE)  # what train.py, f
 
 class TrainingDiverged(ValueError):
     """The loss or the weights became nan or inf."""
+
+
+class RunRecords:
+    """Everything of a run but the training, in three calls:
+
+        with RunRecords(...) as records:  # out_dir claimed and locked; resume: checkpoint read
+            records.begin()               # validation before step 1 (none when resuming)
+            while records.step < max_iters:
+                ...                       # one training step: records.batches is its batch
+                records.end_step(loss, lr, tokens, skipped)
+
+    end_step validates (validate(), rank 0 only), logs and checkpoints (model, optimizer and
+    scaler, with save(model, out_dir)) at cfg's intervals and at the end, and stops the run:
+    TrainingDiverged for a non-finite loss, validation loss or weight (the last checkpoint
+    stays), KeyboardInterrupt after a Ctrl-C (checkpointed first). On a normal exit the log is
+    closed and plotted; out_dir is released however the run ends. Files are rank 0's; every
+    rank keeps the count. step: optimizer steps taken; batches: training batches drawn, the
+    steps fp16's loss scaler skipped included (a skipped step is not a step).
+    """
+
+    def __init__(self, out_dir, cfg, max_iters: int, model, optimizer, scaler, validate,
+                 save=None, settings=None, resume=False, overwrite=False, rank=0):
+        self.dir, self.cfg, self.max_iters, self.rank = out_dir, cfg, max_iters, rank
+        self.trained = (model, optimizer, scaler)
+        self.validate, self.save, self.settings = validate, save, settings
+        self.resume, self.overwrite, self.step = resume, overwrite, 0
+        self.lock = self.log = None
+        self.ctrl_c = StepBoundary()
+
+    @property
+    def batches(self) -> int:
+        return self.step + self.log.skipped
+
+    @property
+    def history(self) -> list[dict]:
+        """One dict per logged step (RunLog.step); train()'s result."""
+        return self.log.history
+
+    def __enter__(self):
+        ours = self.dir if self.rank == 0 else None  # the files are rank 0's
+        self.lock = claim_out_dir(ours, self.resume, self.overwrite)
+        try:
+            self.log = RunLog(ours, self.max_iters, self.cfg.progress and self.rank == 0)
+            if self.resume:
+                self.step = load_checkpoint(self.dir, *self.trained, self.log, self.settings)
+        except BaseException:
+            release_out_dir(self.lock)
+            raise
+        return self
+
+    def begin(self):
+        """Validate before the first step (not when resuming); from now on a Ctrl-C waits
+        for the step boundary."""
+        if self.step == 0:
+            self.log.start(self._validate())
+        self.ctrl_c.__enter__()
+
+    def end_step(self, loss: float, lr: float, tokens: int, skipped=False):
+        """After a step over `tokens` tokens at learning rate lr, of mean loss `loss`."""
+        if not math.isfinite(loss):  # stop; the last checkpoint stays as it is
+            raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}: stopping"
+                                   f"{self.log.kept(self.dir)}. Try a lower --lr, or --amp off")
+        if skipped:  # by fp16's loss scaler: nothing was updated, not a step
+            self.log.skip()
+        else:
+            self.step += 1
+            cfg, step, end = self.cfg, self.step, self.step == self.max_iters
+            val = self._validate() if step % cfg.eval_interval == 0 or end else None
+            self.log.step(step, loss, lr, tokens, val,
+                          write=step % cfg.log_interval == 0 or val is not None or end)
+            if end or step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
+                self._checkpoint()
+        if self.step < self.max_iters and self.ctrl_c.stop():  # Ctrl-C: checkpointed
+            self.log.close()
+            self._checkpoint()
+            raise KeyboardInterrupt(self.log.stopped(self.step, self.dir))
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            self.ctrl_c.__exit__()
+            if exc_type is None:
+                self.log.close()
+                self.log.plot(self.cfg.label_smoothing)
+        finally:
+            release_out_dir(self.lock)
+
+    def _validate(self):  # on rank 0, its time left out of tokens/s
+        return self.log.paused(self.validate) if self.rank == 0 else None
+
+    def _checkpoint(self):
+        save_checkpoint(self.dir, *self.trained, self.step, self.log, self.save, self.settings)
 
 
 def claim_out_dir(out_dir, resume: bool, overwrite: bool):
@@ -94,7 +186,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, set
         save(model, out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "params": params, "history": log.history, "pending": log.pending,
-             "settings": settings}
+             "skipped": log.skipped, "settings": settings}
     atomic_write(Path(out_dir) / CKPT, lambda p: torch.save(state, p))
     log.rewrite()
 
@@ -133,6 +225,7 @@ def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> in
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     log.history, log.pending, log.saved_step = state["history"], state["pending"], state["step"]
+    log.skipped = state.get("skipped", 0)
     log.rewrite()  # drops the lines written after the checkpoint
     log.bar.update(state["step"])
     return state["step"]
@@ -149,6 +242,7 @@ class RunLog:
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.history, self.pending, self.saved_step = [], {"loss": 0.0, "steps": 0}, None
+        self.skipped = 0  # optimizer steps fp16's loss scaler skipped (inf gradients)
         self.bar = tqdm(total=total, disable=not progress, dynamic_ncols=True)
         self.tokens, self.t_last = 0, time.perf_counter()
 
@@ -156,7 +250,7 @@ class RunLog:
         if val_loss is not None:
             print(f"validation loss before training: {val_loss:.4f}")
         self.history.append({"step": 0, "train_loss": None, "lr": 0.0, "tokens_per_s": None,
-                             "train_s": 0.0, "val_loss": val_loss})
+                             "train_s": 0.0, "val_loss": val_loss, "skipped_steps": 0})
         self.rewrite()
 
     def kept(self, out_dir) -> str:
@@ -197,12 +291,18 @@ class RunLog:
         entry = {"step": step, "train_loss": self.pending["loss"] / self.pending["steps"],
                  "lr": lr, "tokens_per_s": self.tokens / seconds,
                  "train_s": (self.history[-1].get("train_s") or 0.0) + seconds,
-                 "val_loss": val_loss}
+                 "val_loss": val_loss, "skipped_steps": self.skipped}
         self.history.append(entry)
         self.pending, self.tokens, self.t_last = {"loss": 0.0, "steps": 0}, 0, now
         self.rewrite()
         self.bar.set_postfix(loss=f"{entry['train_loss']:.3f}", lr=f"{lr:.2e}",
-                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}),
+                             **({"skipped": self.skipped} if self.skipped else {}))
+
+    def skip(self):
+        """Count a step fp16's loss scaler skipped (it is not a step: nothing was updated)."""
+        self.skipped += 1
+        self.bar.set_postfix(skipped=self.skipped)
 
     def rewrite(self):
         """log.jsonl as the history: written whole and atomically (never a half line), and
@@ -262,8 +362,9 @@ class StepBoundary:
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
+        if self.previous is not None:  # entered: Python's handler back
             signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
     def _handler(self, signum, frame):
         if self.asked:

@@ -9,8 +9,9 @@ The loss is eq. 2 of the LoRA paper as one big batch would compute it: the sum o
 losses over every target token of the effective batch (--batch-size x --grad-accum x torchrun
 processes) divided by their number, so accumulation and DDP never change the gradient.
 
-Reading order: TrainConfig -> lr_at, make_optimizer -> train_step -> evaluate -> train -> main.
-The run's records (checkpoints for --resume, log.jsonl, loss.png) are runs.py's.
+Reading order: TrainConfig -> lr_at, make_optimizer -> train_step -> evaluate -> train ->
+torchrun (DDP: all that is distributed) -> main. The run's bookkeeping (checkpoints for
+--resume, log.jsonl, loss.png, Ctrl-C, the stop on a non-finite loss) is runs.RunRecords'.
 """
 
 import argparse
@@ -26,11 +27,11 @@ from common import HelpFormatter, add_dataclass_args, check_dataclass, file_size
     resolve_amp, run_main, setup_distributed
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
-from runs import RunLog, StepBoundary, TrainingDiverged, claim_out_dir, load_checkpoint, \
-    release_out_dir, run_settings, save_checkpoint
+from runs import RunRecords, run_settings
 
 
-def knob(default, help, range=None, choices=None):
+def setting(default, help, range=None, choices=None):
+    """A TrainConfig field with its --help text, range and choices (common.add_dataclass_args)."""
     return field(default=default, metadata={"help": help, "range": range, "choices": choices})
 
 
@@ -40,28 +41,29 @@ class TrainConfig:
     E2E (LoRA Table 11): AdamW, lr 2e-4, weight decay 0.01, batch 8, 5 epochs, 500 warmup steps
     then linear decay, label smoothing 0.1."""
 
-    lr: float = knob(2e-4, "peak learning rate (AdamW)", "> 0")
-    weight_decay: float = knob(0.01, "AdamW weight decay, on matrices (A and B included)", ">= 0")
-    batch_size: int = knob(8, "sequences per process per micro-step", ">= 1")
-    grad_accum: int = knob(1, "micro-steps per optimizer step", ">= 1")
-    epochs: float = knob(5.0, "passes over the training set (unless --max-iters)", "> 0")
-    max_iters: int = knob(None, "optimizer steps (overrides --epochs)", ">= 1")
-    warmup: int = knob(500, "steps of linear warmup from 0 to --lr", ">= 0")
-    decay: str = knob("linear", "after warmup: linear or cosine to 0 at the end, or constant",
-                      choices=("linear", "cosine", "constant"))
-    label_smoothing: float = knob(0.1, "of the training loss (validation has none)", "[0, 1)")
-    grad_clip: float = knob(1.0, "max global gradient norm; 0: no clipping", ">= 0")
-    seed: int = knob(1337, "initialisation, data order and dropout", "[0, 2**32)")
-    eval_interval: int = knob(500, "steps between validation runs (and one at the end)", ">= 1")
-    eval_batches: int = knob(100, "validation batches per run (0: the whole split)", ">= 0")
-    log_interval: int = knob(10, "steps per line of log.jsonl", ">= 1")
-    ckpt_interval: int = knob(None, "steps between checkpoints (default: at each validation)",
-                             range=">= 1")
-    amp: str = knob("auto", "autocast: auto = bf16 on GPUs with native bf16 (compute "
-                            "capability >= 8.0), else fp16 + loss scaling; fp32 on CPU",
-                    choices=("auto", "off", "bf16", "fp16"))
-    compile: bool = knob(False, "torch.compile the model")
-    progress: bool = knob(True, "progress bar")
+    lr: float = setting(2e-4, "peak learning rate (AdamW)", "> 0")
+    weight_decay: float = setting(0.01, "AdamW weight decay, on matrices (A and B too)", ">= 0")
+    batch_size: int = setting(8, "sequences per process per micro-step", ">= 1")
+    grad_accum: int = setting(1, "micro-steps per optimizer step", ">= 1")
+    epochs: float = setting(5.0, "passes over the training set (unless --max-iters)", "> 0")
+    max_iters: int = setting(None, "optimizer steps (overrides --epochs)", ">= 1")
+    warmup: int = setting(500, "steps of linear warmup from 0 to --lr (no more than the run's)",
+                          ">= 0")
+    decay: str = setting("linear", "after warmup: linear or cosine to 0 at the end, or constant",
+                         choices=("linear", "cosine", "constant"))
+    label_smoothing: float = setting(0.1, "of the training loss (validation has none)", "[0, 1)")
+    grad_clip: float = setting(1.0, "max global gradient norm; 0: no clipping", ">= 0")
+    seed: int = setting(1337, "initialisation, data order and dropout", "[0, 2**32)")
+    eval_interval: int = setting(500, "steps between validation runs (and one at the end)", ">= 1")
+    eval_batches: int = setting(100, "validation batches per run (0: the whole split)", ">= 0")
+    log_interval: int = setting(10, "steps per line of log.jsonl", ">= 1")
+    ckpt_interval: int = setting(None, "steps between checkpoints (default: at each validation)",
+                                 range=">= 1")
+    amp: str = setting("auto", "autocast: auto = bf16 on GPUs with native bf16 (compute "
+                               "capability >= 8.0), else fp16 + loss scaling; fp32 on CPU",
+                       choices=("auto", "off", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model")
+    progress: bool = setting(True, "progress bar")
 
 
 def lr_at(step: int, cfg: TrainConfig, max_iters: int) -> float:
@@ -111,40 +113,43 @@ def amp_setup(amp: str, device):
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def token_loss_sum(fwd, x, y, label_smoothing=0.0):
+def token_loss_sum(fwd, x, y, label_smoothing=0.0, target_index=None):
     """Σ over the target tokens of -log p(y_t | x_<t) (with label smoothing): eq. 2's sum, not a
     mean, so that micro-batches and processes can be weighted by their token counts."""
-    return fwd(x, y, label_smoothing=label_smoothing, reduction="sum")  # GPT.forward
+    return fwd(x, y, label_smoothing=label_smoothing, reduction="sum",  # GPT.forward
+               target_index=target_index)
 
 
-def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast) -> float:
-    """One optimizer step over this process's micro-batches [(x, y), ...] -> the mean loss per
-    target token of the whole effective batch. A step that gives a non-finite loss updates
-    nothing (the caller stops).
+def to_device(x, y, device):
+    """A CPU batch -> (x, y, target_index) on device, target_index found on the CPU (a nonzero
+    on a GPU waits for it: GPT.forward). On CUDA the copies are pinned and do not block."""
+    index = (y.flatten() != IGNORE).nonzero().squeeze(1)  # (N,) flat positions of the targets
+    pin = device.type == "cuda"
+    return tuple((t.pin_memory() if pin else t).to(device, non_blocking=pin) for t in (x, y, index))
+
+
+def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocast):
+    """One optimizer step over this process's micro-batches [(x, y), ...] -> (the mean loss per
+    target token of the whole effective batch, skipped). A non-finite loss updates nothing (the
+    caller stops); skipped: fp16's loss scaler found inf or nan gradients and updated nothing.
 
     Normalized as one big batch: each micro-batch's summed loss is divided by N, the number of
-    target tokens (y != -100) of all micro-batches of all W processes, counted before the
-    backward passes. DDP averages gradients over processes, hence the factor W. Only the
-    requires_grad parameters get gradients (for LoRA: A and B), so nothing here knows LoRA.
-    """
-    device = next(model.parameters()).device
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-    n = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in batches)), device=device)
-    if world > 1:
-        dist.all_reduce(n)
-    n = n.clamp(min=1)
+    target tokens (y != -100) of all micro-batches of all W processes, counted on the CPU before
+    the backward passes; DDP averages over processes, hence the factor W. Only requires_grad
+    parameters get gradients (for LoRA: A and B), so nothing here knows LoRA."""
+    device, world = next(model.parameters()).device, processes()[1]
+    n = float(sum(int((y != IGNORE).sum()) for _, y in batches))  # this process's, no sync
+    n = max(n, 1.0) if world == 1 else all_sum(torch.tensor(n, device=device)).clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1
-        with nullcontext() if world == 1 or last else fwd.no_sync():  # all-reduce once a step
+        x, y, index = to_device(x, y, device)
+        with accumulating(fwd, last=i == len(batches) - 1):
             with autocast():
-                loss = token_loss_sum(fwd, x, y, cfg.label_smoothing)
+                loss = token_loss_sum(fwd, x, y, cfg.label_smoothing, index)
             scaler.scale(loss * world / n).backward()
         loss_sum += loss.detach()
-    if world > 1:
-        dist.all_reduce(loss_sum)
-    train_loss = float(loss_sum / n)
+    train_loss = float(all_sum(loss_sum) / n)  # the step's one wait for the device
+    scale = scaler.get_scale()  # 1.0 when disabled (no fp16)
     if math.isfinite(train_loss):
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -153,22 +158,23 @@ def train_step(fwd, model, optimizer, scaler, batches, cfg: TrainConfig, autocas
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return train_loss
+    return train_loss, scaler.get_scale() < scale  # skipped: only a skip lowers the scale
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int = 8, max_batches=None, amp: str = "off") -> float:
+def evaluate(model, data, batch_size: int = 8, max_batches=None) -> float:
     """Mean loss per target token (targets -100 excluded) over data's first max_batches
-    evaluation batches (None or 0: all), without label smoothing."""
-    device = next(model.parameters()).device
-    autocast, _ = amp_setup(amp, device.type)
-    was_training = model.training
+    evaluation batches (None or 0: all), without label smoothing, in one precision whatever the
+    run's --amp: the weights' dtype (fp32 unless loaded in half precision), autocast off even
+    inside an autocast region, so validation losses compare (a bf16 run's, studies' base)."""
+    device, was_training = next(model.parameters()).device, model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in data.eval_batches(batch_size, max_batches or None):
-        with autocast():
-            total += float(token_loss_sum(model, x.to(device), y.to(device)))
-        count += int((y != IGNORE).sum())
+    with torch.autocast(device.type, enabled=False):
+        for x, y in data.eval_batches(batch_size, max_batches or None):
+            count += int((y != IGNORE).sum())
+            x, y, index = to_device(x, y, device)
+            total += float(token_loss_sum(model, x, y, target_index=index))
     model.train(was_training)
     return total / max(count, 1)
 
@@ -179,74 +185,67 @@ def train(model, train_data, val_data, cfg: TrainConfig, out_dir=None, save=None
           resume=False, overwrite=False, run: dict = None) -> list[dict]:
     """Train the parameters of `model` that have requires_grad; -> history, one dict per
     log_interval steps: step, train_loss, lr, tokens_per_s, train_s (seconds of training so far,
-    validation left out), and val_loss where evaluated.
+    validation left out), val_loss where evaluated, skipped_steps (by fp16's loss scaler so far;
+    a skipped step is no step: max_iters and the schedule count the optimizer steps taken).
 
     save(model, out_dir) writes the result (full model or LoRA adapter) at each checkpoint and
-    at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png; a directory
-    with another run's outputs needs resume or overwrite (runs.claim_out_dir). run: what else
-    defines the run (model, data, LoRA settings), checked on resume. Ctrl-C stops at the next
-    step boundary, checkpointed. Under torchrun, rank 0 evaluates, logs and saves; DDP lives in
-    `wrap_model` alone.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    at the end; out_dir also gets ckpt.pt (for resume=True), log.jsonl and loss.png (the run's
+    bookkeeping: runs.RunRecords). run: what else defines the run (model, data, LoRA settings),
+    checked on resume. Ctrl-C stops at the next step boundary, checkpointed. Under torchrun rank
+    0 evaluates, logs and saves; all that is distributed is in the section "torchrun" below."""
+    rank, world = processes()
     B, accum = check_dataclass(cfg).batch_size, cfg.grad_accum  # settings in range, or an error
+    device = next(model.parameters()).device
+    settings = run_settings(cfg, run, device)  # --amp auto resolved for this device
+    max_iters = run_length(cfg, train_data, world, settings["amp"])
+    optimizer = make_optimizer(model, cfg)
+    autocast, scaler = amp_setup(settings["amp"], device)
+    fwd = wrap_model(model, cfg, world)
+    with RunRecords(out_dir, cfg, max_iters, model, optimizer, scaler, save=save,
+                    validate=lambda: evaluate(model, val_data, B, cfg.eval_batches),
+                    settings=settings, resume=resume, overwrite=overwrite,
+                    rank=rank) as records:
+        records.begin()
+        model.train()
+        while records.step < max_iters:
+            lr = lr_at(records.step, cfg, max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Dropout (LoRA's too) draws from a seed fixed by (seed, batch, rank): a resumed
+            # run repeats the uninterrupted one exactly, with no RNG state to save.
+            b = records.batches  # batches drawn so far
+            torch.manual_seed(cfg.seed + 1_000_003 * b + 7919 * rank)
+            batches = [train_data.get_batch(B, (b * accum + m) * world + rank, cfg.seed)
+                       for m in range(accum)]
+            loss, skipped = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
+            records.end_step(loss, lr, sum(x.numel() for x, _ in batches) * world, skipped)
+    return records.history
+
+
+def run_length(cfg: TrainConfig, train_data, world: int, precision: str) -> int:
+    """The run's optimizer steps: --max-iters, or --epochs of train_data (printed on rank 0).
+    ValueError for data smaller than one batch, or a warmup longer than the run."""
+    B = cfg.batch_size
     if len(train_data) < B * world:
         raise ValueError(f"{train_data.name} has {len(train_data):,} samples, fewer than one "
                          f"batch ({B} x {world} processes): use more data or a smaller batch")
-    per_epoch = math.ceil(len(train_data) / (B * accum * world))
+    per_epoch = math.ceil(len(train_data) / (B * cfg.grad_accum * world))
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * per_epoch))
-    optimizer = make_optimizer(model, cfg)
-    settings = run_settings(cfg, run, next(model.parameters()).device)  # --amp auto resolved
-    autocast, scaler = amp_setup(settings["amp"], settings["device"])
-    lock = claim_out_dir(out_dir if rank == 0 else None, resume, overwrite)
-    try:
-        log = RunLog(out_dir if rank == 0 else None, max_iters, cfg.progress and rank == 0)
-        step = load_checkpoint(out_dir, model, optimizer, scaler, log, settings) if resume else 0
-        fwd = wrap_model(model, cfg, world)
+    if cfg.warmup > max_iters:  # the learning rate would never reach --lr, nor decay
+        raise ValueError(f"--warmup {cfg.warmup} is longer than the run (" + (
+            f"--max-iters {max_iters}" if cfg.max_iters else f"--epochs {cfg.epochs:g}: "
+            f"{max_iters:,} steps") + f"): pass a --warmup of at most {max_iters}, or train longer")
+    if processes()[0] == 0:
+        print(f"training {max_iters:,} steps in {precision} ({per_epoch:,} per epoch of "
+              f"{len(train_data):,} samples; batch {B} x {cfg.grad_accum} accum x {world} processes)")
+    return max_iters
 
-        def validate():  # on rank 0, not counted in tokens/s
-            return log.paused(evaluate, model, val_data, B, cfg.eval_batches, cfg.amp) \
-                if rank == 0 else None
 
-        def checkpoint():
-            save_checkpoint(out_dir, model, optimizer, scaler, step, log, save, settings)
+# ---------------------------------------------------------------- torchrun: all that is distributed
 
-        if rank == 0:
-            print(f"training {max_iters:,} steps in {settings['amp']} ({per_epoch:,} per epoch of "
-                  f"{len(train_data):,} samples; batch {B} x {accum} accum x {world} processes)")
-        if step == 0:
-            log.start(validate())
-        model.train()
-        with StepBoundary() as ctrl_c:
-            while step < max_iters:
-                lr = lr_at(step, cfg, max_iters)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # Dropout (LoRA's too) draws from a seed fixed by (seed, step, rank): a resumed
-                # run repeats the uninterrupted one exactly, with no RNG state to save.
-                torch.manual_seed(cfg.seed + 1_000_003 * step + 7919 * rank)
-                batches = [train_data.get_batch(B, (step * accum + m) * world + rank, cfg.seed)
-                           for m in range(accum)]
-                loss = train_step(fwd, model, optimizer, scaler, batches, cfg, autocast)
-                if not math.isfinite(loss):  # stop; the last checkpoint stays as it is
-                    raise TrainingDiverged(f"the loss is {loss} at step {step + 1}: stopping"
-                                           f"{log.kept(out_dir)}. Try a lower --lr, or --amp off")
-                step += 1
-                end = step == max_iters
-                val = validate() if step % cfg.eval_interval == 0 or end else None
-                log.step(step, loss, lr, sum(x.numel() for x, _ in batches) * world, val,
-                         write=step % cfg.log_interval == 0 or val is not None or end)
-                if end or step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
-                    checkpoint()
-                if not end and ctrl_c.stop():  # Ctrl-C: after the step, checkpointed
-                    log.close()
-                    checkpoint()
-                    raise KeyboardInterrupt(log.stopped(step, out_dir))
-        log.close()
-        log.plot(cfg.label_smoothing)
-        return log.history
-    finally:
-        release_out_dir(lock)
+def processes() -> tuple[int, int]:
+    """(rank, world size): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def wrap_model(model, cfg: TrainConfig, world: int):
@@ -258,6 +257,18 @@ def wrap_model(model, cfg: TrainConfig, world: int):
         device = next(model.parameters()).device
         fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(fwd) if cfg.compile else fwd
+
+
+def accumulating(fwd, last: bool):
+    """Around a micro-step: DDP all-reduces the gradients in the last one's backward only."""
+    return fwd.no_sync() if processes()[1] > 1 and not last else nullcontext()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes, in place (t itself without torchrun)."""
+    if processes()[1] > 1:
+        dist.all_reduce(t)
+    return t
 
 
 # ================================================================ command line (finetune.py too)

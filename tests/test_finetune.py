@@ -29,7 +29,7 @@ def scratch_base(tmp_path_factory, e2e_dir):
     """A tiny GPT written by train.py (here pretrained briefly on E2E text)."""
     out = tmp_path_factory.mktemp("scratch_base")
     train.main(["--data", str(e2e_dir), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-                "--block-size", "128", "--batch-size", "4", "--max-iters", "3",
+                "--block-size", "128", "--batch-size", "4", "--max-iters", "3", "--warmup", "1",
                 "--eval-batches", "1", "--out", str(out), "--no-progress"])
     return out
 
@@ -172,6 +172,19 @@ def test_flags_out_of_range_are_refused_before_anything_loads(tmp_path, capsys, 
                                 *flags])
     assert message in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_refused_naming_both_flags(tiny_base, e2e_dir, tmp_path,
+                                                                   capsys):
+    """--max-iters 200 with the paper's default warmup of 500 would never reach --lr."""
+    out = tmp_path / "o"
+    line = _error_line(capsys, ["--init", tiny_base, "--data", e2e_dir, "--max-iters", "200",
+                                "--out", out])
+    assert "--warmup 500" in line and "--max-iters 200" in line, line
+    assert not out.exists()
+    line = _error_line(capsys, ["--init", tiny_base, "--data", e2e_dir, "--epochs", "0.01",
+                                "--out", out])  # a run of a few steps, from --epochs
+    assert "--warmup 500" in line and "--epochs 0.01" in line, line
 
 
 def test_help_states_the_range_of_every_numeric_lora_flag():

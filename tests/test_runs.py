@@ -215,7 +215,8 @@ def test_bad_system_flags_are_one_line(argv, message, capsys, shakespeare_dir, t
     argv = [a.format(tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:
         run_main(lambda: train.main(["--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-                                     "--max-iters", "1", "--data", str(shakespeare_dir),
-                                     "--block-size", "16", "--out", str(tmp_path / "o"), *argv]))
+                                     "--max-iters", "1", "--warmup", "0",
+                                     "--data", str(shakespeare_dir), "--block-size", "16",
+                                     "--out", str(tmp_path / "o"), *argv]))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and message in err[0], err

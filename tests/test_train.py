@@ -14,6 +14,7 @@ import train
 from conftest import tiny_gpt, toy_examples
 from data.datasets import IGNORE, Examples
 from model import GPT
+from runs import TrainingDiverged
 
 
 def _toy_model(**kw):
@@ -64,6 +65,19 @@ def test_evaluate_is_the_mean_loss_per_target_token():
     assert train.evaluate(model, data, batch_size=2) == pytest.approx(total / count, rel=1e-5)
 
 
+def test_validation_is_in_the_weights_precision_whatever_amp_the_run_trains_with():
+    """One precision for every validation loss: the weights' dtype (fp32 here), no autocast,
+    even inside an autocast region, so a run's bf16 training and studies' base loss compare."""
+    data, cfg = toy_examples(), dict(lr=1e-2, warmup=0, max_iters=1, batch_size=4,
+                                     progress=False)
+    step0 = {amp: train.train(_toy_model(), data, data, train.TrainConfig(amp=amp, **cfg))[0]
+             for amp in ("off", "bf16")}  # step 0: validation before any update
+    want = train.evaluate(_toy_model(), data, 4, train.TrainConfig().eval_batches)
+    assert step0["off"]["val_loss"] == step0["bf16"]["val_loss"] == want
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train.evaluate(_toy_model(), data, 4, train.TrainConfig().eval_batches) == want
+
+
 def test_train_lowers_validation_loss_and_records_history(tmp_path):
     model, data = _toy_model(), toy_examples()
     cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=12, eval_interval=6, log_interval=3,
@@ -90,8 +104,39 @@ def test_bf16_autocast_on_cpu_trains_and_fp16_needs_cuda():
     assert math.isfinite(history[-1]["val_loss"])
     assert model.wte.weight.dtype == torch.float32  # weights stay fp32 under autocast
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        train.train(model, data, data, train.TrainConfig(amp="fp16", max_iters=1,
+        train.train(model, data, data, train.TrainConfig(amp="fp16", max_iters=1, warmup=0,
                                                          progress=False))
+
+
+def test_a_compiled_training_step_is_one_graph_with_the_loss_unchanged():
+    """The target-only projection without a host-device sync: train_step finds the target
+    positions on the CPU and GPT.forward gathers them with index_select, so torch.compile
+    traces the forward with targets as one graph (a boolean mask's gather is a nonzero: a
+    graph break, and a sync on a GPU). The loss is the one of every position projected."""
+    model, (x, y) = _toy_model(), toy_examples().get_batch(4, 0)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        fwd = torch.compile(model, backend=counting_backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss, _ = train.train_step(fwd, model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                   [(x, y)], train.TrainConfig(label_smoothing=0.1), nullcontext)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    with torch.no_grad():
+        every = model(x).flatten(0, 1)  # (B T, vocab): every position, -100 ignored
+        want = F.cross_entropy(every, y.flatten(), ignore_index=IGNORE, label_smoothing=0.1)
+        assert loss == pytest.approx(float(want), rel=1e-5)
+        index = (y.flatten() != IGNORE).nonzero().squeeze(1)
+        per_target = F.cross_entropy(every[index], y.flatten()[index], reduction="none")
+        for kw in ({}, {"target_index": index}):  # forward finds the targets itself if not given
+            assert torch.allclose(model(x, y, reduction="none", **kw), per_target, atol=1e-5)
 
 
 class _PoisonAt(Examples):
@@ -115,7 +160,7 @@ def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp
     saved = {}
     cfg = train.TrainConfig(lr=1e-2, warmup=0, max_iters=10, ckpt_interval=2, batch_size=4,
                             progress=False)
-    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5.*step 4\)"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step 4\)"):
         train.train(model, _PoisonAt(data, model, at=4), data, cfg, out_dir=tmp_path,
                     save=lambda m, d: saved.update(
                         {n: p.detach().clone() for n, p in m.named_parameters()
@@ -125,16 +170,82 @@ def test_a_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp
     assert all(torch.equal(saved[n], t) for n, t in ckpt["params"].items())
 
 
+class _InfGradAt(Examples):
+    """Drawing batch `at` makes that micro-step's gradient of h.0.attn.c_attn.weight inf (as an
+    fp16 overflow would), once; drawing batch `stop` is a Ctrl-C that saves nothing."""
+
+    def __init__(self, base, model, at, stop=None):
+        super().__init__(base.tokens, base.index, base.block_size, base.name)
+        self.at, self.stop, self.poison, self.drawn = at, stop, False, []
+        model.h[0].attn.c_attn.weight.register_hook(
+            lambda g: torch.full_like(g, math.inf) if self.poison else g)
+
+    def get_batch(self, batch_size, index=0, seed=0):
+        if index == self.stop:
+            raise KeyboardInterrupt
+        self.drawn.append(index)
+        self.poison = index == self.at
+        return super().get_batch(batch_size, index, seed)
+
+
+def test_a_step_the_loss_scaler_skips_is_logged_and_not_counted(tmp_path, monkeypatch):
+    """fp16's GradScaler skips the optimizer step whose gradients are inf: the step is logged
+    as skipped, and the schedule and --max-iters count the steps taken, so the run still makes
+    max_iters updates with the whole schedule; resume after a skip is exact. (The real scaler,
+    enabled on the CPU, in place of amp_setup's: fp16 needs CUDA.)"""
+    monkeypatch.setattr(train, "amp_setup",
+                        lambda *a, **k: (nullcontext, torch.amp.GradScaler("cpu")))
+    cfg = train.TrainConfig(lr=1e-2, warmup=2, max_iters=5, eval_interval=5, log_interval=1,
+                            ckpt_interval=1, batch_size=4, progress=False)
+    clean = train.train(_toy_model(), toy_examples(), toy_examples(4), cfg)
+    model = _toy_model()
+    data = _InfGradAt(toy_examples(), model, at=2)
+    history = train.train(model, data, toy_examples(4), cfg, out_dir=tmp_path / "whole",
+                          save=lambda m, d: None)
+    assert data.drawn == [0, 1, 2, 3, 4, 5]  # batch 2's step was skipped: one more batch
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4, 5]
+    assert [h["lr"] for h in history] == [h["lr"] for h in clean]  # lr_at(0), ..., lr_at(4)
+    assert [h["skipped_steps"] for h in history] == [0, 0, 0, 1, 1, 1]
+    assert _read_log(tmp_path / "whole") == json.loads(json.dumps(history))
+    ckpt = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    assert all(s["step"] == 5 for s in ckpt["optimizer"]["state"].values())  # 5 AdamW updates
+
+    parts, model = tmp_path / "parts", _toy_model()
+    with pytest.raises(KeyboardInterrupt):  # after step 3 (batches 0, 1, 2 skipped, 3)
+        train.train(model, _InfGradAt(toy_examples(), model, at=2, stop=4), toy_examples(4),
+                    cfg, out_dir=parts, save=lambda m, d: None)
+    model = _toy_model()
+    data = _InfGradAt(toy_examples(), model, at=None)
+    train.train(model, data, toy_examples(4), cfg, out_dir=parts, resume=True,
+                save=lambda m, d: None)
+    assert data.drawn == [4, 5]
+
+    def strip(log):
+        return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "train_s")} for h in log]
+    assert strip(_read_log(parts)) == strip(_read_log(tmp_path / "whole"))
+    resumed = torch.load(parts / "ckpt.pt", weights_only=True)["params"]
+    assert all(torch.equal(resumed[k], t) for k, t in ckpt["params"].items())
+
+
 def test_train_py_pretrains_from_scratch_and_writes_a_loadable_model(shakespeare_dir, tmp_path):
     out = tmp_path / "scratch"
     train.main(["--data", str(shakespeare_dir), "--n-layer", "1", "--n-head", "2",
                 "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--max-iters",
-                "10", "--eval-interval", "5", "--eval-batches", "2", "--out", str(out),
-                "--no-progress"])
+                "10", "--warmup", "2", "--eval-interval", "5", "--eval-batches", "2",
+                "--out", str(out), "--no-progress"])
     log = _read_log(out)
     assert log[-1]["step"] == 10 and log[-1]["val_loss"] < log[0]["val_loss"]
     model = GPT.from_pretrained(out)
     assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (1, 32, 32)
+
+
+def test_train_py_refuses_a_warmup_longer_than_the_run(shakespeare_dir, tmp_path, capsys):
+    from conftest import one_error_line
+    line = one_error_line(capsys, train.main, [
+        "--data", shakespeare_dir, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--block-size", "16", "--max-iters", "10", "--out", tmp_path / "o"])  # warmup 20
+    assert "--warmup 20" in line and "--max-iters 10" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_py_full_finetuning_updates_every_weight(tiny_base, shakespeare_dir, tmp_path):
