@@ -237,7 +237,8 @@ def run_length(cfg: TrainConfig, train_data, world: int, precision: str) -> int:
             f"{max_iters:,} steps") + f"): pass a --warmup of at most {max_iters}, or train longer")
     if processes()[0] == 0:
         print(f"training {max_iters:,} steps in {precision} ({per_epoch:,} per epoch of "
-              f"{len(train_data):,} samples; batch {B} x {cfg.grad_accum} accum x {world} processes)")
+              f"{len(train_data):,} samples; batch {B} x {cfg.grad_accum} accum x {world} "
+              f"processes)")
     return max_iters
 
 
