@@ -53,7 +53,8 @@ def base_fingerprint(model, settings=None) -> dict:
 def save_adapter(model, path, base_name=None):
     """Write the LoRA tensors (lora_state_dict) to a safetensors file, atomically, with the
     settings and the base model's identity as metadata: lora_config, base_name, base_config,
-    base_fingerprint (of W0), base_dtype. About 0.6 MB for GPT-2 124M at r = 4 on q, v."""
+    base_fingerprint (of W0), base_dtype, and lora_dtype (of A and B: float32 also on a bf16 or
+    fp16 base). About 0.6 MB for GPT-2 124M at r = 4 on q, v."""
     from safetensors.torch import save_file
 
     cfg = lora_config(model)
@@ -65,6 +66,8 @@ def save_adapter(model, path, base_name=None):
         "base_config": json.dumps(asdict(model.config)),
         "base_fingerprint": json.dumps(base_fingerprint(model)),
         "base_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "lora_dtype": str(next(iter(lora_layers(model).values())).lora_dtype)
+        .removeprefix("torch."),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,11 +256,13 @@ class MixedLoRALinear(LoRALinear):
                              f"prompt into k rows repeats them with repeat_adapter_ids)")
         y = torch.nn.functional.linear(x, self.weight, self.bias)  # W0 x (+ b), (B, T, out)
         pick = ids.clamp(min=0)
-        s = (self.bank_scaling[pick] * (ids >= 0))[:, None, None].to(x.dtype)  # (B, 1, 1)
+        s = (self.bank_scaling[pick] * (ids >= 0))[:, None, None]  # (B, 1, 1)
         for n, (a, b) in self.slices.items():
             A = getattr(self, f"bank_A_{n}")[pick]  # (B, r, in): each row's own A
             B = getattr(self, f"bank_B_{n}")[pick]  # (B, out, r)
-            y[..., a:b] += torch.bmm(torch.bmm(x, A.transpose(1, 2)) * s, B.transpose(1, 2))
+            # the LoRA path in the bank's dtype (fp32 on a bf16 base too, as LoRALinear's)
+            xa = torch.bmm(x.to(A.dtype), A.transpose(1, 2)) * s.to(A.dtype)  # (B, T, r)
+            y[..., a:b] += torch.bmm(xa, B.transpose(1, 2))
         return y
 
     def merge(self):
@@ -307,7 +312,7 @@ def load_adapters(model, adapters: dict) -> list:
         scalings = [c["alpha"] / (math.sqrt(c["rank"]) if c["rslora"] else c["rank"])
                     for c in cfgs.values()]
         for ln, layer in layers.items():
-            f = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+            f = dict(device=layer.weight.device, dtype=layer.lora_dtype)  # fp32 (LoRALinear)
             banks = {}
             for n, (a, b) in layer.slices.items():
                 A = torch.zeros(len(files), rmax, layer.in_features, **f)  # (N, r, in)

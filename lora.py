@@ -36,6 +36,7 @@ _TARGETS = {
 }
 TARGETS = tuple(_TARGETS)
 BIAS_OPTIONS = ("none", "all", "lora_only")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class _KeepW0:
@@ -49,10 +50,17 @@ class _KeepW0:
         self.reset_lora_parameters()
 
     def _apply(self, fn, recurse=True):
-        """.to(), .half(), .cuda(): unmerge, convert, merge again (so W0 stays restorable)."""
+        """.to(), .half(), .cuda(): unmerge, convert, merge again (so W0 stays restorable). A and
+        B (and their gradients) never go below fp32: AdamW's small steps would round away."""
         merged = self.merged
         self.unmerge()
-        super()._apply(fn, recurse)
+        lora = {id(t) for p in self._lora_parameters() for t in (p, p.grad) if t is not None}
+
+        def keep_fp32(t):
+            out = fn(t)
+            return out.float() if id(t) in lora and out.dtype in _HALF else out
+
+        super()._apply(keep_fp32, recurse)
         if merged and not self.weight.is_meta:  # a meta tensor has no values to merge
             self.merge()
         return self
@@ -89,7 +97,10 @@ class LoRALinear(_KeepW0, nn.Linear):
         # §4.1: "We then scale ΔWx by α/r ... tuning α is roughly the same as tuning the learning
         # rate". rsLoRA (Kalajdzievski 2023) uses α/√r so that large ranks still learn.
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        f = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # A and B in fp32 even on a bf16/fp16 base (as PEFT does): in half precision AdamW's
+        # small updates round away. forward computes the LoRA path in their dtype.
+        f = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype,
+                                                                     torch.float32))
         self.lora_A = nn.ParameterDict(
             {n: nn.Parameter(torch.empty(rank, self.in_features, **f)) for n in self.slices})
         self.lora_B = nn.ParameterDict(
@@ -120,7 +131,7 @@ class LoRALinear(_KeepW0, nn.Linear):
                 raise ValueError("LoRA is merged into the weights, so A and B would get no "
                                  "gradient: call unmerge_lora before training")
             return y
-        x = self.lora_dropout(x)
+        x = self.lora_dropout(x.to(self.lora_dtype))  # the LoRA path in fp32 (see __init__)
         if torch.is_grad_enabled() and not y.requires_grad:
             # Nothing below this layer trains (e.g. W_o alone, or block 0): F.linear's y may be a
             # view of a tensor outside autograd, which refuses a trainable in-place update.
@@ -130,7 +141,7 @@ class LoRALinear(_KeepW0, nn.Linear):
             # eq. 3 on the slice: y += (α/r) B (A x), through the r-wide bottleneck (ΔW is never
             # formed), accumulated into y's rows a:b by one addmm
             xa = x2 @ self.lora_A[n].t()  # (N, r)
-            y2[:, a:b].addmm_(xa, self.lora_B[n].t().to(xa.dtype), alpha=self.scaling)
+            y2[:, a:b].add_(xa @ self.lora_B[n].t(), alpha=self.scaling)  # rounded once to y's
         return y
 
     # merge / unmerge (§4.1: "we can explicitly compute and store W = W0 + BA")
@@ -166,6 +177,14 @@ class LoRALinear(_KeepW0, nn.Linear):
         for n, (a, b) in self.slices.items():
             self._merges[n].undo(w0[a:b])
         return w0
+
+    @property
+    def lora_dtype(self):
+        """The dtype of A and B (and of the LoRA path in forward): fp32 unless the base is fp64."""
+        return next(iter(self.lora_A.values())).dtype
+
+    def _lora_parameters(self):
+        return [*self.lora_A.values(), *self.lora_B.values()]
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, "

@@ -38,7 +38,7 @@ def export_peft(model, directory):
     R = max(layer.rank * len(layer.slices) for layer in layers.values())
     tensors = {}
     for name, layer in layers.items():
-        f = dict(dtype=layer.weight.dtype)
+        f = dict(dtype=layer.lora_dtype)  # fp32 also on a bf16 base (PEFT keeps it)
         A, B = torch.zeros(R, layer.in_features, **f), torch.zeros(layer.out_features, R, **f)
         for j, (n, (a, b)) in enumerate(layer.slices.items()):
             cols = slice(j * layer.rank, (j + 1) * layer.rank)

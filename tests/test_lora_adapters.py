@@ -428,3 +428,23 @@ def test_failed_load_adapters_leaves_the_model_as_it_came(tmp_path):
             adapters.load_adapters(model, {"good": good, "misfit": misfit})
         assert snapshot(model) == before
         assert adapters.load_adapters(model, {"good": good}) == ["good"]  # and then loads
+
+
+def test_an_adapter_from_a_bf16_base_is_fp32_says_so_and_loads_bit_for_bit(tmp_path):
+    """save_adapter's metadata states both dtypes; A and B stay fp32 through the file, onto a
+    bf16 base, and in a mixed batch there."""
+    model = randomize_lora(lora.apply_lora(tiny_gpt().to(torch.bfloat16)))
+    path = adapters.save_adapter(model, tmp_path / "a.safetensors")
+    tensors, meta = adapters.read_adapter(path)
+    assert meta["base_dtype"] == "bfloat16" and meta["lora_dtype"] == "float32"
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    fresh = adapters.load_adapter(tiny_gpt().to(torch.bfloat16), path)
+    sd = lora.lora_state_dict(fresh)
+    assert all(torch.equal(sd[k], v) for k, v in tensors.items())  # no bf16 rounding on the way
+    assert torch.equal(fresh(ids()), model(ids()))
+    mixed = tiny_gpt().to(torch.bfloat16)
+    adapters.load_adapters(mixed, {"a": path})
+    with adapters.use_adapters(mixed, ["a", -1]):
+        got = mixed(ids())
+    assert (got[0] - model(ids())[0]).abs().max() < 0.05  # bf16 logits: the same function
+    assert (got[0] - tiny_gpt().to(torch.bfloat16)(ids())[0]).abs().max() > 0.1
