@@ -33,7 +33,7 @@ def base_fingerprint(model, settings=None) -> dict:
     with these LoRA settings (default: the model's own) trains: those are the adapter's. So a
     bias="none" adapter does not load onto a base whose biases were fine-tuned (BitFit).
     Values rather than a hash, so that an adapter saved from an fp32 model still loads onto the
-    same base in bf16 or fp16: they are compared up to the rounding of the coarser dtype."""
+    same base in bf16 or fp16: they are compared up to the rounding of both dtypes."""
     cfg = settings or getattr(model, "lora_config", None) or {"bias": "none"}
     skip = adapter_biases(model, cfg)
     out = {}
@@ -116,14 +116,17 @@ def _check_base(model, meta, source):
         raise ValueError(f"{source}: adapter is for another base model{name}: "
                          + ", ".join(f"{k}={theirs.get(k)} (this model: {ours[k]})" for k in diff))
     fp = base_fingerprint(model, meta["lora_config"])  # without the biases the adapter has
-    dtypes = [getattr(torch, meta.get("base_dtype", "float32")), model.wte.weight.dtype]
-    coarse = max((torch.finfo(d) for d in dtypes), key=lambda fi: fi.eps)
+    dtypes = [torch.finfo(getattr(torch, meta.get("base_dtype", "float32"))),
+              torch.finfo(model.wte.weight.dtype)]
     for k, theirs_v in meta["base_fingerprint"].items():
         if k not in fp:
             raise ValueError(f"{source}: adapter is for another base model{name}: it has tensor "
                              f"{k}, this model does not")
         a, b = torch.tensor(theirs_v), torch.tensor(fp[k])
-        if (a - b).abs().gt(coarse.eps * a.abs() + coarse.tiny).any():
+        # Each side is one base value rounded to its dtype: off by at most eps/2 of the value,
+        # or half the subnormal spacing (tiny · eps) below tiny; eps, not eps/2, for margin.
+        v = torch.maximum(a.abs(), b.abs())
+        if (a - b).abs().gt(sum(fi.eps * (v + fi.tiny) for fi in dtypes)).any():
             raise ValueError(f"{source}: adapter was trained on other base weights{name}: "
                              f"{k} differs (fingerprint mismatch)")
 

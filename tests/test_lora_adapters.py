@@ -448,3 +448,29 @@ def test_an_adapter_from_a_bf16_base_is_fp32_says_so_and_loads_bit_for_bit(tmp_p
         got = mixed(ids())
     assert (got[0] - model(ids())[0]).abs().max() < 0.05  # bf16 logits: the same function
     assert (got[0] - tiny_gpt().to(torch.bfloat16)(ids())[0]).abs().max() > 0.1
+
+
+def base_with_tiny_values(factor=1.0):
+    """tiny_gpt with tiny values where the fingerprint samples (first and last entry): 1.2e-6
+    is subnormal in fp16 (2.4% rounding error there), normal in bf16."""
+    model = tiny_gpt()
+    with torch.no_grad():
+        w = model.h[0].mlp.c_fc.weight.view(-1)
+        w[0], w[-1] = 1.234e-6 * factor, -3.1e-7 * factor
+    return model
+
+
+@pytest.mark.parametrize("saved,loaded", [(torch.float16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float16),
+                                          (torch.float32, torch.float16)])
+def test_same_base_in_another_precision_is_accepted_even_where_values_are_tiny(
+        tmp_path, saved, loaded):
+    """The base check allows the rounding of both dtypes (subnormals included): the same base
+    in another precision is accepted, a base whose tiny values differ beyond it is refused."""
+    model = randomize_lora(lora.apply_lora(base_with_tiny_values().to(saved)))
+    path = adapters.save_adapter(model, tmp_path / "a.safetensors")
+    adapters.load_adapter(base_with_tiny_values().to(loaded), path)
+    with pytest.raises(ValueError, match="h.0.mlp.c_fc.weight differs"):
+        adapters.load_adapter(base_with_tiny_values(factor=1.5).to(loaded), path)
+    with pytest.raises(ValueError, match="other base weights"):
+        adapters.load_adapter(tiny_gpt(seed=5).to(loaded), path)
