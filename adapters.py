@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import atomic_write, check_finite, check_tensors
+from common import atomic_write, check_finite, check_tensors, short_list
 from lora import BIAS_OPTIONS, TARGETS, LoRALinear, adapter_biases, apply_lora, is_merged, \
     lora_config, lora_layers, lora_state_dict, merge_lora, unmerge_lora
 
@@ -76,7 +76,9 @@ def save_adapter(model, path, base_name=None):
 
 
 def read_adapter(path):
-    """(tensors, metadata) of an adapter file written by save_adapter; clear errors otherwise."""
+    """(tensors, metadata) of an adapter file written by save_adapter; a one-line ValueError
+    otherwise, also for metadata another tool left missing, empty, partial or malformed (it is
+    refused, never loaded in part: there is no flag to load it anyway)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -90,21 +92,46 @@ def read_adapter(path):
         raise ValueError(f"{path}: cannot read the adapter, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
     check_finite(tensors, path)
-    need = ("lora_config", "base_config", "base_fingerprint")
-    if any(k not in meta for k in need):
+    need = ("lora_config", "base_config", "base_fingerprint")  # JSON; base_dtype is a name
+    if any(k not in meta for k in (*need, "base_dtype")):
         raise ValueError(f"{path}: not a LoRA adapter written by save_adapter (its metadata lacks "
-                         f"{[k for k in need if k not in meta]}; for a PEFT adapter directory "
-                         f"use import_peft)")
+                         f"{[k for k in (*need, 'base_dtype') if k not in meta]}; for a PEFT "
+                         f"adapter directory use import_peft)")
     try:
         meta = {**meta, **{k: json.loads(meta[k]) for k in need}}
     except json.JSONDecodeError:
         raise ValueError(f"{path}: the adapter's metadata is corrupt") from None
+    _check_base_metadata(meta, tensors, path)
     cfg = meta["lora_config"]  # its numbers are apply_lora's to check (load_adapter)
     if not (isinstance(cfg, dict) and set(cfg) == set(_CONFIG_KEYS) and cfg["bias"] in BIAS_OPTIONS
             and isinstance(cfg["targets"], list) and all(t in TARGETS for t in cfg["targets"])):
         raise ValueError(f"{path}: the adapter's lora_config is not one save_adapter writes: "
                          f"{cfg}")
     return tensors, meta
+
+
+def _check_base_metadata(meta, tensors, path):
+    """Metadata edited or written by another tool is refused, not trusted in part: an empty or
+    partial fingerprint would pass any base, a guessed dtype would set the wrong tolerance."""
+    fp, k = meta["base_fingerprint"], _FINGERPRINT_SAMPLES
+    if fp == {}:
+        raise ValueError(f"{path}: the adapter's base_fingerprint is empty")
+    if not isinstance(fp, dict):
+        raise ValueError(f"{path}: the adapter's base_fingerprint is malformed (not a JSON "
+                         f"object of tensor name: [{k} numbers])")
+    bad = [n for n, v in fp.items() if not (isinstance(v, list) and len(v) == k and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))]
+    if bad:
+        raise ValueError(f"{path}: the adapter's base_fingerprint is malformed: "
+                         f"{short_list(bad, 3)} (each must be {k} finite numbers)")
+    dtype = getattr(torch, str(meta["base_dtype"]), None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{path}: the adapter's base_dtype {meta['base_dtype']!r} is not a "
+                         f"floating-point dtype")
+    lora = {str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if ".lora_" in n}
+    if "lora_dtype" in meta and lora != {meta["lora_dtype"]}:  # older files do not state it
+        raise ValueError(f"{path}: the adapter's lora_dtype is {meta['lora_dtype']} but its "
+                         f"tensors are {', '.join(sorted(lora))}")
 
 
 def _check_base(model, meta, source):
@@ -116,8 +143,11 @@ def _check_base(model, meta, source):
         raise ValueError(f"{source}: adapter is for another base model{name}: "
                          + ", ".join(f"{k}={theirs.get(k)} (this model: {ours[k]})" for k in diff))
     fp = base_fingerprint(model, meta["lora_config"])  # without the biases the adapter has
-    dtypes = [torch.finfo(getattr(torch, meta.get("base_dtype", "float32"))),
-              torch.finfo(model.wte.weight.dtype)]
+    dtypes = [torch.finfo(getattr(torch, meta["base_dtype"])), torch.finfo(model.wte.weight.dtype)]
+    missing = [k for k in fp if k not in meta["base_fingerprint"]]
+    if missing:
+        raise ValueError(f"{source}: the adapter's base_fingerprint lacks {len(missing)} of the "
+                         f"{len(fp)} base tensors: {short_list(missing, 3)}")
     for k, theirs_v in meta["base_fingerprint"].items():
         if k not in fp:
             raise ValueError(f"{source}: adapter is for another base model{name}: it has tensor "

@@ -474,3 +474,43 @@ def test_same_base_in_another_precision_is_accepted_even_where_values_are_tiny(
         adapters.load_adapter(base_with_tiny_values(factor=1.5).to(loaded), path)
     with pytest.raises(ValueError, match="other base weights"):
         adapters.load_adapter(tiny_gpt(seed=5).to(loaded), path)
+
+
+def edited(meta, **changes):
+    """meta with keys changed (None: removed), as another tool might leave it."""
+    out = {**meta, **{k: v for k, v in changes.items() if v is not None}}
+    return {k: v for k, v in out.items() if changes.get(k, "") is not None}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(base_fingerprint="{}"), r"base_fingerprint is empty"),
+    ("partial", r"base_fingerprint lacks \d+ of the \d+ base tensors: wte.weight"),
+    (dict(base_fingerprint="[]"), r"base_fingerprint is malformed"),
+    (dict(base_fingerprint=json.dumps({"wte.weight": [0.1, "x"]})),
+     r"base_fingerprint is malformed: wte.weight"),
+    (dict(base_dtype=None), r"metadata lacks \['base_dtype'\]"),
+    (dict(base_dtype="int8"), r"base_dtype 'int8' is not a floating-point dtype"),
+    (dict(base_dtype="floaty"), r"base_dtype 'floaty' is not a floating-point dtype"),
+    (dict(lora_dtype="bfloat16"), r"lora_dtype is bfloat16 but its tensors are float32"),
+])
+def test_edited_metadata_is_refused_in_one_line_naming_what_is_wrong(trained, tmp_path,
+                                                                     change, message):
+    """Metadata another tool wrote or edited is not trusted in part: an empty or partial
+    fingerprint would pass any base, a missing base dtype would be guessed."""
+    from safetensors.torch import load_file, save_file
+
+    _, path, _ = trained
+    meta = safe_metadata(path)
+    if change == "partial":
+        fp = json.loads(meta["base_fingerprint"])
+        change = dict(base_fingerprint=json.dumps({k: v for k, v in fp.items()
+                                                   if k != "wte.weight"}))
+    out = tmp_path / "edited.safetensors"
+    save_file(load_file(path), out, metadata=edited(meta, **change))
+    for load in (lambda m: adapters.load_adapter(m, out),
+                 lambda m: adapters.load_adapters(m, {"a": out})):
+        base = tiny_gpt()
+        before = snapshot(base)
+        with pytest.raises(ValueError, match=f"^{out}: .*{message}") as e:
+            load(base)
+        assert "\n" not in str(e.value) and snapshot(base) == before
