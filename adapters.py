@@ -205,14 +205,16 @@ def load_adapter(model, path):
 
 @contextmanager
 def _lora_applied(model, settings: dict, source):
-    """apply_lora(model, **settings) for the block (bad settings: a ValueError naming source);
+    """apply_lora(model, **settings) for the block (bad settings: a ValueError naming source;
+    a rank above a matrix's width is accepted: the adapter exists, apply_lora's limit is for
+    training a new one);
     an error inside the block takes the LoRA off again: the model's own modules back in their
     places, its requires_grad flags as they were, no lora_config. A failed load then leaves the
     model exactly as it came, and the next load starts from the same base."""
     modules = dict(model.named_modules())
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        apply_lora(model, **settings)
+        apply_lora(model, **settings, rank_limit=False)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{source}: {e}") from None
     try:

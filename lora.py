@@ -192,7 +192,7 @@ class LoRALinear(_KeepW0, nn.Linear):
 
 
 def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="none",
-               rslora=False):
+               rslora=False, *, rank_limit=True):
     """Add LoRA to every block of a GPT (in place) and freeze everything else; returns the model.
 
     The defaults are the paper's GPT-2 setting (Table 11: r = 4, α = 32, dropout 0.1, W_q and
@@ -201,6 +201,9 @@ def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="n
     and mlp.c_proj). bias: which biases also train: "none", "all", or "lora_only" (those of the
     adapted layers). rslora: scale by α/√r instead of α/r. The settings are kept in
     model.lora_config. Bad settings are a ValueError and leave the model unchanged.
+    rank_limit: refuse a rank above the width of an adapted matrix (ΔW's rank cannot exceed
+    it, so the rest only adds parameters); loading an adapter trained elsewhere turns it off
+    (PEFT runs such ranks).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     unknown = [t for t in targets if t not in _TARGETS]
@@ -227,7 +230,7 @@ def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="n
     for t in targets:
         for path, d_in, a, b in _TARGETS[t]:
             plan.setdefault(path, {})[t] = (a * C, b * C)
-            if rank > min(d_in * C, (b - a) * C):
+            if rank_limit and rank > min(d_in * C, (b - a) * C):
                 raise ValueError(f"LoRA rank {rank} is larger than the {path} matrix of target "
                                  f"'{t}' allows ({(b - a) * C} x {d_in * C})")
     for block in model.h:

@@ -78,7 +78,9 @@ def import_peft(model, directory):
     PEFT's whole-module LoRAs become our targets: c_attn -> "qkv", attn.c_proj -> "o", mlp.c_fc
     and mlp.c_proj -> "mlp"; scaling lora_alpha / r (lora_alpha / √r with use_rslora). A module
     the adapter leaves out (only c_fc, or some layers only) keeps B = 0, so ΔW = 0 there, as in
-    PEFT. Per-module ranks (rank_pattern), DoRA and other PEFT methods are refused. A bad file
+    PEFT. A rank above a module's width is accepted, as PEFT runs it (apply_lora refuses it
+    for a new adapter). Per-module ranks (rank_pattern), DoRA and other PEFT methods are
+    refused. A bad file
     is a ValueError (FileNotFoundError when one is missing) that names it, and leaves the model
     as it came."""
     d = Path(directory)
