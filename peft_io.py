@@ -80,9 +80,8 @@ def import_peft(model, directory):
     the adapter leaves out (only c_fc, or some layers only) keeps B = 0, so ΔW = 0 there, as in
     PEFT. A rank above a module's width is accepted, as PEFT runs it (apply_lora refuses it
     for a new adapter). Per-module ranks (rank_pattern), DoRA and other PEFT methods are
-    refused. A bad file
-    is a ValueError (FileNotFoundError when one is missing) that names it, and leaves the model
-    as it came."""
+    refused. A bad file is a ValueError (FileNotFoundError when one is missing) that names it,
+    and leaves the model as it came."""
     d = Path(directory)
     cfg_path = d / "adapter_config.json"
     if not cfg_path.is_file():
