@@ -273,8 +273,16 @@ class MixedLoRALinear(LoRALinear):
     same state-dict keys. Batched matmuls, no loop over rows or adapters."""
 
     def __init__(self, layer: LoRALinear, banks: dict, scalings: torch.Tensor):
+        if layer.merged:  # load_adapters refuses a merged model before it comes here
+            raise ValueError("MixedLoRALinear needs an unmerged LoRALinear")
         nn.Module.__init__(self)
-        self.__dict__.update(layer.__dict__)  # W0, A, B, settings: the same tensors, not copies
+        # The layer's public state, adopted: the same tensors and modules, not copies.
+        for name in ("in_features", "out_features", "slices", "rank", "alpha", "scaling"):
+            setattr(self, name, getattr(layer, name))
+        self.weight, self.bias = layer.weight, layer.bias  # W0 (and b)
+        self.lora_A, self.lora_B, self.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
+        self.merged, self._merges = False, {}
+        self.train(layer.training)
         for n, (A, B) in banks.items():
             self.register_buffer(f"bank_A_{n}", A, persistent=False)  # (N, r, in)
             self.register_buffer(f"bank_B_{n}", B, persistent=False)  # (N, out, r)
