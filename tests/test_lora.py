@@ -27,7 +27,8 @@ def randomize_lora(model, seed=1, std=0.05):
 
 
 def ids(batch=2, T=16, seed=0):
-    return torch.randint(0, TINY.vocab_size, (batch, T), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, TINY.vocab_size, (batch, T),
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def test_logits_equal_base_right_after_apply():
@@ -81,11 +82,7 @@ def test_disabled_slices_cost_no_flops():
     base = nn.Linear(C, 3 * C)
     layer = lora.LoRALinear(base, {"q": (0, C), "v": (2 * C, 3 * C)}, rank=r, alpha=8)
     x = torch.randn(N, C)
-    def addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # as for addmm: (n, k) @ (k, m)
-
-    # the in-place addmm_ (LoRA accumulates into y's rows) is counted like addmm
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops}) as fc:
+    with FlopCounterMode(display=False) as fc:
         layer(x)
     base_flops = 2 * N * C * 3 * C
     lora_flops = 2 * (2 * N * C * r + 2 * N * r * C)  # two slices: x A^T, then (.) B^T
