@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import atomic_write, check_finite, check_tensors
+from common import atomic_write, check_finite, check_tensors, short_list
 from lora import BIAS_OPTIONS, TARGETS, LoRALinear, adapter_biases, apply_lora, is_merged, \
     lora_config, lora_layers, lora_state_dict, merge_lora, unmerge_lora
 
@@ -33,7 +33,7 @@ def base_fingerprint(model, settings=None) -> dict:
     with these LoRA settings (default: the model's own) trains: those are the adapter's. So a
     bias="none" adapter does not load onto a base whose biases were fine-tuned (BitFit).
     Values rather than a hash, so that an adapter saved from an fp32 model still loads onto the
-    same base in bf16 or fp16: they are compared up to the rounding of the coarser dtype."""
+    same base in bf16 or fp16: they are compared up to the rounding of both dtypes."""
     cfg = settings or getattr(model, "lora_config", None) or {"bias": "none"}
     skip = adapter_biases(model, cfg)
     out = {}
@@ -53,7 +53,8 @@ def base_fingerprint(model, settings=None) -> dict:
 def save_adapter(model, path, base_name=None):
     """Write the LoRA tensors (lora_state_dict) to a safetensors file, atomically, with the
     settings and the base model's identity as metadata: lora_config, base_name, base_config,
-    base_fingerprint (of W0), base_dtype. About 0.6 MB for GPT-2 124M at r = 4 on q, v."""
+    base_fingerprint (of W0), base_dtype, and lora_dtype (of A and B: float32 also on a bf16 or
+    fp16 base). About 0.6 MB for GPT-2 124M at r = 4 on q, v."""
     from safetensors.torch import save_file
 
     cfg = lora_config(model)
@@ -65,6 +66,8 @@ def save_adapter(model, path, base_name=None):
         "base_config": json.dumps(asdict(model.config)),
         "base_fingerprint": json.dumps(base_fingerprint(model)),
         "base_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "lora_dtype": str(next(iter(lora_layers(model).values())).lora_dtype)
+        .removeprefix("torch."),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,9 @@ def save_adapter(model, path, base_name=None):
 
 
 def read_adapter(path):
-    """(tensors, metadata) of an adapter file written by save_adapter; clear errors otherwise."""
+    """(tensors, metadata) of an adapter file written by save_adapter; a one-line ValueError
+    otherwise, also for metadata another tool left missing, empty, partial or malformed (it is
+    refused, never loaded in part: there is no flag to load it anyway)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -87,21 +92,46 @@ def read_adapter(path):
         raise ValueError(f"{path}: cannot read the adapter, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
     check_finite(tensors, path)
-    need = ("lora_config", "base_config", "base_fingerprint")
-    if any(k not in meta for k in need):
+    need = ("lora_config", "base_config", "base_fingerprint")  # JSON; base_dtype is a name
+    if any(k not in meta for k in (*need, "base_dtype")):
         raise ValueError(f"{path}: not a LoRA adapter written by save_adapter (its metadata lacks "
-                         f"{[k for k in need if k not in meta]}; for a PEFT adapter directory "
-                         f"use import_peft)")
+                         f"{[k for k in (*need, 'base_dtype') if k not in meta]}; for a PEFT "
+                         f"adapter directory use import_peft)")
     try:
         meta = {**meta, **{k: json.loads(meta[k]) for k in need}}
     except json.JSONDecodeError:
         raise ValueError(f"{path}: the adapter's metadata is corrupt") from None
+    _check_base_metadata(meta, tensors, path)
     cfg = meta["lora_config"]  # its numbers are apply_lora's to check (load_adapter)
     if not (isinstance(cfg, dict) and set(cfg) == set(_CONFIG_KEYS) and cfg["bias"] in BIAS_OPTIONS
             and isinstance(cfg["targets"], list) and all(t in TARGETS for t in cfg["targets"])):
         raise ValueError(f"{path}: the adapter's lora_config is not one save_adapter writes: "
                          f"{cfg}")
     return tensors, meta
+
+
+def _check_base_metadata(meta, tensors, path):
+    """Metadata edited or written by another tool is refused, not trusted in part: an empty or
+    partial fingerprint would pass any base, a guessed dtype would set the wrong tolerance."""
+    fp, k = meta["base_fingerprint"], _FINGERPRINT_SAMPLES
+    if fp == {}:
+        raise ValueError(f"{path}: the adapter's base_fingerprint is empty")
+    if not isinstance(fp, dict):
+        raise ValueError(f"{path}: the adapter's base_fingerprint is malformed (not a JSON "
+                         f"object of tensor name: [{k} numbers])")
+    bad = [n for n, v in fp.items() if not (isinstance(v, list) and len(v) == k and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))]
+    if bad:
+        raise ValueError(f"{path}: the adapter's base_fingerprint is malformed: "
+                         f"{short_list(bad, 3)} (each must be {k} finite numbers)")
+    dtype = getattr(torch, str(meta["base_dtype"]), None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{path}: the adapter's base_dtype {meta['base_dtype']!r} is not a "
+                         f"floating-point dtype")
+    lora = {str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if ".lora_" in n}
+    if "lora_dtype" in meta and lora != {meta["lora_dtype"]}:  # older files do not state it
+        raise ValueError(f"{path}: the adapter's lora_dtype is {meta['lora_dtype']} but its "
+                         f"tensors are {', '.join(sorted(lora))}")
 
 
 def _check_base(model, meta, source):
@@ -113,14 +143,20 @@ def _check_base(model, meta, source):
         raise ValueError(f"{source}: adapter is for another base model{name}: "
                          + ", ".join(f"{k}={theirs.get(k)} (this model: {ours[k]})" for k in diff))
     fp = base_fingerprint(model, meta["lora_config"])  # without the biases the adapter has
-    dtypes = [getattr(torch, meta.get("base_dtype", "float32")), model.wte.weight.dtype]
-    coarse = max((torch.finfo(d) for d in dtypes), key=lambda fi: fi.eps)
+    dtypes = [torch.finfo(getattr(torch, meta["base_dtype"])), torch.finfo(model.wte.weight.dtype)]
+    missing = [k for k in fp if k not in meta["base_fingerprint"]]
+    if missing:
+        raise ValueError(f"{source}: the adapter's base_fingerprint lacks {len(missing)} of the "
+                         f"{len(fp)} base tensors: {short_list(missing, 3)}")
     for k, theirs_v in meta["base_fingerprint"].items():
         if k not in fp:
             raise ValueError(f"{source}: adapter is for another base model{name}: it has tensor "
                              f"{k}, this model does not")
         a, b = torch.tensor(theirs_v), torch.tensor(fp[k])
-        if (a - b).abs().gt(coarse.eps * a.abs() + coarse.tiny).any():
+        # Each side is one base value rounded to its dtype: off by at most eps/2 of the value,
+        # or half the subnormal spacing (tiny · eps) below tiny; eps, not eps/2, for margin.
+        v = torch.maximum(a.abs(), b.abs())
+        if (a - b).abs().gt(sum(fi.eps * (v + fi.tiny) for fi in dtypes)).any():
             raise ValueError(f"{source}: adapter was trained on other base weights{name}: "
                              f"{k} differs (fingerprint mismatch)")
 
@@ -169,14 +205,16 @@ def load_adapter(model, path):
 
 @contextmanager
 def _lora_applied(model, settings: dict, source):
-    """apply_lora(model, **settings) for the block (bad settings: a ValueError naming source);
+    """apply_lora(model, **settings) for the block (bad settings: a ValueError naming source;
+    a rank above a matrix's width is accepted: the adapter exists, apply_lora's limit is for
+    training a new one);
     an error inside the block takes the LoRA off again: the model's own modules back in their
     places, its requires_grad flags as they were, no lora_config. A failed load then leaves the
     model exactly as it came, and the next load starts from the same base."""
     modules = dict(model.named_modules())
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        apply_lora(model, **settings)
+        apply_lora(model, **settings, rank_limit=False)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{source}: {e}") from None
     try:
@@ -235,8 +273,16 @@ class MixedLoRALinear(LoRALinear):
     same state-dict keys. Batched matmuls, no loop over rows or adapters."""
 
     def __init__(self, layer: LoRALinear, banks: dict, scalings: torch.Tensor):
+        if layer.merged:  # load_adapters refuses a merged model before it comes here
+            raise ValueError("MixedLoRALinear needs an unmerged LoRALinear")
         nn.Module.__init__(self)
-        self.__dict__.update(layer.__dict__)  # W0, A, B, settings: the same tensors, not copies
+        # The layer's public state, adopted: the same tensors and modules, not copies.
+        for name in ("in_features", "out_features", "slices", "rank", "alpha", "scaling"):
+            setattr(self, name, getattr(layer, name))
+        self.weight, self.bias = layer.weight, layer.bias  # W0 (and b)
+        self.lora_A, self.lora_B, self.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
+        self.merged, self._merges = False, {}
+        self.train(layer.training)
         for n, (A, B) in banks.items():
             self.register_buffer(f"bank_A_{n}", A, persistent=False)  # (N, r, in)
             self.register_buffer(f"bank_B_{n}", B, persistent=False)  # (N, out, r)
@@ -253,11 +299,13 @@ class MixedLoRALinear(LoRALinear):
                              f"prompt into k rows repeats them with repeat_adapter_ids)")
         y = torch.nn.functional.linear(x, self.weight, self.bias)  # W0 x (+ b), (B, T, out)
         pick = ids.clamp(min=0)
-        s = (self.bank_scaling[pick] * (ids >= 0))[:, None, None].to(x.dtype)  # (B, 1, 1)
+        s = (self.bank_scaling[pick] * (ids >= 0))[:, None, None]  # (B, 1, 1)
         for n, (a, b) in self.slices.items():
             A = getattr(self, f"bank_A_{n}")[pick]  # (B, r, in): each row's own A
             B = getattr(self, f"bank_B_{n}")[pick]  # (B, out, r)
-            y[..., a:b] += torch.bmm(torch.bmm(x, A.transpose(1, 2)) * s, B.transpose(1, 2))
+            # the LoRA path in the bank's dtype (fp32 on a bf16 base too, as LoRALinear's)
+            xa = torch.bmm(x.to(A.dtype), A.transpose(1, 2)) * s.to(A.dtype)  # (B, T, r)
+            y[..., a:b] += torch.bmm(xa, B.transpose(1, 2))
         return y
 
     def merge(self):
@@ -307,7 +355,7 @@ def load_adapters(model, adapters: dict) -> list:
         scalings = [c["alpha"] / (math.sqrt(c["rank"]) if c["rslora"] else c["rank"])
                     for c in cfgs.values()]
         for ln, layer in layers.items():
-            f = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+            f = dict(device=layer.weight.device, dtype=layer.lora_dtype)  # fp32 (LoRALinear)
             banks = {}
             for n, (a, b) in layer.slices.items():
                 A = torch.zeros(len(files), rmax, layer.in_features, **f)  # (N, r, in)

@@ -1,16 +1,17 @@
 """LoRA: Low-Rank Adaptation (Hu et al. 2021, arXiv 2106.09685) of model.py's GPT-2: §4 of the
 paper, top to bottom.
 
-    §4.1 eq. 3   h = W0 x + ΔW x = W0 x + (α/r) B A x       LoRALinear.forward
-    §4.1         A random, B = 0, so ΔW = B A = 0 at first    LoRALinear.reset_lora_parameters
-    §4.1         scale ΔW x by α/r                            LoRALinear.scaling
-    §4.2         adapt W_q and W_v only (Table 5, Table 11)   apply_lora(targets=("q", "v"))
-    §4.1         merge W = W0 + B A: no inference latency     merge_lora / unmerge_lora
-    §4.1         a small task-specific state                  lora_state_dict
-    §5.1         |Θ| = 2 × L̂ × d_model × r                    paper_num_params
+    §4.1 eq. 3  h = W0 x + ΔW x = W0 x + B A x                 LoRALinear.forward
+    §4.1        A random, B = 0, so ΔW = B A = 0 at first       LoRALinear.reset_lora_parameters
+    §4.1        then (text after eq. 3) scale ΔW x by α/r       LoRALinear.scaling
+    §4.2        adapt attention weights only; W_q and W_v in    apply_lora(targets=("q", "v"))
+                Table 5 (and GPT-2's Table 11)
+    §4.1        merge W = W0 + B A: no inference latency        merge_lora / unmerge_lora
+    §4.1        a small task-specific state                     lora_state_dict
+    §5.1        |Θ| = 2 × L̂ × d_model × r                       paper_num_params
 
-What practitioners need around it (adapter files, task switching, several adapters in one
-batch, PEFT files) is in adapters.py, built on this module's public names.
+What practitioners need around it is built on this module's public names: adapter files, task
+switching and several adapters in one batch in adapters.py, PEFT's adapter files in peft_io.py.
 """
 
 import math
@@ -36,48 +37,17 @@ _TARGETS = {
 }
 TARGETS = tuple(_TARGETS)
 BIAS_OPTIONS = ("none", "all", "lora_only")
+_HALF = (torch.float16, torch.bfloat16)
 
 
-class _KeepW0:
-    """What nn.Linear and nn.Module do to a layer's weight, made right for LoRALinear below, whose
-    weight is the pretrained W0 (+ ΔW while merged): an nn.Linear would re-draw it, convert the
-    merged sum, or save the merged sum as if it were W0."""
-
-    def reset_parameters(self):
-        """(Meta-device materialization, FSDP) W0 stays, unmerged; only A and B restart."""
-        self.unmerge()
-        self.reset_lora_parameters()
-
-    def _apply(self, fn, recurse=True):
-        """.to(), .half(), .cuda(): unmerge, convert, merge again (so W0 stays restorable)."""
-        merged = self.merged
-        self.unmerge()
-        super()._apply(fn, recurse)
-        if merged and not self.weight.is_meta:  # a meta tensor has no values to merge
-            self.merge()
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """Saves W0, not W0 + ΔW: A and B are beside it (loaded, ΔW would count twice)."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
-            destination[prefix + "weight"] = self.base_weight()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.merged:  # a state dict holds W0 (see above): loaded, merged would be a lie
-            raise ValueError(f"load_state_dict into merged LoRA layer {prefix.rstrip('.')}: "
-                             f"call unmerge_lora first")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-class LoRALinear(_KeepW0, nn.Linear):
+class LoRALinear(nn.Linear):
     """A frozen nn.Linear W0 plus trainable low-rank updates ΔW = B A on chosen rows of its output.
 
     slices: {name: (start, stop)}: output rows start:stop of W0 get their own A (r, in_features)
     and B (stop - start, r). A whole matrix is one slice; GPT-2's fused c_attn gets separate "q",
-    "k", "v" slices, so each is adapted on its own (§4.2) and a slice left out costs nothing.
-    The layer *is* the nn.Linear (same weight and bias tensors, same state-dict keys); the LoRA
-    tensors are added beside them as lora_A.<name> and lora_B.<name>.
+    "k", "v" slices, so each is adapted on its own and a slice left out costs nothing. The layer
+    *is* the nn.Linear (same weight and bias tensors, same state-dict keys); the LoRA tensors
+    are added beside them as lora_A.<name> and lora_B.<name>, in fp32 whatever W0's dtype.
     """
 
     def __init__(self, base: nn.Linear, slices: dict, rank: int, alpha: float,
@@ -89,7 +59,10 @@ class LoRALinear(_KeepW0, nn.Linear):
         # §4.1: "We then scale ΔWx by α/r ... tuning α is roughly the same as tuning the learning
         # rate". rsLoRA (Kalajdzievski 2023) uses α/√r so that large ranks still learn.
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        f = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # A and B in fp32 also on a bf16/fp16 W0, as PEFT makes them: in half precision AdamW's
+        # small updates would round away (float64 stays float64).
+        f = dict(device=base.weight.device,
+                 dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.ParameterDict(
             {n: nn.Parameter(torch.empty(rank, self.in_features, **f)) for n in self.slices})
         self.lora_B = nn.ParameterDict(
@@ -113,25 +86,21 @@ class LoRALinear(_KeepW0, nn.Linear):
             nn.init.zeros_(B)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)  # W0 x (+ b); already W0 + ΔW when merged
+        h = F.linear(x, self.weight, self.bias)  # W0 x (+ b); W0 x + ΔW x already when merged
         if self.merged:
             if (self.training and torch.is_grad_enabled()
                     and any(A.requires_grad for A in self.lora_A.values())):
                 raise ValueError("LoRA is merged into the weights, so A and B would get no "
                                  "gradient: call unmerge_lora before training")
-            return y
-        x = self.lora_dropout(x)
-        if torch.is_grad_enabled() and not y.requires_grad:
-            # Nothing below this layer trains (e.g. W_o alone, or block 0): F.linear's y may be a
-            # view of a tensor outside autograd, which refuses a trainable in-place update.
-            y = y.clone()
-        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)  # (N, in), (N, out)
+            return h
+        x = self.lora_dropout(x.to(self.lora_dtype))  # the LoRA path in A and B's fp32
+        if torch.is_grad_enabled() and not h.requires_grad:
+            h = h.clone()  # W0 x may be a view outside autograd: no trainable update in place
         for n, (a, b) in self.slices.items():
-            # eq. 3 on the slice: y += (α/r) B (A x), through the r-wide bottleneck (ΔW is never
-            # formed), accumulated into y's rows a:b by one addmm
-            xa = x2 @ self.lora_A[n].t()  # (N, r)
-            y2[:, a:b].addmm_(xa, self.lora_B[n].t().to(xa.dtype), alpha=self.scaling)
-        return y
+            # eq. 3 on rows a:b, with §4.1's α/r: h = W0 x + (α/r) B A x, as B (A x) through the
+            # r-wide bottleneck (ΔW is never formed); added in h's dtype
+            h[..., a:b] += self.scaling * (x @ self.lora_A[n].t() @ self.lora_B[n].t())
+        return h
 
     # merge / unmerge (§4.1: "we can explicitly compute and store W = W0 + BA")
 
@@ -167,50 +136,73 @@ class LoRALinear(_KeepW0, nn.Linear):
             self._merges[n].undo(w0[a:b])
         return w0
 
+    @property
+    def lora_dtype(self):
+        """The dtype of A and B, and of the LoRA path in forward: fp32 (fp64 on an fp64 W0)."""
+        return next(iter(self.lora_A.values())).dtype
+
     def extra_repr(self):
         return (f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"slices={self.slices}, merged={self.merged}")
 
+    # ---- What nn.Module needs so that W0 stays exact: nn.Linear and nn.Module would re-draw
+    # the weight (reset), convert the merged sum (.to), or save W0 + ΔW as if it were W0.
+
+    def reset_parameters(self):
+        """(Meta-device materialization, FSDP) W0 stays, unmerged; only A and B restart."""
+        self.unmerge()
+        self.reset_lora_parameters()
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), .cuda(): unmerge, convert, merge again (so W0 stays restorable). A and
+        B (and their gradients) never go below fp32: AdamW's small steps would round away."""
+        merged = self.merged
+        self.unmerge()
+        lora = {id(t) for d in (self.lora_A, self.lora_B) for p in d.values() for t in (p, p.grad)}
+
+        def keep_fp32(t):
+            out = fn(t)
+            return out.float() if id(t) in lora and out.dtype in _HALF else out
+
+        super()._apply(keep_fp32, recurse)
+        if merged and not self.weight.is_meta:  # a meta tensor has no values to merge
+            self.merge()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Saves W0, not W0 + ΔW: A and B are beside it (loaded, ΔW would count twice)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + "weight"] = self.base_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.merged:  # a state dict holds W0 (see above): loaded, merged would be a lie
+            raise ValueError(f"load_state_dict into merged LoRA layer {prefix.rstrip('.')}: "
+                             f"call unmerge_lora first")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="none",
-               rslora=False):
+               rslora=False, *, rank_limit=True):
     """Add LoRA to every block of a GPT (in place) and freeze everything else; returns the model.
 
     The defaults are the paper's GPT-2 setting (Table 11: r = 4, α = 32, dropout 0.1, W_q and
-    W_v adapted, §4.2 and Table 5). targets: any of "q", "k", "v" (slices of the fused c_attn),
-    "qkv" (the whole c_attn, one A shared by q, k, v), "o" (attn.c_proj, W_o) and "mlp" (c_fc
-    and mlp.c_proj). bias: which biases also train: "none", "all", or "lora_only" (those of the
-    adapted layers). rslora: scale by α/√r instead of α/r. The settings are kept in
-    model.lora_config. Bad settings are a ValueError and leave the model unchanged.
+    W_v adapted, as in Table 5; §4.2 limits the study to attention weights). targets: any of
+    "q", "k", "v" (slices of the fused c_attn), "qkv" (the whole c_attn, one A shared by q, k,
+    v), "o" (attn.c_proj, W_o) and "mlp" (c_fc and mlp.c_proj). bias: which biases also train:
+    "none", "all", or "lora_only" (those of the adapted layers). rslora: scale by α/√r instead
+    of α/r. The settings are kept in model.lora_config. Bad settings are a ValueError and leave
+    the model unchanged. rank_limit: refuse a rank above the width of an adapted matrix (ΔW's
+    rank cannot exceed it, so the rest only adds parameters); loading an adapter trained
+    elsewhere turns it off (PEFT runs such ranks).
     """
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    unknown = [t for t in targets if t not in _TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA targets {unknown}: choose among {', '.join(TARGETS)}")
-    if "qkv" in targets and {"q", "k", "v"} & set(targets):
-        raise ValueError("target 'qkv' already covers q, k and v: give 'qkv' or any of q, k, v")
-    targets = tuple(t for t in TARGETS if t in targets)  # canonical order, no repeats
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    rank, dropout = int(rank), float(dropout)  # plain Python numbers: they go into JSON metadata
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        raise ValueError(f"LoRA alpha must be positive and finite, got {alpha!r}")
-    alpha = alpha if isinstance(alpha, int) else float(alpha)
-    if not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    if bias not in BIAS_OPTIONS:
-        raise ValueError(f"bias must be one of {', '.join(BIAS_OPTIONS)}, got {bias!r}")
-    if getattr(model, "lora_config", None) is not None:
-        raise ValueError("the model already has LoRA layers: apply_lora once per model")
-
+    rank, alpha, targets, dropout = _checked(model, rank, alpha, targets, dropout, bias,
+                                             rank_limit)
     C = model.config.n_embd
     plan = {}  # module path inside a block -> {slice name: (first row, row after the last)}
     for t in targets:
-        for path, d_in, a, b in _TARGETS[t]:
+        for path, _, a, b in _TARGETS[t]:
             plan.setdefault(path, {})[t] = (a * C, b * C)
-            if rank > min(d_in * C, (b - a) * C):
-                raise ValueError(f"LoRA rank {rank} is larger than the {path} matrix of target "
-                                 f"'{t}' allows ({(b - a) * C} x {d_in * C})")
     for block in model.h:
         for path, slices in plan.items():
             parent, name = path.split(".")
@@ -226,6 +218,35 @@ def apply_lora(model, rank=4, alpha=32, targets=("q", "v"), dropout=0.1, bias="n
     for name, p in model.named_parameters():
         p.requires_grad = name in adapter
     return model
+
+
+def _checked(model, rank, alpha, targets, dropout, bias, rank_limit):
+    """apply_lora's settings, checked (a ValueError naming the bad one) and made plain Python
+    values for JSON metadata: (rank, alpha, targets in TARGETS' order, dropout)."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    unknown = [t for t in targets if t not in _TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA targets {unknown}: choose among {', '.join(TARGETS)}")
+    if "qkv" in targets and {"q", "k", "v"} & set(targets):
+        raise ValueError("target 'qkv' already covers q, k and v: give 'qkv' or any of q, k, v")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"LoRA alpha must be positive and finite, got {alpha!r}")
+    if not 0 <= float(dropout) < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias must be one of {', '.join(BIAS_OPTIONS)}, got {bias!r}")
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("the model already has LoRA layers: apply_lora once per model")
+    C = model.config.n_embd
+    for t in targets:
+        for path, d_in, a, b in _TARGETS[t]:
+            if rank_limit and rank > min(d_in * C, (b - a) * C):
+                raise ValueError(f"LoRA rank {rank} is larger than the {path} matrix of target "
+                                 f"'{t}' allows ({(b - a) * C} x {d_in * C})")
+    alpha = alpha if isinstance(alpha, int) else float(alpha)
+    return int(rank), alpha, tuple(t for t in TARGETS if t in targets), float(dropout)
 
 
 def lora_layers(model) -> dict:

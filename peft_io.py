@@ -38,7 +38,7 @@ def export_peft(model, directory):
     R = max(layer.rank * len(layer.slices) for layer in layers.values())
     tensors = {}
     for name, layer in layers.items():
-        f = dict(dtype=layer.weight.dtype)
+        f = dict(dtype=layer.lora_dtype)  # fp32 also on a bf16 base (PEFT keeps it)
         A, B = torch.zeros(R, layer.in_features, **f), torch.zeros(layer.out_features, R, **f)
         for j, (n, (a, b)) in enumerate(layer.slices.items()):
             cols = slice(j * layer.rank, (j + 1) * layer.rank)
@@ -78,9 +78,10 @@ def import_peft(model, directory):
     PEFT's whole-module LoRAs become our targets: c_attn -> "qkv", attn.c_proj -> "o", mlp.c_fc
     and mlp.c_proj -> "mlp"; scaling lora_alpha / r (lora_alpha / √r with use_rslora). A module
     the adapter leaves out (only c_fc, or some layers only) keeps B = 0, so ΔW = 0 there, as in
-    PEFT. Per-module ranks (rank_pattern), DoRA and other PEFT methods are refused. A bad file
-    is a ValueError (FileNotFoundError when one is missing) that names it, and leaves the model
-    as it came."""
+    PEFT. A rank above a module's width is accepted, as PEFT runs it (apply_lora refuses it
+    for a new adapter). Per-module ranks (rank_pattern), DoRA and other PEFT methods are
+    refused. A bad file is a ValueError (FileNotFoundError when one is missing) that names it,
+    and leaves the model as it came."""
     d = Path(directory)
     cfg_path = d / "adapter_config.json"
     if not cfg_path.is_file():

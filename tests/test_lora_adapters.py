@@ -428,3 +428,89 @@ def test_failed_load_adapters_leaves_the_model_as_it_came(tmp_path):
             adapters.load_adapters(model, {"good": good, "misfit": misfit})
         assert snapshot(model) == before
         assert adapters.load_adapters(model, {"good": good}) == ["good"]  # and then loads
+
+
+def test_an_adapter_from_a_bf16_base_is_fp32_says_so_and_loads_bit_for_bit(tmp_path):
+    """save_adapter's metadata states both dtypes; A and B stay fp32 through the file, onto a
+    bf16 base, and in a mixed batch there."""
+    model = randomize_lora(lora.apply_lora(tiny_gpt().to(torch.bfloat16)))
+    path = adapters.save_adapter(model, tmp_path / "a.safetensors")
+    tensors, meta = adapters.read_adapter(path)
+    assert meta["base_dtype"] == "bfloat16" and meta["lora_dtype"] == "float32"
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    fresh = adapters.load_adapter(tiny_gpt().to(torch.bfloat16), path)
+    sd = lora.lora_state_dict(fresh)
+    assert all(torch.equal(sd[k], v) for k, v in tensors.items())  # no bf16 rounding on the way
+    assert torch.equal(fresh(ids()), model(ids()))
+    mixed = tiny_gpt().to(torch.bfloat16)
+    adapters.load_adapters(mixed, {"a": path})
+    with adapters.use_adapters(mixed, ["a", -1]):
+        got = mixed(ids())
+    assert (got[0] - model(ids())[0]).abs().max() < 0.05  # bf16 logits: the same function
+    assert (got[0] - tiny_gpt().to(torch.bfloat16)(ids())[0]).abs().max() > 0.1
+
+
+def base_with_tiny_values(factor=1.0):
+    """tiny_gpt with tiny values where the fingerprint samples (first and last entry): 1.2e-6
+    is subnormal in fp16 (2.4% rounding error there), normal in bf16."""
+    model = tiny_gpt()
+    with torch.no_grad():
+        w = model.h[0].mlp.c_fc.weight.view(-1)
+        w[0], w[-1] = 1.234e-6 * factor, -3.1e-7 * factor
+    return model
+
+
+@pytest.mark.parametrize("saved,loaded", [(torch.float16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float16),
+                                          (torch.float32, torch.float16)])
+def test_same_base_in_another_precision_is_accepted_even_where_values_are_tiny(
+        tmp_path, saved, loaded):
+    """The base check allows the rounding of both dtypes (subnormals included): the same base
+    in another precision is accepted, a base whose tiny values differ beyond it is refused."""
+    model = randomize_lora(lora.apply_lora(base_with_tiny_values().to(saved)))
+    path = adapters.save_adapter(model, tmp_path / "a.safetensors")
+    adapters.load_adapter(base_with_tiny_values().to(loaded), path)
+    with pytest.raises(ValueError, match="h.0.mlp.c_fc.weight differs"):
+        adapters.load_adapter(base_with_tiny_values(factor=1.5).to(loaded), path)
+    with pytest.raises(ValueError, match="other base weights"):
+        adapters.load_adapter(tiny_gpt(seed=5).to(loaded), path)
+
+
+def edited(meta, **changes):
+    """meta with keys changed (None: removed), as another tool might leave it."""
+    out = {**meta, **{k: v for k, v in changes.items() if v is not None}}
+    return {k: v for k, v in out.items() if changes.get(k, "") is not None}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(base_fingerprint="{}"), r"base_fingerprint is empty"),
+    ("partial", r"base_fingerprint lacks \d+ of the \d+ base tensors: wte.weight"),
+    (dict(base_fingerprint="[]"), r"base_fingerprint is malformed"),
+    (dict(base_fingerprint=json.dumps({"wte.weight": [0.1, "x"]})),
+     r"base_fingerprint is malformed: wte.weight"),
+    (dict(base_dtype=None), r"metadata lacks \['base_dtype'\]"),
+    (dict(base_dtype="int8"), r"base_dtype 'int8' is not a floating-point dtype"),
+    (dict(base_dtype="floaty"), r"base_dtype 'floaty' is not a floating-point dtype"),
+    (dict(lora_dtype="bfloat16"), r"lora_dtype is bfloat16 but its tensors are float32"),
+])
+def test_edited_metadata_is_refused_in_one_line_naming_what_is_wrong(trained, tmp_path,
+                                                                     change, message):
+    """Metadata another tool wrote or edited is not trusted in part: an empty or partial
+    fingerprint would pass any base, a missing base dtype would be guessed."""
+    from safetensors.torch import load_file, save_file
+
+    _, path, _ = trained
+    meta = safe_metadata(path)
+    if change == "partial":
+        fp = json.loads(meta["base_fingerprint"])
+        change = dict(base_fingerprint=json.dumps({k: v for k, v in fp.items()
+                                                   if k != "wte.weight"}))
+    out = tmp_path / "edited.safetensors"
+    save_file(load_file(path), out, metadata=edited(meta, **change))
+    for load in (lambda m: adapters.load_adapter(m, out),
+                 lambda m: adapters.load_adapters(m, {"a": out})):
+        base = tiny_gpt()
+        before = snapshot(base)
+        with pytest.raises(ValueError, match=f"^{out}: .*{message}") as e:
+            load(base)
+        assert "\n" not in str(e.value) and snapshot(base) == before

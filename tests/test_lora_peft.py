@@ -158,3 +158,30 @@ def test_bad_config_or_tensors_name_the_file_and_leave_the_model_as_it_came(tiny
         assert snapshot(base) == before
     cfg_path.write_text(json.dumps(cfg))
     assert peft_io.import_peft(base, d).lora_config["rank"] == cfg["r"]  # and then it loads
+
+
+def test_import_of_a_peft_adapter_whose_rank_exceeds_a_layers_width(tiny_base, tmp_path):
+    """PEFT runs r = 40 on 32-wide matrices (ΔW's rank is at most 32 there, the rest adds only
+    parameters): import_peft gives PEFT's logits, and the adapter goes through our own file.
+    apply_lora keeps refusing such a rank for a new adapter (a choice for training)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    import adapters
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=40, lora_alpha=16, fan_in_fan_out=True, init_lora_weights=False,
+                        task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"])
+    theirs = get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_base), config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peft_io.import_peft(GPT.from_pretrained(tiny_base).eval(), tmp_path / "peft")
+    assert ours.lora_config["rank"] == 40
+    with torch.no_grad():
+        got = ours(idx())
+    assert (got - hf_logits(theirs)).abs().max() <= 1e-4
+    path = adapters.save_adapter(ours, tmp_path / "a.safetensors")
+    again = adapters.load_adapter(GPT.from_pretrained(tiny_base).eval(), path)
+    with torch.no_grad():
+        assert torch.equal(again(idx()), got)
+    with pytest.raises(ValueError, match="larger than"):
+        lora.apply_lora(GPT.from_pretrained(tiny_base), rank=40)
