@@ -3,7 +3,7 @@
 1. Inference latency (LoRA Table 1, §3): one forward pass for the base model, LoRA merged
    (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v), and
    the two adapter baselines Table 1 compares against, Adapter^H (Houlsby et al. 2019) and
-   Adapter^L (Lin et al. 2020), built in baselines.py.
+   Adapter^L (Lin et al. 2020), built in support/baselines.py.
 2. Decoding latency per token with the KV cache at batch size 1, same arms.
 3. Training (§4.2, "Practical Benefits and Limitations"): step time and peak memory of LoRA
    against full fine-tuning on the same model and batch, and the FLOP/s achieved as a share of
@@ -41,11 +41,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from baselines import add_adapters, adapter_params, bottleneck_for
-from common import DTYPES, HelpFormatter, atomic_write, check_flags, check_writable, get_device, \
-    help_with_range, run_main
 from lora import apply_lora, count_trainable, merge_lora
 from model import GPT, PRETRAINED, GPTConfig, KVCache
+from support.baselines import adapter_params, add_adapters, bottleneck_for
+from support.common import (DTYPES, HelpFormatter, atomic_write, check_flags, check_writable,
+                            get_device, help_with_range, run_main)
 from train import TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------- the arms

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from adapters import save_adapter
-from common import ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_flags, file_size, \
-    run_main, setup_distributed
 from data.datasets import add_data_args, data_from_args
 from lora import BIAS_OPTIONS, TARGETS, apply_lora, describe_trainable
 from model import GPT
+from support.adapters import save_adapter
+from support.common import (ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_flags, file_size,
+                            run_main, setup_distributed)
 from train import add_train_args, config_from_args, train
 
 LORA_DEFAULTS = inspect.signature(apply_lora).parameters  # apply_lora's: Table 11
@@ -31,7 +31,7 @@ RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size": ">=
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                epilog="Run `python data/e2e/prepare.py` once first (add "
+                                epilog="Run `python -m data.e2e` once first (add "
                                        "--raw-dir DIR to use local CSVs).")
     g = p.add_argument_group("base model")
     g.add_argument("--init", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl "

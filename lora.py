@@ -11,7 +11,8 @@ paper, top to bottom.
     §5.1        |Θ| = 2 × L̂ × d_model × r                       paper_num_params
 
 What practitioners need around it is built on this module's public names: adapter files, task
-switching and several adapters in one batch in adapters.py, PEFT's adapter files in peft_io.py.
+switching and several adapters in one batch in support/adapters.py, PEFT's adapter files in
+support/peft_io.py.
 """
 
 import math
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from exact_merge import ExactMerge, fp32_delta
+from support.exact_merge import ExactMerge, fp32_delta
 
 # What each target adapts inside every block: (module, its input width, first row, row after the
 # last) in units of C = n_embd. GPT-2 fuses W_q, W_k, W_v into one (3C, C) matrix, c_attn; each of

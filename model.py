@@ -6,7 +6,7 @@ at the matrices the paper adapts: `attn.c_attn` is W_q, W_k and W_v fused into o
 map, `attn.c_proj` is W_o (LoRA §4.2, Table 5).
 
 Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> KVCache -> GPT.forward ->
-checkpoints. Choosing tokens is decoding.py's; `transformers` is used only by the tests.
+checkpoints. Choosing tokens is support/decoding.py's; `transformers` is used only by the tests.
 """
 
 import json
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common import EOT_TOKEN, atomic_write_set, check_finite, check_manifest, check_range, \
-    check_tensors
+from support.common import (EOT_TOKEN, atomic_write_set, check_finite, check_manifest, check_range,
+                            check_tensors)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Generate text with GPT-2, with a LoRA adapter, or with the adapter merged into the weights
-(LoRA §4.1), and score generations on E2E (--eval e2e, LoRA §5.5 and Table 3; see metrics.py).
+(LoRA §4.1), and score generations on E2E (--eval e2e, LoRA §5.5 and Table 3; see
+support/metrics.py).
 
     python sample.py --merge                  # base + adapter folded into W: the base model's speed
     python sample.py                          # the adapter runs unmerged, beside the frozen W0
@@ -13,7 +14,7 @@ model. Unmerged, every adapted layer does two extra small matmuls per token.
 
 The base model (--init) defaults to the one the adapter was trained on, which finetune.py records
 in the adapter file (base_name), else gpt2. How tokens are chosen (sampling, greedy, beam search)
-is decoding.py's; the E2E evaluation is metrics.py's.
+is support/decoding.py's; the E2E evaluation is support/metrics.py's.
 
 Reading order: load_model (load_base, attach_adapter) -> complete -> Streamer -> main.
 """
@@ -25,15 +26,16 @@ from pathlib import Path
 
 import torch
 
-from adapters import load_adapter, read_adapter, repeat_adapter_ids
-from common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter, check_flags,
-                    check_range, check_writable, get_device, get_tokenizer, run_main)
 from data.e2e.prepare import format_prompt
 from data.files import read_text
-from decoding import beam_search, check_fits, completions, generate
 from lora import merge_lora
-from metrics import evaluate_e2e, now, write_eval
 from model import GPT
+from support.adapters import load_adapter, read_adapter, repeat_adapter_ids
+from support.common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter,
+                            check_flags, check_range, check_writable, get_device, get_tokenizer,
+                            run_main)
+from support.decoding import beam_search, check_fits, completions, generate
+from support.metrics import evaluate_e2e, now, write_eval
 
 DEFAULT_ADAPTER = f"{FINETUNE_OUT}/{ADAPTER_FILE}"  # where finetune.py writes by default
 DEFAULT_BASE = "gpt2"  # the base when the adapter records none, or without an adapter
@@ -277,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
                    help=ranged("only the first N MRs", "eval_limit"))
     g.add_argument("--raw-dir", default=None,
                    help="folder with the E2E CSVs to read the references from (default: "
-                        "data/e2e/prepared-*/SPLIT.refs.json, written by data/e2e/prepare.py)")
+                        "data/e2e/prepared-*/SPLIT.refs.json, written by python -m data.e2e)")
     g.add_argument("--batch-size", type=int, default=16,
                    help=ranged("MRs per greedy batch", "batch_size"))
     g.add_argument("--out", default=None, help="score file (default: out/eval/e2e_SPLIT.json)")

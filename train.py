@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import HelpFormatter, add_dataclass_args, check_dataclass, file_size, \
-    resolve_amp, run_main, setup_distributed
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
-from runs import RunRecords, run_settings
+from support.common import (HelpFormatter, add_dataclass_args, check_dataclass, file_size,
+                            resolve_amp, run_main, setup_distributed)
+from support.runs import RunRecords, run_settings
 
 
 def setting(default, help, range=None, choices=None):

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import EOT_TOKEN, get_tokenizer
 from data.files import prepared_folder, read_meta, read_text
+from support.common import EOT_TOKEN, get_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parent
 IGNORE = -100  # target id of positions without loss (model.forward, F.cross_entropy)
@@ -192,7 +192,7 @@ def load_data(name_or_path: str, block_size: int, vocab_size=None):
     if (named / "prepare.py").exists() and not p.exists():
         if not (named / "meta.json").exists():
             raise FileNotFoundError(f"data '{name_or_path}' is not prepared: run "
-                                    f"`python data/{name_or_path}/prepare.py` (add --raw-dir DIR "
+                                    f"`python -m data.{name_or_path}` (add --raw-dir DIR "
                                     f"to use a local copy of the raw files)")
         p = named
     if p.is_dir() and (p / "meta.json").exists():
@@ -219,9 +219,9 @@ def add_data_args(p, default: str):
     """--data and --block-size, for the training scripts."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default,
-                   help="a prepared set (e2e, pretrain, shakespeare: run data/NAME/prepare.py "
-                        "first), a .txt file, or a .jsonl file of {\"prompt\", \"completion\"} "
-                        "lines")
+                   help="a prepared set (e2e, pretrain, shakespeare: run python -m "
+                        "data.NAME first), a .txt file, or a .jsonl file of {\"prompt\", "
+                        "\"completion\"} lines")
     g.add_argument("--block-size", type=int, default=None,
                    help="longest sequence trained on (>= 1; default: the model's n_positions; "
                         "train.py's model from scratch has 128)")

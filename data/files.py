@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic_write, fsync_path, write_synced
+from support.common import atomic_write, fsync_path, write_synced
 
 
 def read_text(path, newline=None) -> str:
@@ -110,7 +110,7 @@ def prepared_folder(directory, meta: dict) -> Path:
         return Path(directory)
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise ValueError(f"{Path(directory) / 'meta.json'}: folder {name!r} is not the name "
-                         f"of a folder beside it: prepare it again (python data/NAME/prepare.py "
+                         f"of a folder beside it: prepare it again (python -m data.NAME "
                          f"--out-dir DIR)")
     return Path(directory) / name
 
@@ -120,7 +120,7 @@ def read_meta(directory) -> dict:
     it lists, in prepared_folder, of the size it records (a directory that mixes two prepare
     runs is refused, not read), no array empty. Any fault: one ValueError naming the file."""
     path = Path(directory) / "meta.json"
-    redo = "prepare it again (python data/NAME/prepare.py --out-dir DIR)"
+    redo = "prepare it again (python -m data.NAME --out-dir DIR)"
     text = read_text(path)
     try:
         meta = json.loads(text)

@@ -45,7 +45,7 @@ def tiny_base(tmp_path_factory):
 def one_error_line(capsys, main, argv) -> str:
     """A script's main(argv) under common.run_main, as the command line runs it: it must end
     with exit code 1 and exactly one line on stderr, "error: ..."; -> that line."""
-    from common import run_main
+    from support.common import run_main
 
     with pytest.raises(SystemExit) as e:
         run_main(lambda: main([str(a) for a in argv]))

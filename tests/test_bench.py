@@ -1,4 +1,4 @@
-"""bench.py and baselines.py: the adapter baselines (parameter counts, identity at init,
+"""bench.py and support/baselines.py: the adapter baselines (parameter counts, identity at init,
 placement), every arm's forward, the FLOP count against torch's counter, the ratios' intervals
 and the verdicts on constructed rounds, the plan and progress lines, and the CLI end to end on a
 tiny model. No timing is asserted: timings are what bench.py reports, not what it must get."""
@@ -14,9 +14,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import baselines
 import bench
 from model import GPT, GPTConfig, KVCache
+from support import baselines
 
 ROOT = Path(bench.__file__).resolve().parent
 TINY = GPTConfig(**bench.MODELS["tiny"])

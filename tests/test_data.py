@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from data.datasets import IGNORE, PAD, Examples, TokenStream, load_data
 from data.e2e import prepare as e2e
-from common import get_tokenizer
+from support.common import get_tokenizer
 
 E2E_RAW = SHARED_DATA / "e2e"
 
@@ -135,7 +135,7 @@ def test_unknown_and_unprepared_data_name_the_way_forward(tmp_path, monkeypatch)
     (tmp_path / "e2e").mkdir()
     (tmp_path / "e2e" / "prepare.py").write_text("")
     monkeypatch.setattr(ds, "DATA_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"python data/e2e/prepare.py"):
+    with pytest.raises(FileNotFoundError, match=r"python -m data.e2e"):
         load_data("e2e", 64)
     with pytest.raises(FileNotFoundError, match="unknown data 'nope'.*e2e"):
         load_data("nope", 64)

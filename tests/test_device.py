@@ -3,10 +3,10 @@ picks bf16 only where the GPU has it natively, an explicit --device cuda:N reach
 call, torchrun maps ranks to GPUs, and --resume refuses another precision or device type."""
 import pytest
 import torch
-
-import train
 from conftest import toy_examples
 from test_train import _toy_model
+
+import train
 
 
 class Calls(list):
@@ -77,8 +77,7 @@ def test_training_runs_on_a_torch_without_torch_amp_grad_scaler(monkeypatch):
 
 def test_timing_waits_for_the_gpu_it_times(monkeypatch):
     import bench
-    import metrics
-
+    from support import metrics
     sync = Calls()
     monkeypatch.setattr(torch.cuda, "synchronize", sync)
     bench.synchronizer("cuda:1")()
@@ -95,8 +94,9 @@ def test_bench_reads_peak_memory_and_name_of_the_gpu_it_runs_on(monkeypatch):
     what is checked is which GPU the allocator's peak is reset and read on."""
     import argparse
 
-    import bench
     from conftest import tiny_gpt
+
+    import bench
 
     reset, peak, name = Calls(), Calls(123_456), Calls("NVIDIA T4")
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
@@ -135,7 +135,7 @@ def torchrun(monkeypatch):
 
 @pytest.mark.parametrize("flag", ["cuda", "auto"])
 def test_torchrun_puts_each_rank_on_the_gpu_of_its_local_rank(torchrun, flag):
-    from common import setup_distributed
+    from support.common import setup_distributed
 
     assert setup_distributed(flag) == (1, 2, "cuda:1")
     assert [c[0] for c in torchrun] == ["set_device", "init"]  # the GPU first, then NCCL
@@ -143,7 +143,7 @@ def test_torchrun_puts_each_rank_on_the_gpu_of_its_local_rank(torchrun, flag):
 
 
 def test_torchrun_refuses_a_fixed_gpu_index_before_joining(torchrun):
-    from common import setup_distributed
+    from support.common import setup_distributed
 
     with pytest.raises(ValueError, match=r"--device cuda:0 under torchrun: .*LOCAL_RANK.*"
                                          r"--device cuda"):
@@ -152,7 +152,7 @@ def test_torchrun_refuses_a_fixed_gpu_index_before_joining(torchrun):
 
 
 def test_a_gpu_index_this_machine_lacks_is_one_clear_error(torchrun, monkeypatch):
-    from common import get_device, setup_distributed
+    from support.common import get_device, setup_distributed
 
     with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA devices "
                                          r"\(cuda:0 to cuda:1\)"):

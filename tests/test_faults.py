@@ -22,24 +22,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SHARED_DATA, tiny_gpt
 from safetensors.torch import save_file
 
-import common
 import data.files
-import metrics
 import model as model_module
-from conftest import ROOT, SHARED_DATA, tiny_gpt
 from data.datasets import Examples, data_from_args, load_data
 from data.e2e import prepare as e2e
 from data.shakespeare import prepare as shakespeare
 from model import GPT, GPTConfig
+from support import common, metrics
 
-REDO = "prepare it again (python data/NAME/prepare.py --out-dir DIR)"
+REDO = "prepare it again (python -m data.NAME --out-dir DIR)"
 
 
 def _second_write_hits_a_full_disk(seen):
-    """common.atomic_write_set, except that the second file's write stops halfway with ENOSPC
-    (its path goes to `seen`)."""
+    """support.common.atomic_write_set, except that the second file's write stops halfway with
+    ENOSPC (its path goes to `seen`)."""
     def write_set(writes):
         items = list(writes.items())
         path, write = items[1]
@@ -55,8 +54,8 @@ def _second_write_hits_a_full_disk(seen):
 
 
 def _second_file_hits_a_full_disk(seen):
-    """common.write_synced (as data.files uses it), except that the second file's write stops
-    halfway with ENOSPC (its path goes to `seen`)."""
+    """support.common.write_synced (as data.files uses it), except that the second file's write
+    stops halfway with ENOSPC (its path goes to `seen`)."""
     def write_synced(path, write, shown=None):
         if len(seen) == 1:
             seen.append(Path(path))
@@ -334,8 +333,9 @@ def test_a_model_directory_torn_by_a_crash_between_two_renames_is_refused(
 
 def test_an_evaluation_torn_by_a_crash_between_two_renames_is_refused_by_compare(tmp_path,
                                                                                  capsys):
-    from compare import main
     from conftest import one_error_line
+
+    from experiments.compare import main
 
     def result(text):
         return {"metrics": {"BLEU": 1.0}, "init": "base", "adapter": "a.safetensors",
@@ -344,7 +344,7 @@ def test_an_evaluation_torn_by_a_crash_between_two_renames_is_refused_by_compare
     path = tmp_path / "eval" / "lora.json"
     metrics.write_eval(result("old"), path)
     _killed_while_writing(tmp_path, "after-replace:lora.hyp.txt",
-                          f"import metrics; metrics.write_eval({result('new')!r}, {str(path)!r})")
+                          f"from support import metrics; metrics.write_eval({result('new')!r}, {str(path)!r})")
     log = "".join(json.dumps({"step": s, "val_loss": 3.0 - s / 10}) + "\n" for s in (0, 1))
     for run in ("lora", "full"):
         (tmp_path / run).mkdir()
@@ -550,7 +550,7 @@ def test_an_e2e_csv_without_its_ref_column_is_one_line(tmp_path):
     expected = (f"{raw / 'testset_w_refs.csv'}: no 'mr' column (its columns: MR); an E2E CSV "
                 f"with references has the columns mr, ref")
     assert _error(e2e.load_pairs, "test", raw) == expected
-    assert _one_line(["data/e2e/prepare.py", "--raw-dir", str(raw), "--out-dir",
+    assert _one_line(["-m", "data.e2e", "--raw-dir", str(raw), "--out-dir",
                       str(tmp_path / "out")]) == f"error: {raw / 'devset.csv'}: no 'ref' " \
         f"column (its columns: mr); an E2E CSV with references has the columns mr, ref\n"
 
@@ -566,7 +566,7 @@ def test_an_empty_shakespeare_input_is_refused_at_prepare_naming_it(tmp_path):
     assert _error(shakespeare.prepare, tmp_path / "sh", tmp_path / "out") == \
         f"{raw}: too little text: its train split has no tokens"
     raw.write_text("", encoding="utf-8")
-    assert _one_line(["data/shakespeare/prepare.py", "--raw-dir", str(tmp_path / "sh"),
+    assert _one_line(["-m", "data.shakespeare", "--raw-dir", str(tmp_path / "sh"),
                       "--out-dir", str(tmp_path / "out")]) == f"error: {raw}: no text in it\n"
     assert not (tmp_path / "out").exists()
 
@@ -607,7 +607,7 @@ def test_an_e2e_csv_cut_inside_a_quoted_field_is_one_line(tmp_path):
     dev.write_text('mr,ref\n"name[Cut],The Cut is a\npub\n', encoding="utf-8")
     assert _error(e2e.read_csv, dev) == \
         f"{dev}:2: a quoted field is not closed: the file is cut short?"
-    assert _one_line(["data/e2e/prepare.py", "--raw-dir", str(raw), "--out-dir",
+    assert _one_line(["-m", "data.e2e", "--raw-dir", str(raw), "--out-dir",
                       str(tmp_path / "out")]) == \
         f"error: {dev}:2: a quoted field is not closed: the file is cut short?\n"
 
@@ -621,7 +621,7 @@ def test_an_e2e_csv_row_with_an_extra_field_is_one_line_naming_the_line(tmp_path
     dev.write_text("".join(lines), encoding="utf-8", newline="")
     assert _error(e2e.read_csv, dev) == \
         f"{dev}:5: 1 field(s) more than the header's 2 (mr, ref)"
-    assert _one_line(["data/e2e/prepare.py", "--raw-dir", str(raw), "--out-dir",
+    assert _one_line(["-m", "data.e2e", "--raw-dir", str(raw), "--out-dir",
                       str(tmp_path / "out")]) == \
         f"error: {dev}:5: 1 field(s) more than the header's 2 (mr, ref)\n"
 

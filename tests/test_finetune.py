@@ -9,16 +9,16 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, one_error_line
 from safetensors.torch import load_file
 
 import finetune
 import train
-from adapters import load_adapter
-from common import tensors_digest
-from conftest import ROOT, one_error_line
 from data.datasets import data_from_args
 from lora import lora_state_dict, paper_num_params
 from model import GPT
+from support.adapters import load_adapter
+from support.common import tensors_digest
 
 FAST = ["--eval-batches", "2", "--batch-size", "4", "--lr", "2e-3", "--warmup", "2",
         "--no-progress"]
@@ -205,7 +205,7 @@ def test_bad_data_ends_in_one_line(tiny_base, tmp_path, capsys, monkeypatch):
     (tmp_path / "e2e").mkdir()
     (tmp_path / "e2e" / "prepare.py").write_text("")
     monkeypatch.setattr(ds, "DATA_DIR", tmp_path)  # a checkout where e2e is not prepared
-    assert "run `python data/e2e/prepare.py`" in _error_line(capsys, base + ["--data", "e2e"])
+    assert "run `python -m data.e2e`" in _error_line(capsys, base + ["--data", "e2e"])
 
 
 def test_the_command_line_exits_non_zero_with_one_line(tiny_base, tmp_path):

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
-
-import adapters
-import lora
 from conftest import TINY as TINY_SIZES
 from conftest import tiny_gpt
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora
 from model import GPT, GPTConfig
+from support import adapters
 
 TINY = GPTConfig(**TINY_SIZES)
 

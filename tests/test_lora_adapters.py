@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-import adapters
-import lora
 from conftest import tiny_gpt
 from test_lora import TINY, ids, randomize_lora
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora
+from support import adapters
 
 
 @pytest.fixture
@@ -84,8 +84,8 @@ def test_truncated_missing_and_non_adapter_files(trained, tmp_path):
 
 
 def test_missing_unexpected_keys_and_other_settings(trained, tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     _, path, _ = trained
     with safe_open(str(path), "pt") as f:
@@ -328,7 +328,7 @@ def test_adapter_that_trains_biases_loads_onto_a_base_with_other_values_of_those
 def snapshot(model):
     """Everything a failed call must leave as it was: the modules themselves (not equal ones:
     hooks live on them), every tensor, the requires_grad flags, the LoRA attributes."""
-    from common import tensors_digest
+    from support.common import tensors_digest
 
     return ({n: id(m) for n, m in model.named_modules()}, tensors_digest(model.state_dict()),
             {n: p.requires_grad for n, p in model.named_parameters()},

@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from test_lora import randomize_lora
 
 import lora
-import peft_io
 from model import GPT, GPTConfig
-from test_lora import randomize_lora
+from support import peft_io
 
 peft = pytest.importorskip("peft")  # a test requirement (requirements-test.txt)
 
@@ -167,8 +167,7 @@ def test_import_of_a_peft_adapter_whose_rank_exceeds_a_layers_width(tiny_base, t
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
 
-    import adapters
-
+    from support import adapters
     torch.manual_seed(0)
     config = LoraConfig(r=40, lora_alpha=16, fan_in_fan_out=True, init_lora_weights=False,
                         task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"])

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, make_hf_gpt2
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, make_hf_gpt2
-from decoding import generate
 from model import GPT, PRETRAINED, GPTConfig, KVCache
+from support.decoding import generate
 
 TOL = 1e-4
 
@@ -397,7 +397,7 @@ def test_hub_name_loads_from_the_hf_cache_offline(hf, tmp_path, monkeypatch):
 
 
 def test_hub_unreachable_without_cache_says_how_to_work_offline(tmp_path):
-    code = ("from model import GPT; from common import run_main; "
+    code = ("from model import GPT; from support.common import run_main; "
             "run_main(lambda: GPT.from_pretrained('gpt2'))")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

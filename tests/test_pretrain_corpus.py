@@ -2,11 +2,11 @@
 descriptions (grouped by restaurant) as separate documents, and no text of any validation or
 test MR."""
 import numpy as np
-
-from common import get_tokenizer
 from conftest import SHARED_DATA
+
 from data.e2e.prepare import load_pairs
 from data.pretrain.prepare import documents, prepare
+from support.common import get_tokenizer
 
 
 def test_the_corpus_holds_no_validation_or_test_mr_and_never_pairs_an_mr_with_its_text(tmp_path):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SHARED_DATA
 
 # What each step gets appended: the same commands, tiny models and budgets.
@@ -21,7 +20,7 @@ SHRINK = {
     "train.py --init": TINY_TRAIN,
     "finetune.py": TINY_TRAIN,
     "sample.py": ["--eval-limit", "3", "--max-new-tokens", "6"],
-    "compare.py": ["--examples", "2"],
+    "experiments.compare": ["--examples", "2"],
 }
 
 
@@ -35,13 +34,18 @@ def quick_start_commands() -> list[str]:
             if line.strip().startswith("python ")]
 
 
+def script(argv) -> str:
+    """What a `python ...` command runs: the file, or the module after -m."""
+    return argv[2] if argv[1] == "-m" else argv[1]
+
+
 def test_the_quick_start_runs_end_to_end_as_written(tmp_path):
     commands = quick_start_commands()
-    scripts = [shlex.split(c)[1] for c in commands]
+    scripts = [script(shlex.split(c)) for c in commands]
     # the sequence the issue asks for: prepare -> pretrain -> LoRA -> full -> evaluate -> compare
-    assert scripts[:2] == ["data/pretrain/prepare.py", "data/e2e/prepare.py"]
+    assert scripts[:2] == ["data.pretrain", "data.e2e"]
     assert scripts[2:] == ["train.py", "finetune.py", "train.py", "sample.py", "sample.py",
-                           "compare.py"]
+                           "experiments.compare"]
     repo = tmp_path / "repo"  # a fresh copy: the steps write data/ and out/ inside it
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
         ".git", ".venv", "out", "__pycache__", "*.bin", "*.json", "*.png", "raw", "results",
@@ -49,16 +53,17 @@ def test_the_quick_start_runs_end_to_end_as_written(tmp_path):
     env = dict(os.environ, PYTHONPATH="")
     for command in commands:
         argv = shlex.split(command.replace("DIR", str(SHARED_DATA)))
-        key = argv[1] + (" --init" if argv[1] == "train.py" and "--init" in argv else "")
+        name = script(argv)
+        key = name + (" --init" if name == "train.py" and "--init" in argv else "")
         argv = [sys.executable] + argv[1:] + SHRINK.get(key, [])
         r = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, f"{command}\n{r.stdout}\n{r.stderr}"
-        if argv[1].endswith("prepare.py"):  # where the arrays went
+        if name.startswith("data."):  # where the arrays went
             assert re.search(r"wrote data/\w+/: .*meta\.json", r.stdout), r.stdout
-        if argv[1] in ("train.py", "finetune.py"):  # each training step: its loss and its files
+        if name in ("train.py", "finetune.py"):  # each training step: its loss and its files
             assert re.search(r"validation loss at step 3: \d+\.\d{4}", r.stdout), r.stdout
             assert re.search(r"(saved|adapter:) \S+\.safetensors", r.stdout), r.stdout
-        if argv[1] == "sample.py":
+        if name == "sample.py":
             assert re.search(r"BLEU \d+\.\d\d, ROUGE-L \d+\.\d\d .* -> out/eval/\w+\.json",
                              r.stdout), r.stdout
     out = repo / "out" / "compare"
@@ -72,13 +77,13 @@ def test_the_quick_start_runs_end_to_end_as_written(tmp_path):
 @pytest.mark.parametrize("base, lora, full, share", [(3.0, 2.5, 2.0, 0.5), (3.0, 2.0, 2.0, 1.0),
                                                       (3.0, 3.2, 2.0, -0.2)])
 def test_share_of_drop(base, lora, full, share):
-    from compare import share_of_drop
+    from experiments.compare import share_of_drop
 
     assert share_of_drop(base, lora, full) == pytest.approx(share)
 
 
 def test_share_of_drop_is_undefined_when_full_finetuning_did_not_lower_the_loss():
-    from compare import share_of_drop
+    from experiments.compare import share_of_drop
 
     assert share_of_drop(3.0, 2.5, 3.0) is None
 
@@ -88,8 +93,8 @@ def test_token_kinds_on_a_constructed_example():
     for the example whose MR has it (" Loch Fyne" is not in the first)."""
     import torch
 
-    from common import EOT_TOKEN, get_tokenizer
-    from compare import KINDS, token_kinds
+    from experiments.compare import KINDS, token_kinds
+    from support.common import EOT_TOKEN, get_tokenizer
 
     enc = get_tokenizer()
     rows = [(enc.encode_ordinary("eatType[pub] ||"), enc.encode_ordinary(" A pub by Loch Fyne")),
@@ -115,9 +120,9 @@ def test_in_the_mr_counts_slot_values_not_slot_keys():
     share (" near", " area") nor the prompt's "||"."""
     import torch
 
-    from common import EOT_TOKEN, get_tokenizer
-    from compare import token_kinds
     from data.e2e.prepare import format_completion, format_prompt
+    from experiments.compare import token_kinds
+    from support.common import EOT_TOKEN, get_tokenizer
 
     enc = get_tokenizer()
     prompt = enc.encode_ordinary(format_prompt(
@@ -138,8 +143,9 @@ def test_in_the_mr_counts_slot_values_not_slot_keys():
 def test_compare_refuses_missing_or_foreign_files_in_one_line(tmp_path, capsys):
     import json
 
-    from compare import main
     from conftest import one_error_line
+
+    from experiments.compare import main
 
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "log.jsonl").write_text("not json\n")

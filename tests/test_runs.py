@@ -1,5 +1,5 @@
-"""A run's guards (runs.py, train.train): nothing non-finite saved as good, Ctrl-C honoured at a
-step boundary whatever it interrupts (resume then exact), output directories claimed and locked,
+"""A run's guards (support/runs.py, train.train): nothing non-finite saved as good, Ctrl-C honoured
+at a step boundary whatever it interrupts (resume then exact), output directories claimed and locked,
 --resume refused with other settings, log.jsonl strict JSON."""
 import json
 import os
@@ -7,12 +7,12 @@ import signal
 
 import pytest
 import torch
+from conftest import tiny_gpt, toy_examples
 
 import train
-from conftest import tiny_gpt, toy_examples
 from data.datasets import Examples
 from lora import apply_lora, lora_state_dict
-from runs import TrainingDiverged, claim_out_dir, release_out_dir
+from support.runs import TrainingDiverged, claim_out_dir, release_out_dir
 
 
 def _model():
@@ -210,7 +210,7 @@ def test_resume_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (["--out", "{tmp}/a_file/x"], "a_file/x: cannot write there"),
 ])
 def test_bad_system_flags_are_one_line(argv, message, capsys, shakespeare_dir, tmp_path):
-    from common import run_main
+    from support.common import run_main
     (tmp_path / "a_file").write_text("")
     argv = [a.format(tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:

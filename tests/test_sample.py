@@ -1,5 +1,5 @@
-"""sample.py, decoding.py, metrics.py: merged == unmerged generation, seeded sampling, beam search
-against transformers, the E2E evaluation and its metrics on hand-made cases, the base model taken
+"""sample.py, support/decoding.py, support/metrics.py: merged == unmerged generation, seeded
+sampling, beam search against transformers, the E2E evaluation and its metrics on hand-made cases, the base model taken
 from the adapter's metadata, and bad input on the command line."""
 import json
 import math
@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
-
-from common import EOT_TOKEN, get_tokenizer
 from conftest import ROOT, SHARED_DATA, one_error_line
-from decoding import ban_repeated_ngrams, beam_search, generate, sample_next
-from metrics import corpus_bleu, evaluate_e2e, one_line, rouge_l
+
 from model import GPT
 from sample import complete, load_model, main, parser
+from support.common import EOT_TOKEN, get_tokenizer
+from support.decoding import ban_repeated_ngrams, beam_search, generate, sample_next
+from support.metrics import corpus_bleu, evaluate_e2e, one_line, rouge_l
 
 E2E_RAW = SHARED_DATA / "e2e"
 
@@ -23,8 +23,8 @@ E2E_RAW = SHARED_DATA / "e2e"
 def make_adapter(base_dir, path, seed=0, record_base=True):
     """An adapter whose B is random and non-zero (a trained one; B = 0 at init changes nothing).
     It records base_dir as its base (save_adapter's base_name), unless record_base is False."""
-    from adapters import save_adapter
     from lora import apply_lora
+    from support.adapters import save_adapter
 
     model = GPT.from_pretrained(base_dir)
     apply_lora(model, rank=4, alpha=32)
@@ -265,7 +265,7 @@ def test_nan_logits_are_refused_and_no_token_from_them_is_streamed(tiny, at, dec
 @pytest.fixture(scope="module")
 def side_by_side(tiny_base, adapter, tmp_path_factory):
     """(base with adapters "a" and "b" loaded side by side, {name: the model with it alone})."""
-    from adapters import load_adapter, load_adapters
+    from support.adapters import load_adapter, load_adapters
 
     b = make_adapter(tiny_base, tmp_path_factory.mktemp("b") / "b.safetensors", seed=1)
     files = {"a": adapter, "b": b}
@@ -278,7 +278,7 @@ def side_by_side(tiny_base, adapter, tmp_path_factory):
 def test_beam_search_under_use_adapters_equals_the_adapter_alone(side_by_side):
     """Beam search expands the prompt's row into `beams` rows after the prompt has run: each beam
     keeps the prompt's adapter id (PEFT repeats it per beam the same way)."""
-    from adapters import use_adapters
+    from support.adapters import use_adapters
 
     model, alone = side_by_side
     for idx in prompts(2, seed=2):
@@ -297,7 +297,7 @@ def test_beam_search_under_use_adapters_equals_the_adapter_alone(side_by_side):
 
 def test_num_samples_under_use_adapters_equals_the_adapter_alone(side_by_side):
     """complete(num_samples=3) samples 3 rows of one prompt: each with the prompt's adapter."""
-    from adapters import use_adapters
+    from support.adapters import use_adapters
 
     model, alone = side_by_side
     prompt = prompts(1, seed=3)[0][0].tolist()
@@ -316,7 +316,7 @@ def test_num_samples_under_use_adapters_equals_the_adapter_alone(side_by_side):
 def test_e2e_evaluation_under_use_adapters_equals_the_adapter_alone(side_by_side):
     """evaluate_e2e batches MRs itself (greedy) or expands one into beams: one id applies to
     every MR either way; two ids cannot be matched to its rows and are refused."""
-    from adapters import use_adapters
+    from support.adapters import use_adapters
 
     model, alone = side_by_side
     enc = get_tokenizer()
@@ -404,7 +404,7 @@ def test_eval_batches_equal_single_rows_and_beam_path(tiny):
 def test_init_defaults_to_the_base_the_adapter_records(tiny_base, adapter, tmp_path, capsys):
     """Without --init, the base is the one save_adapter recorded (finetune.py's --init), not
     gpt2: offline, without a hub cache, gpt2 could not even load."""
-    from adapters import read_adapter
+    from support.adapters import read_adapter
 
     assert read_adapter(adapter)[1]["base_name"] == str(tiny_base)
     args = ["--adapter", adapter, "--greedy", "--no-stream", "--max-new-tokens", 8,

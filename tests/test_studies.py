@@ -1,12 +1,13 @@
-"""studies.py: the §7 math on constructed cases, and the studies end to end on a tiny model."""
+"""experiments/studies.py: the §7 math on constructed cases, and the studies end to end on a tiny
+model."""
 import math
 
 import pytest
 import torch
-
 from conftest import one_error_line
-from studies import (delta_w_vs_w, projection_norm, right_singular_vectors, similarity_grid,
-                     subspace_similarity, top_directions)
+
+from experiments.studies import (delta_w_vs_w, projection_norm, right_singular_vectors,
+                                 similarity_grid, subspace_similarity, top_directions)
 
 
 def orthonormal(k, r, seed):
@@ -116,9 +117,9 @@ def test_delta_w_vs_w_on_a_constructed_update():
 def test_delta_weight_and_base_weight_read_the_right_slices():
     """delta_weight must be exactly what merging adds to W_q / W_v / W_o, and base_weight the W0
     rows that the slice's LoRA adapts, merged or not (read through LoRALinear.slices)."""
+    from experiments.studies import base_weight, delta_weight, lora_factors, lora_layer
     from lora import apply_lora, merge_lora
     from model import GPT, GPTConfig
-    from studies import base_weight, delta_weight, lora_factors, lora_layer
 
     torch.manual_seed(0)
     C = 16
@@ -156,7 +157,7 @@ def test_delta_weight_and_base_weight_read_the_right_slices():
 def test_figures_name_the_run_and_the_weights_as_the_paper_does():
     import argparse
 
-    from studies import TARGET_SETS, describe_run, rank_figure, types_figure
+    from experiments.studies import TARGET_SETS, describe_run, rank_figure, types_figure
 
     args = argparse.Namespace(data="data/e2e", init="out/base", steps=60, batch_size=8)
     run = describe_run(args)
@@ -180,7 +181,7 @@ def test_figures_name_the_run_and_the_weights_as_the_paper_does():
 
 
 def test_help_has_no_none_default_and_every_option_explained():
-    from studies import parser
+    from experiments.studies import parser
 
     p = parser()
     text = p.format_help()
@@ -198,6 +199,7 @@ def test_help_has_no_none_default_and_every_option_explained():
 def e2e_dir(tmp_path_factory):
     """E2E prepared from the shared CSVs into a temporary directory (nothing in data/ needed)."""
     from conftest import SHARED_DATA
+
     from data.e2e.prepare import prepare
 
     d = tmp_path_factory.mktemp("e2e")
@@ -214,7 +216,7 @@ TINY = ["--quick", "--steps", "3", "--batch-size", "2", "--warmup", "1", "--eval
 def test_all_studies_end_to_end_on_a_tiny_model(tiny_base, e2e_dir, tmp_path, capsys):
     import json
 
-    from studies import main
+    from experiments.studies import main
 
     out, res = tmp_path / "runs", tmp_path / "results"
     assert main(["all", "--init", str(tiny_base), "--data", str(e2e_dir), "--out", str(out),
@@ -265,8 +267,8 @@ def test_initial_A_is_the_A_training_started_from(tiny_base, e2e_dir, tmp_path, 
     started from. On CUDA that A is drawn by the GPU's generator, which a CPU redraw with the
     same seed does not reproduce; here a model loaded for --device draws from a generator of
     its own (a seed of its own, the CPU stream untouched), as a CUDA model does."""
-    import studies
-    from studies import Runs, lora_factors, parser
+    from experiments import studies
+    from experiments.studies import Runs, lora_factors, parser
 
     on_device, started = set(), {}
     real_load, real_apply, real_train = Runs.load_base, studies.apply_lora, studies.train
@@ -318,7 +320,7 @@ def test_bad_inputs_are_one_line_errors(case, tiny_base, e2e_dir, tmp_path):
 
     init, extra, want = {"missing base": (tmp_path / "nope", [], "nope"),
                          "no steps": (tiny_base, ["--steps", "0"], "--steps")}[case]
-    r = subprocess.run([sys.executable, "studies.py", "rank", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "experiments.studies", "rank", "--out", str(tmp_path),
                         "--init", str(init), "--data", str(e2e_dir)] + extra,
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error:") and want in r.stderr
@@ -326,8 +328,8 @@ def test_bad_inputs_are_one_line_errors(case, tiny_base, e2e_dir, tmp_path):
 
 
 def test_block_inputs_are_ln1_outputs_without_padding():
+    from experiments.studies import block_inputs
     from model import GPT, GPTConfig
-    from studies import block_inputs
 
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
@@ -348,7 +350,7 @@ def test_block_inputs_are_ln1_outputs_without_padding():
 # ---------------------------------------------------------------- bad input, found up front
 
 def error_line(capsys, argv) -> str:
-    from studies import main
+    from experiments.studies import main
     return one_error_line(capsys, main, argv)
 
 
@@ -378,8 +380,7 @@ def test_flags_out_of_range_are_refused_before_anything_loads(capsys, tmp_path, 
 def no_runs(monkeypatch):
     """Any evaluation or training fails the test: settings that need the model are checked as
     soon as it is loaded, before the first run."""
-    import studies
-
+    from experiments import studies
     def ran(*args, **kwargs):
         raise AssertionError("a run started before the bad input was found")
 
@@ -417,8 +418,9 @@ def test_unusable_out_or_results_is_found_before_the_base_loads(tmp_path, capsys
 
 def test_a_second_studies_run_on_the_same_out_is_refused(no_runs, tiny_base, e2e_dir, tmp_path,
                                                          capsys):
-    """While another run holds --out (its lock), studies.py is one line, and nothing runs."""
-    from runs import claim_out_dir, release_out_dir
+    """While another run holds --out (its lock), experiments/studies.py is one line, and nothing
+    runs."""
+    from support.runs import claim_out_dir, release_out_dir
 
     lock = claim_out_dir(tmp_path, resume=True, overwrite=False)
     try:
@@ -430,8 +432,7 @@ def test_a_second_studies_run_on_the_same_out_is_refused(no_runs, tiny_base, e2e
 
 
 def test_help_states_the_range_of_every_numeric_flag():
-    import studies
-
+    from experiments import studies
     helps = {a.dest: a.help for a in studies.parser()._actions}
     for name, spec in studies.FLAG_RANGES.items():
         assert f"({spec}" in helps[name], name

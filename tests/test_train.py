@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt, toy_examples
 
 import train
-from conftest import tiny_gpt, toy_examples
 from data.datasets import IGNORE, Examples
 from model import GPT
-from runs import TrainingDiverged
+from support.runs import TrainingDiverged
 
 
 def _toy_model(**kw):

@@ -1,8 +1,8 @@
 """E2E NLG (Novikova et al. 2017), the paper's GPT-2 task (LoRA §5.5, Table 3): a restaurant's
 meaning representation (MR) -> a sentence about it.
 
-    python data/e2e/prepare.py                              # download the official release
-    python data/e2e/prepare.py --raw-dir ../shared/data/e2e # or use a local copy of the CSVs
+    python -m data.e2e                              # download the official release
+    python -m data.e2e --raw-dir ../shared/data/e2e # or use a local copy of the CSVs
 
 Each example is the prompt `format_prompt(mr)` = "mr ||", then the completion " ref" and
 <|endoftext|>. The loss is taken on the completion and <|endoftext|> only, never on the prompt:
@@ -30,13 +30,9 @@ import json
 import zipfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `data` importable from the repo root
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import atomic_write_set, get_tokenizer, run_main  # noqa: E402
-from data.datasets import tokenize_examples  # noqa: E402
-from data.files import download, prepared_folder, read_meta, read_text, write_prepared  # noqa: E402
+from data.datasets import tokenize_examples
+from data.files import download, prepared_folder, read_meta, read_text, write_prepared
+from support.common import atomic_write_set, get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 # The official release (tuetschek/e2e-dataset, v1.0.0): one ZIP with the four CSVs.
@@ -97,7 +93,7 @@ def load_pairs(split: str, raw_dir=None) -> list[tuple[str, str]]:
         return read_csv(raw / OFFICIAL[split])
     for name in ("devset.csv", "testset_w_refs.csv"):
         if not (raw / name).exists():
-            raise FileNotFoundError(f"{raw / name} not found: run `python data/e2e/prepare.py` "
+            raise FileNotFoundError(f"{raw / name} not found: run `python -m data.e2e` "
                                     f"(downloads it) or pass --raw-dir DIR with the E2E CSVs")
     if split == "test":
         return read_csv(raw / "testset_w_refs.csv")
@@ -113,7 +109,7 @@ def load_references(split: str, raw_dir=None, prepared=HERE) -> list[tuple[str, 
     if raw_dir is None:
         if not (Path(prepared) / "meta.json").exists():
             raise FileNotFoundError(f"{Path(prepared) / 'meta.json'} not found: run `python "
-                                    f"data/e2e/prepare.py` (add --raw-dir DIR with the E2E "
+                                    f"-m data.e2e` (add --raw-dir DIR with the E2E "
                                     f"CSVs offline)")
         meta = read_meta(prepared)  # and the set is whole
         path = prepared_folder(prepared, meta) / f"{split}.refs.json"
@@ -175,7 +171,8 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(
+        prog="python -m data.e2e", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-dir", default=None,
                    help="folder with the E2E CSVs (trainset/devset/testset_w_refs.csv); "
@@ -183,7 +180,3 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(HERE), help="where to write the arrays")
     args = p.parse_args(argv)
     prepare(args.raw_dir, args.out_dir)
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -2,7 +2,7 @@
 text of E2E's *training* split: its meaning representations (MRs), and its descriptions grouped
 by restaurant, as separate documents in a shuffled order, never an MR beside its own description.
 
-    python data/pretrain/prepare.py --raw-dir ../shared/data   # tinyshakespeare/ and e2e/ in it
+    python -m data.pretrain --raw-dir ../shared/data   # tinyshakespeare/ and e2e/ in it
 
 Why: LoRA adapts a model that already knows the language of the task (GPT-2 has read restaurant
 reviews) to the task itself (§4: "adapting large-scale pretrained models"). A base trained on
@@ -26,14 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `data` importable from the repo root
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import EOT_TOKEN, get_tokenizer, run_main  # noqa: E402
-from data.e2e.prepare import fetch_release, load_pairs  # noqa: E402
-from data.files import read_text, write_prepared  # noqa: E402
-from data.shakespeare.prepare import URL as SHAKESPEARE_URL  # noqa: E402
+from data.e2e.prepare import fetch_release, load_pairs
+from data.files import read_text, write_prepared
+from data.shakespeare.prepare import URL as SHAKESPEARE_URL
+from support.common import EOT_TOKEN, get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,14 +82,11 @@ def prepare(raw_dir=None, out_dir=HERE, seed: int = 0) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m data.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw-dir", default=None,
                    help="folder with tinyshakespeare/input.txt and e2e/*.csv; default: "
                         "download both")
     p.add_argument("--out-dir", default=str(HERE), help="where to write the arrays")
     args = p.parse_args(argv)
     prepare(args.raw_dir, args.out_dir)
-
-
-if __name__ == "__main__":
-    run_main(main)

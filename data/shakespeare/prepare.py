@@ -1,8 +1,8 @@
 """Tiny Shakespeare (Karpathy's char-rnn corpus, 1 MB of plays) for language modelling: what
 `python train.py` pretrains a small GPT on.
 
-    python data/shakespeare/prepare.py                                         # download
-    python data/shakespeare/prepare.py --raw-dir ../shared/data/tinyshakespeare  # local input.txt
+    python -m data.shakespeare                                         # download
+    python -m data.shakespeare --raw-dir ../shared/data/tinyshakespeare  # local input.txt
 
 GPT-2 BPE tokens of the first 90% of the text -> train.bin, the last 10% -> val.bin (uint16),
 in data/shakespeare/prepared-XXXX, with meta.json beside it, as one set
@@ -14,12 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `data` importable from the repo root
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from common import get_tokenizer, run_main  # noqa: E402
-from data.files import download, read_text, write_prepared  # noqa: E402
+from data.files import download, read_text, write_prepared
+from support.common import get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -48,13 +44,10 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m data.shakespeare", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw-dir", default=None,
                    help="folder with input.txt; default: download it into data/shakespeare/raw")
     p.add_argument("--out-dir", default=str(HERE), help="where to write the arrays")
     args = p.parse_args(argv)
     prepare(args.raw_dir, args.out_dir)
-
-
-if __name__ == "__main__":
-    run_main(main)

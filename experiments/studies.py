@@ -29,13 +29,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from safetensors.torch import load_file, save_file
 
-from adapters import load_adapter, save_adapter
-from common import HelpFormatter, atomic_write, check_flags, check_writable, get_device, run_main, \
-    save_figure, tensors_digest
 from data.datasets import PAD, load_data
 from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
 from model import GPT
-from runs import claim_out_dir, release_out_dir
+from support.adapters import load_adapter, save_adapter
+from support.common import (HelpFormatter, atomic_write, check_flags, check_writable, get_device,
+                            run_main, save_figure, tensors_digest)
+from support.runs import claim_out_dir, release_out_dir
 from train import TrainConfig, evaluate, train
 
 # ---------------------------------------------------------------- the math of §7
@@ -640,6 +640,7 @@ def ranged(text, name) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="python -m experiments.studies",
         description="Rerun §7 of the LoRA paper on a base model and a task: rank sweep "
                     "(Table 6), weight types at a fixed budget (Table 5), subspace similarity "
                     "(Figures 3-4), Delta W against W (Table 7). Each study prints a table and "

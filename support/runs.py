@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import ADAPTER_FILE, atomic_write, check_finite, check_tensors, nonfinite, \
-    resolve_amp, save_figure, short_list
+from support.common import (ADAPTER_FILE, atomic_write, check_finite, check_tensors, nonfinite,
+                            resolve_amp, save_figure, short_list)
 
 CKPT = "ckpt.pt"
 LOCK = ".lock"

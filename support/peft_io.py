@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from adapters import _copy_lora, _lora_applied
-from common import atomic_write, short_list
 from lora import lora_config, lora_layers, lora_state_dict
 from model import _read_state_dict
+from support.adapters import _copy_lora, _lora_applied
+from support.common import atomic_write, short_list
 
 # PEFT (huggingface/peft) interoperability. PEFT keeps GPT-2's Conv1D modules and adapts whole
 # modules, one rank for all, with keys base_model.model.transformer.<module>.lora_{A,B}.weight,

@@ -6,7 +6,7 @@
     §4.2 a different adapter for each row of one batch              load_adapters, use_adapters
                                                                     (MixedLoRALinear)
 
-PEFT's adapter files, both ways, are in peft_io.py.
+PEFT's adapter files, both ways, are in support/peft_io.py.
 """
 
 import json
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import atomic_write, check_finite, check_tensors, short_list
-from lora import BIAS_OPTIONS, TARGETS, LoRALinear, adapter_biases, apply_lora, is_merged, \
-    lora_config, lora_layers, lora_state_dict, merge_lora, unmerge_lora
+from lora import (BIAS_OPTIONS, TARGETS, LoRALinear, adapter_biases, apply_lora, is_merged,
+                  lora_config, lora_layers, lora_state_dict, merge_lora, unmerge_lora)
+from support.common import atomic_write, check_finite, check_tensors, short_list
 
 _FINGERPRINT_SAMPLES = 8  # values of each base tensor recorded in an adapter file
 _CONFIG_KEYS = ("rank", "alpha", "targets", "dropout", "bias", "rslora")  # apply_lora's settings

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from adapters import repeat_adapter_ids
-from common import EOT_TOKEN, atomic_write_set
 from data.e2e.prepare import format_prompt, load_references
-from decoding import beam_search, check_fits, completions, generate
+from support.adapters import repeat_adapter_ids
+from support.common import EOT_TOKEN, atomic_write_set
+from support.decoding import beam_search, check_fits, completions, generate
 
 
 @torch.no_grad()
@@ -143,7 +143,7 @@ def write_eval(result: dict, path):
     measure_scores.py, so the paper's script can score the same outputs with all five metrics.
     The three are one set (common.atomic_write_set): a failure while writing leaves the old
     three whole; a crash between two of the renames leaves a mix that the folder's manifest.json
-    shows, and compare.py refuses it (common.check_manifest)."""
+    shows, and experiments/compare.py refuses it (common.check_manifest)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outs = result["outputs"]

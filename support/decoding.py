@@ -21,9 +21,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from adapters import repeat_adapter_ids
-from common import EOT_TOKEN
 from model import KVCache
+from support.adapters import repeat_adapter_ids
+from support.common import EOT_TOKEN
 
 
 def _is_int(v) -> bool:

@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning of the same base, side by side: the last step of the quick start.
 
-    python compare.py            # reads out/finetune, out/full, out/eval/{lora,full}.json
+    python -m experiments.compare   # reads out/finetune, out/full, out/eval/{lora,full}.json
 
 Prints and writes (OUT/report.md, OUT/loss.png, one set):
   - the validation loss of the base, of LoRA and of full fine-tuning, and the share of full
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from common import EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set, check_manifest, \
-    check_writable, get_tokenizer, run_main
 from data.datasets import IGNORE, load_data
+from support.common import (EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set,
+                            check_manifest, check_writable, get_tokenizer, run_main)
 
 
 def read_history(run_dir) -> list[dict]:
@@ -120,7 +120,7 @@ def plot_runs(curves: dict, path):
     against training seconds (right), as one PNG."""
     from matplotlib.figure import Figure
 
-    from common import save_figure
+    from support.common import save_figure
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     by_step, by_time = fig.subplots(1, 2, sharey=True)
@@ -176,8 +176,8 @@ def greedy_outputs(model, mrs: list, max_new_tokens=64) -> list:
     """The base's greedy output for each MR, prompted as in fine-tuning (format_prompt) and
     decoded as sample.py --eval decodes the tuned models."""
     from data.e2e.prepare import format_prompt
-    from decoding import completions, generate
-    from metrics import one_line
+    from support.decoding import completions, generate
+    from support.metrics import one_line
 
     enc, outs = get_tokenizer(), []
     for mr in mrs:
@@ -188,7 +188,8 @@ def greedy_outputs(model, mrs: list, max_new_tokens=64) -> list:
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--lora", default=FINETUNE_OUT, help="finetune.py's --out")
     p.add_argument("--full", default="out/full", help="train.py --init's --out")
@@ -237,9 +238,9 @@ def main(argv=None):
     out = Path(args.out)
     check_writable(out, "--out", directory=True)
 
-    from adapters import load_adapter
     from lora import merge_lora
     from model import GPT
+    from support.adapters import load_adapter
     base = evals["LoRA"]["init"]
     models = {"base": GPT.from_pretrained(base),
               "LoRA": merge_lora(load_adapter(GPT.from_pretrained(base), evals["LoRA"]["adapter"])),
