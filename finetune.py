@@ -26,7 +26,8 @@ from support.common import (ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_fla
 from train import add_train_args, config_from_args, train
 
 LORA_DEFAULTS = inspect.signature(apply_lora).parameters  # apply_lora's: Table 11
-RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size": ">= 1"}  # in --help
+# The allowed values of the numeric flags (common.RANGES): in --help, checked before anything loads.
+_FLAG_RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size": ">= 1"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,13 +40,13 @@ def parser() -> argparse.ArgumentParser:
                    "model.safetensors (e.g. what train.py wrote), or a weights file")
     g = p.add_argument_group("LoRA (defaults: the paper's GPT-2 setting, Table 11)")
     g.add_argument("--rank", type=int, default=LORA_DEFAULTS["rank"].default,
-                   help=f"r, the rank of B A ({RANGES['rank']})")
+                   help=f"r, the rank of B A ({_FLAG_RANGES['rank']})")
     g.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"].default,
-                   help=f"α; the update is scaled by α/r ({RANGES['alpha']})")
+                   help=f"α; the update is scaled by α/r ({_FLAG_RANGES['alpha']})")
     g.add_argument("--targets", default=",".join(LORA_DEFAULTS["targets"].default),
                    help=f"comma-separated weights to adapt: {', '.join(TARGETS)}")
     g.add_argument("--dropout", type=float, default=LORA_DEFAULTS["dropout"].default,
-                   help=f"dropout on LoRA's input ({RANGES['dropout']})")
+                   help=f"dropout on LoRA's input ({_FLAG_RANGES['dropout']})")
     g.add_argument("--bias", default="none", choices=BIAS_OPTIONS, help="biases that train too")
     g.add_argument("--rslora", action="store_true", help="scale by α/√r instead of α/r")
     add_data_args(p, default="e2e")
@@ -56,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 def finetune(args):
     """Base model + apply_lora + train.train; the adapter goes to args.out. -> the model."""
     cfg = config_from_args(args)  # every setting in range before anything loads
-    check_flags(args, RANGES)
+    check_flags(args, _FLAG_RANGES)
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(cfg.seed)  # the same A on every process
     model = GPT.from_pretrained(args.init, device=device)

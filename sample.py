@@ -33,7 +33,7 @@ from model import GPT
 from support.adapters import load_adapter, read_adapter, repeat_adapter_ids
 from support.common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter,
                             check_flags, check_range, check_writable, get_device, get_tokenizer,
-                            run_main)
+                            help_with_range, run_main)
 from support.decoding import beam_search, check_fits, completions, generate
 from support.metrics import evaluate_e2e, now, write_eval
 
@@ -44,10 +44,10 @@ EXAMPLE_MR = ("name[The Vaults], eatType[pub], food[French], priceRange[high], a
               "familyFriendly[yes], near[Raja Indian Cuisine]")
 # The allowed values of every numeric flag (common.RANGES), shown in --help and checked by
 # check_args before anything loads. --temperature only counts without --greedy (nan never).
-FLAG_RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0",
-               "top_k": ">= 1", "top_p": "(0, 1]", "beams": ">= 1", "length_penalty": "finite",
-               "no_repeat_ngram_size": ">= 0", "eval_limit": ">= 1", "batch_size": ">= 1",
-               "seed": "[0, 2**32)"}
+_FLAG_RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0",
+                "top_k": ">= 1", "top_p": "(0, 1]", "beams": ">= 1", "length_penalty": "finite",
+                "no_repeat_ngram_size": ">= 0", "eval_limit": ">= 1", "batch_size": ">= 1",
+                "seed": "[0, 2**32)"}
 MAX_ROWS = 64  # --beams, --num-samples: rows decoded at once, each with a KV cache and logits
 
 
@@ -200,7 +200,7 @@ def check_args(args):
     if args.eval and (args.prompt is not None or args.prompt_file or args.mr):
         raise ValueError("--eval e2e makes its own prompts from the test set: drop the prompt")
     check_range("--temperature", args.temperature, "finite")  # nan or inf, even with --greedy
-    check_flags(args, FLAG_RANGES, skip=("temperature",) if args.greedy else ())  # argmax
+    check_flags(args, _FLAG_RANGES, skip=("temperature",) if args.greedy else ())  # argmax
     for name in ("beams", "num_samples"):
         if getattr(args, name) > MAX_ROWS:
             raise ValueError(f"--{name.replace('_', '-')} must be at most {MAX_ROWS} (each "
@@ -209,10 +209,10 @@ def check_args(args):
         raise ValueError("beam search returns one sequence: use --num-samples 1 with --beams")
 
 
-def ranged(text, name) -> str:
+def _ranged(text, name) -> str:
     """A flag's help with its allowed values, as check_args checks them."""
     most = f", at most {MAX_ROWS}" if name in ("beams", "num_samples") else ""
-    return f"{text} ({FLAG_RANGES[name]}{most})"
+    return help_with_range(text, _FLAG_RANGES, name, most)
 
 
 class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -245,30 +245,30 @@ def parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--num-samples", type=int, default=1,
-                   help=ranged("samples per prompt", "num_samples"))
+                   help=_ranged("samples per prompt", "num_samples"))
     g.add_argument("--max-new-tokens", type=int, default=64,
-                   help=ranged("tokens generated at most", "max_new_tokens"))
+                   help=_ranged("tokens generated at most", "max_new_tokens"))
     g.add_argument("--temperature", type=float, default=1.0,
-                   help=ranged("divides the logits; unused with --greedy", "temperature"))
+                   help=_ranged("divides the logits; unused with --greedy", "temperature"))
     g.add_argument("--top-k", type=int, default=None,
-                   help=ranged("keep the k most likely tokens", "top_k"))
+                   help=_ranged("keep the k most likely tokens", "top_k"))
     g.add_argument("--top-p", type=float, default=None,
-                   help=ranged("nucleus sampling: keep mass p", "top_p"))
+                   help=_ranged("nucleus sampling: keep mass p", "top_p"))
     g.add_argument("--greedy", action="store_true", help="argmax decoding")
     g.add_argument("--seed", type=int, default=1337,
-                   help=ranged("the same seed, the same samples", "seed"))
+                   help=_ranged("the same seed, the same samples", "seed"))
     g.add_argument("--no-stream", action="store_true",
                    help="print a single sample when done instead of token by token")
 
     g = p.add_argument_group("beam search (the paper on E2E, Table 11: --beams 10 "
                              "--length-penalty 0.9 --no-repeat-ngram-size 4)")
     g.add_argument("--beams", type=int, default=1,
-                   help=ranged("beams; 1 = no beam search", "beams"))
+                   help=_ranged("beams; 1 = no beam search", "beams"))
     g.add_argument("--length-penalty", type=float, default=1.0,
-                   help=ranged("hypothesis score = sum log p / length**this", "length_penalty"))
+                   help=_ranged("hypothesis score = sum log p / length**this", "length_penalty"))
     g.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                   help=ranged("never repeat an n-gram of this size; 0: off",
-                               "no_repeat_ngram_size"))
+                   help=_ranged("never repeat an n-gram of this size; 0: off",
+                                "no_repeat_ngram_size"))
     g.add_argument("--early-stopping", action="store_true",
                    help="stop as soon as --beams hypotheses have ended")
 
@@ -276,12 +276,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", choices=["e2e"], help="generate for every distinct MR and score")
     g.add_argument("--split", default="test", choices=("test", "val"), help="E2E split to score")
     g.add_argument("--eval-limit", type=int, default=None,
-                   help=ranged("only the first N MRs", "eval_limit"))
+                   help=_ranged("only the first N MRs", "eval_limit"))
     g.add_argument("--raw-dir", default=None,
                    help="folder with the E2E CSVs to read the references from (default: "
                         "data/e2e/prepared-*/SPLIT.refs.json, written by python -m data.e2e)")
     g.add_argument("--batch-size", type=int, default=16,
-                   help=ranged("MRs per greedy batch", "batch_size"))
+                   help=_ranged("MRs per greedy batch", "batch_size"))
     g.add_argument("--out", default=None, help="score file (default: out/eval/e2e_SPLIT.json)")
     return p
 

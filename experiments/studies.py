@@ -34,7 +34,7 @@ from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
 from model import GPT
 from support.adapters import load_adapter, save_adapter
 from support.common import (HelpFormatter, atomic_write, check_flags, check_writable, get_device,
-                            run_main, save_figure, tensors_digest)
+                            help_with_range, run_main, save_figure, tensors_digest)
 from support.runs import claim_out_dir, release_out_dir
 from train import TrainConfig, evaluate, train
 
@@ -627,15 +627,15 @@ def _run_studies(args, results: Path) -> dict:
 
 # The allowed values of every numeric flag (common.RANGES): in --help, checked before anything
 # loads (--ranks and --deltaw-ranks: each rank). What depends on the model: check_for_model.
-FLAG_RANGES = {"block_size": ">= 1", "steps": ">= 1", "batch_size": ">= 1", "warmup": ">= 0",
-               "lr": "> 0", "lr_full": "> 0", "alpha": "> 0", "lora_dropout": "[0, 1)",
-               "eval_batches": ">= 0", "ranks": ">= 1", "small_rank": ">= 1",
-               "large_rank": ">= 1", "deltaw_ranks": ">= 1", "layer": ">= 0"}
+_FLAG_RANGES = {"block_size": ">= 1", "steps": ">= 1", "batch_size": ">= 1", "warmup": ">= 0",
+                "lr": "> 0", "lr_full": "> 0", "alpha": "> 0", "lora_dropout": "[0, 1)",
+                "eval_batches": ">= 0", "ranks": ">= 1", "small_rank": ">= 1",
+                "large_rank": ">= 1", "deltaw_ranks": ">= 1", "layer": ">= 0"}
 
 
-def ranged(text, name) -> str:
+def _ranged(text, name, more="") -> str:
     """A flag's help with its allowed values, as main checks them."""
-    return f"{text} ({FLAG_RANGES[name]})"
+    return help_with_range(text, _FLAG_RANGES, name, more)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -654,45 +654,46 @@ def parser() -> argparse.ArgumentParser:
                    help="base model: a directory from train.py, a weights file, or gpt2, ...")
     g.add_argument("--data", default="e2e", help="downstream task (as train.py's --data)")
     g.add_argument("--block-size", type=int, default=128,
-                   help=ranged("longest training sequence", "block_size"))
+                   help=_ranged("longest training sequence", "block_size"))
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     g = p.add_argument_group("budget of every run (the same for all, as in the paper's tables)")
     g.add_argument("--steps", type=int, default=60,
-                   help=ranged("optimizer steps per run", "steps"))
+                   help=_ranged("optimizer steps per run", "steps"))
     g.add_argument("--batch-size", type=int, default=8,
-                   help=ranged("examples per step", "batch_size"))
+                   help=_ranged("examples per step", "batch_size"))
     g.add_argument("--warmup", type=int, default=10,
-                   help=ranged("warmup steps, then linear decay", "warmup"))
+                   help=_ranged("warmup steps, then linear decay", "warmup"))
     g.add_argument("--lr", type=float, default=2e-3,
-                   help=ranged("learning rate of LoRA runs", "lr"))
+                   help=_ranged("learning rate of LoRA runs", "lr"))
     g.add_argument("--lr-full", type=float, default=5e-4,
-                   help=ranged("learning rate of full fine-tuning", "lr_full"))
+                   help=_ranged("learning rate of full fine-tuning", "lr_full"))
     g.add_argument("--alpha", type=float, default=32,
-                   help=ranged("LoRA alpha (the scale is alpha/r)", "alpha"))
+                   help=_ranged("LoRA alpha (the scale is alpha/r)", "alpha"))
     g.add_argument("--lora-dropout", type=float, default=0.1,
-                   help=ranged("dropout on the LoRA path (Table 11)", "lora_dropout"))
+                   help=_ranged("dropout on the LoRA path (Table 11)", "lora_dropout"))
     g.add_argument("--eval-batches", type=int, default=12,
-                   help=ranged("validation batches (of --batch-size) per run; 0: the whole split",
-                               "eval_batches"))
+                   help=_ranged("validation batches (of --batch-size) per run; 0: the whole split",
+                                "eval_batches"))
     g.add_argument("--quick", action="store_true",
                    help="a tiny budget for a smoke test: " +
                         ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     g = p.add_argument_group("studies")
     g.add_argument("--ranks", type=_int_list, default="1,2,4,8,64",
-                   help=ranged("ranks of the rank sweep (Table 6), each", "ranks"))
+                   help=_ranged("ranks of the rank sweep (Table 6), each", "ranks"))
     g.add_argument("--budget-rank", type=int, default=8,
                    help="types: rank of a single matrix type; the budget is 2 x L x d x this "
                         "(a multiple of 4, at most n_embd)")
     g.add_argument("--small-rank", type=int, default=8,
-                   help=ranged("subspace: the r=8 of A_r=8", "small_rank"))
+                   help=_ranged("subspace: the r=8 of A_r=8", "small_rank"))
     g.add_argument("--large-rank", type=int, default=64,
-                   help=ranged("subspace: the r=64 of A_r=64", "large_rank"))
+                   help=_ranged("subspace: the r=64 of A_r=64", "large_rank"))
     g.add_argument("--deltaw-ranks", type=_int_list, default="4,64",
-                   help=ranged("deltaw: adapter ranks to analyse (Table 7 has 4 and 64), each",
-                               "deltaw_ranks"))
+                   help=_ranged("deltaw: adapter ranks to analyse (Table 7 has 4 and 64), each",
+                                "deltaw_ranks"))
     g.add_argument("--layer", type=int, default=None,
-                   help=f"block (0-based) analysed by subspace and deltaw ({FLAG_RANGES['layer']}, "
-                        f"below n_layer; default: n_layer/2 - 1, as the paper's 48th of 96)")
+                   help=_ranged("block (0-based) analysed by subspace and deltaw", "layer",
+                                ", below n_layer; default: n_layer/2 - 1, as the paper's 48th "
+                                "of 96"))
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/studies", help="runs cache (adapters, run records)")
     g.add_argument("--results", default=None, help="tables and figures (default: --out)")
@@ -707,7 +708,7 @@ def main(argv=None):
         for k, v in QUICK.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
-    check_flags(args, FLAG_RANGES)  # before anything loads; --ranks: each rank
+    check_flags(args, _FLAG_RANGES)  # before anything loads; --ranks: each rank
     if not args.ranks:
         raise ValueError("--ranks: give at least one rank")
     if args.eval_batches == 0:

@@ -189,7 +189,7 @@ def test_a_warmup_longer_than_the_run_is_refused_naming_both_flags(tiny_base, e2
 
 def test_help_states_the_range_of_every_numeric_lora_flag():
     helps = {a.dest: a.help for a in finetune.parser()._actions}
-    for name, spec in finetune.RANGES.items():
+    for name, spec in finetune._FLAG_RANGES.items():
         if name != "block_size":  # data.datasets.add_data_args' flag
             assert f"({spec})" in helps[name], name
 

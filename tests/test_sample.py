@@ -563,7 +563,7 @@ def test_help_states_the_range_of_every_numeric_flag():
     import sample
 
     helps = {a.dest: a.help for a in parser()._actions}
-    for name, spec in sample.FLAG_RANGES.items():
+    for name, spec in sample._FLAG_RANGES.items():
         assert f"({spec}" in helps[name], name
     assert f"at most {sample.MAX_ROWS}" in helps["beams"]
 
