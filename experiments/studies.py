@@ -646,7 +646,7 @@ def parser() -> argparse.ArgumentParser:
                     "(Figures 3-4), Delta W against W (Table 7). Each study prints a table and "
                     "writes JSON (and PNGs) to --results; fine-tuning runs are cached in "
                     "--out/runs and shared between studies.",
-        epilog="Defaults fit a 2-core CPU and the base trained as in docs/studies.md.",
+        epilog="The base these defaults are for, and the tables: docs/studies.md.",
         formatter_class=HelpFormatter)
     p.add_argument("studies", nargs="+", choices=STUDIES + ("all",), help="which studies to run")
     g = p.add_argument_group("base model and task")
