@@ -23,6 +23,7 @@ from model import GPT
 from support.adapters import save_adapter
 from support.common import (ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_flags, file_size,
                             run_main, setup_distributed)
+from support.runs import given_flags, resume_args, say_how_to_continue
 from train import add_train_args, config_from_args, train
 
 LORA_DEFAULTS = inspect.signature(apply_lora).parameters  # apply_lora's: Table 11
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"].default,
                    help=f"α; the update is scaled by α/r ({_FLAG_RANGES['alpha']})")
     g.add_argument("--targets", default=",".join(LORA_DEFAULTS["targets"].default),
-                   help=f"comma-separated weights to adapt: {', '.join(TARGETS)}")
+                   type=target_list, help=f"comma-separated weights to adapt: {', '.join(TARGETS)}")
     g.add_argument("--dropout", type=float, default=LORA_DEFAULTS["dropout"].default,
                    help=f"dropout on LoRA's input ({_FLAG_RANGES['dropout']})")
     g.add_argument("--bias", default="none", choices=BIAS_OPTIONS, help="biases that train too")
@@ -52,6 +53,13 @@ def parser() -> argparse.ArgumentParser:
     add_data_args(p, default="e2e")
     add_train_args(p, out=FINETUNE_OUT)
     return p
+
+
+def target_list(text: str) -> list:
+    """--targets "v, q" -> ["q", "v"]: in TARGETS' order, as model.lora_config records them (so
+    --resume compares like with like); unknown names kept last, for apply_lora to refuse."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return [t for t in TARGETS if t in names] + [t for t in names if t not in TARGETS]
 
 
 def finetune(args):
@@ -62,8 +70,7 @@ def finetune(args):
     torch.manual_seed(cfg.seed)  # the same A on every process
     model = GPT.from_pretrained(args.init, device=device)
     train_data, val_data = data_from_args(args, model.config.block_size, model.config.vocab_size)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    apply_lora(model, rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
+    apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout,
                bias=args.bias, rslora=args.rslora)
     if rank == 0:
         print(describe_trainable(model))
@@ -80,7 +87,15 @@ def finetune(args):
 
 
 def main(argv=None):
-    finetune(parser().parse_args(argv))
+    p = parser()
+    args = p.parse_args(argv)
+    if args.resume:  # the run's settings from its checkpoint, but those given here
+        resume_args(args, given_flags(p, argv))
+    try:
+        finetune(args)
+    except KeyboardInterrupt as e:  # Ctrl-C: say which step is saved, and how to go on
+        say_how_to_continue(e, args.out, "finetune.py")
+        raise
     if dist.is_initialized():
         dist.destroy_process_group()
 

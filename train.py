@@ -27,7 +27,8 @@ from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
 from support.common import (HelpFormatter, add_dataclass_args, check_dataclass, file_size,
                             resolve_amp, run_main, setup_distributed)
-from support.runs import RunRecords, run_settings
+from support.runs import (RunRecords, given_flags, resume_args, run_settings,
+                          say_how_to_continue)
 
 
 def setting(default, help, range=None, choices=None):
@@ -286,7 +287,8 @@ def add_train_args(p: argparse.ArgumentParser, out: str, heading=None):
     g = groups["eval_interval"]
     g.add_argument("--out", default=out, help="output directory")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint in --out (same settings)")
+                   help="continue the run checkpointed in --out, with its settings (a flag "
+                        "given with another value is refused)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of an earlier run in --out")
     groups["amp"].add_argument("--device", default="auto",
@@ -331,6 +333,8 @@ def main(argv=None):
     if scratch:  # the small-model defaults, unless given
         p.set_defaults(**SCRATCH_TRAIN, block_size=SCRATCH["block_size"])
     args = p.parse_args(argv)
+    if args.resume:  # the run's settings (--init included) from its checkpoint
+        resume_args(args, given_flags(p, argv))
     cfg = config_from_args(args)
 
     rank, world, device = setup_distributed(args.device)
@@ -346,8 +350,12 @@ def main(argv=None):
         print(f"{'fine-tuning ' + args.init if args.init else 'new model'}: "
               f"{model.num_params():,} parameters, all trained")
     run = {k: getattr(args, k) for k in ("init", "data", "block_size", "dropout", *SCRATCH)}
-    train(model, train_data, val_data, cfg, args.out, save=lambda m, d: m.save_pretrained(d),
-          resume=args.resume, overwrite=args.overwrite, run=run)
+    try:
+        train(model, train_data, val_data, cfg, args.out, save=lambda m, d: m.save_pretrained(d),
+              resume=args.resume, overwrite=args.overwrite, run=run)
+    except KeyboardInterrupt as e:  # Ctrl-C: say which step is saved, and how to go on
+        say_how_to_continue(e, args.out, "train.py")
+        raise
     if rank == 0:
         print(f"saved {args.out}/model.safetensors "
               f"({file_size(Path(args.out) / 'model.safetensors')})")

@@ -2,11 +2,16 @@
 its output directory (claimed, locked), its checkpoint (to resume exactly, with the settings
 that define the run), its history, log.jsonl, loss.png and progress bar, Ctrl-C honoured
 between steps, and the stop when the loss or the weights stop being finite. Nothing here knows
-what is trained.
+what is trained. For the scripts: --resume with the run's settings from its checkpoint
+(resume_args), and the line that says how to continue after a Ctrl-C (say_how_to_continue).
 """
 
+import argparse
+import dataclasses
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 import threading
@@ -28,6 +33,15 @@ class TrainingDiverged(ValueError):
     """The loss or the weights became nan or inf."""
 
 
+class StoppedAtStep(KeyboardInterrupt):
+    """A Ctrl-C stopped the run at a step boundary, after checkpointing that step."""
+
+    def __init__(self, step: int, out_dir=None):
+        super().__init__(f"stopped after step {step}"
+                         + (f", checkpointed in {Path(out_dir) / CKPT}" if out_dir else ""))
+        self.step = step
+
+
 class RunRecords:
     """Everything of a run but the training, in three calls:
 
@@ -40,7 +54,8 @@ class RunRecords:
     end_step validates (validate(), rank 0 only), logs and checkpoints (model, optimizer and
     scaler, with save(model, out_dir)) at cfg's intervals and at the end, and stops the run:
     TrainingDiverged for a non-finite loss, validation loss or weight (the last checkpoint
-    stays), KeyboardInterrupt after a Ctrl-C (checkpointed first). On a normal exit the log is
+    stays), StoppedAtStep (a KeyboardInterrupt) after a Ctrl-C, checkpointed first; a second
+    Ctrl-C is a plain KeyboardInterrupt, mid-step. On a normal exit the log is
     closed and plotted; out_dir is released however the run ends. Files are rank 0's; every
     rank keeps the count. step: optimizer steps taken; batches: training batches drawn, the
     steps fp16's loss scaler skipped included (a skipped step is not a step).
@@ -67,10 +82,12 @@ class RunRecords:
     def __enter__(self):
         ours = self.dir if self.rank == 0 else None  # the files are rank 0's
         self.lock = claim_out_dir(ours, self.resume, self.overwrite)
-        try:
+        try:  # a checkpoint that does not fit is refused before the progress bar appears
+            state = read_checkpoint(self.dir, self.trained[0], self.settings) if self.resume \
+                else None
             self.log = RunLog(ours, self.max_iters, self.cfg.progress and self.rank == 0)
-            if self.resume:
-                self.step = load_checkpoint(self.dir, *self.trained, self.log, self.settings)
+            if state is not None:
+                self.step = restore_checkpoint(state, *self.trained, self.log)
         except BaseException:
             release_out_dir(self.lock)
             raise
@@ -99,9 +116,9 @@ class RunRecords:
             if end or step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
                 self._checkpoint()
         if self.step < self.max_iters and self.ctrl_c.stop():  # Ctrl-C: checkpointed
-            self.log.close()
+            self.log.close(report=False)  # the scripts say what was saved: say_how_to_continue
             self._checkpoint()
-            raise KeyboardInterrupt(self.log.stopped(self.step, self.dir))
+            raise StoppedAtStep(self.step, self.dir)
 
     def __exit__(self, exc_type, *exc):
         try:
@@ -116,7 +133,8 @@ class RunRecords:
         return self.log.paused(self.validate) if self.rank == 0 else None
 
     def _checkpoint(self):
-        save_checkpoint(self.dir, *self.trained, self.step, self.log, self.save, self.settings)
+        save_checkpoint(self.dir, *self.trained, self.step, self.log, self.save, self.settings,
+                        dataclasses.asdict(self.cfg))
 
 
 def claim_out_dir(out_dir, resume: bool, overwrite: bool):
@@ -169,10 +187,12 @@ def run_settings(cfg, run: dict, device) -> dict:
             "amp": resolve_amp(cfg.amp, device), "device": torch.device(device).type}
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, settings=None):
+def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, settings=None,
+                    config=None):
     """Everything to continue exactly, in one file written atomically (rank 0, with an out_dir):
     the trainable tensors (for LoRA only A and B), the optimizer's moments, the step, the
-    history and the run's settings; save(model, out_dir) writes the result beside it.
+    history, the run's settings (run_settings: compared on resume) and its whole config (the
+    TrainConfig as a dict: resume_args takes it); save(model, out_dir) writes the result beside it.
     Non-finite weights are never saved: TrainingDiverged, and the last checkpoint stays."""
     params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     bad = nonfinite(params)
@@ -186,28 +206,34 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, log, save=None, set
         save(model, out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "params": params, "history": log.history, "pending": log.pending,
-             "skipped": log.skipped, "settings": settings}
+             "skipped": log.skipped, "settings": settings, "config": config}
     atomic_write(Path(out_dir) / CKPT, lambda p: torch.save(state, p))
     log.rewrite()
 
 
-@torch.no_grad()
-def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> int:
-    """Restore what save_checkpoint wrote into the model, optimizer and log; -> the step. The
-    run's settings must be the checkpoint's: a difference is one ValueError naming it."""
-    if out_dir is None:
-        raise ValueError("resume needs an output directory")
-    path = Path(out_dir) / CKPT
+def _read(path, mmap=False) -> dict:
+    """ckpt.pt's dict (tensors on the CPU; mmap: read only when used), or one ValueError."""
     if not path.exists():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the checkpoint, the file is truncated or corrupt "
                          f"({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"step", "params", "optimizer", "scaler", "history",
                                            "pending"} <= set(state):
         raise ValueError(f"{path}: not a checkpoint written by train.py or finetune.py")
+    return state
+
+
+def read_checkpoint(out_dir, model, settings=None) -> dict:
+    """What save_checkpoint wrote in out_dir, checked against this run: its settings must be
+    the checkpoint's (a difference is one ValueError naming it) and its trainable tensors the
+    model's, finite. -> the state, for restore_checkpoint."""
+    if out_dir is None:
+        raise ValueError("resume needs an output directory")
+    path = Path(out_dir) / CKPT
+    state = _read(path)
     theirs = state.get("settings") or {}
     diff = [k for k in settings or {} if k in theirs and theirs[k] != settings[k]]
     if diff:
@@ -215,11 +241,17 @@ def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> in
                          + ", ".join(f"{k} {settings[k]} (the run: {theirs[k]})" for k in diff)
                          + "; resume with the run's settings, or start afresh with --overwrite "
                            "or another --out")
-    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_tensors({n: p.shape for n, p in ours.items()}, state["params"],
-                  f"{path} was written for other trainable tensors (resume with the same "
-                  f"model, rank and targets)")
+    check_tensors({n: p.shape for n, p in model.named_parameters() if p.requires_grad},
+                  state["params"], f"{path} was written for other trainable tensors (resume "
+                                   f"with the same model, rank and targets)")
     check_finite(state["params"], path)
+    return state
+
+
+@torch.no_grad()
+def restore_checkpoint(state, model, optimizer, scaler, log) -> int:
+    """read_checkpoint's state into the model, optimizer, scaler and log; -> the step."""
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for n, t in state["params"].items():
         ours[n].copy_(t)
     optimizer.load_state_dict(state["optimizer"])
@@ -229,6 +261,77 @@ def load_checkpoint(out_dir, model, optimizer, scaler, log, settings=None) -> in
     log.rewrite()  # drops the lines written after the checkpoint
     log.bar.update(state["step"])
     return state["step"]
+
+
+# ---------------------------------------------------------------- the scripts' --resume, Ctrl-C
+
+THIS_PROCESS = ("out", "resume", "overwrite", "device", "compile", "progress")  # not the run's
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The dests of the flags given on the command line argv (None: sys.argv[1:]), whatever
+    their spelling (--lr=1e-3, an abbreviation) or value. argparse fills in a default only
+    where the namespace has no value yet, so a namespace that holds a marker for every dest
+    keeps the marker exactly where no flag was given."""
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    marked = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {k for k, v in vars(marked).items() if v is not unset}
+
+
+def resume_args(args, given: set):
+    """--resume: every setting of the run in args.out/ckpt.pt that was not given on the command
+    line (given: given_flags) is taken from it into args (the script's settings of the run,
+    run_settings, and its TrainConfig), all but this process's own (THIS_PROCESS: --device,
+    --compile, --no-progress, ...). A run setting given with another value than the run's is
+    one ValueError naming each such flag, before anything loads; a setting that only changes
+    what is logged (--eval-interval, --log-interval, ...) may change. --amp and the device
+    are compared as they resolve, by RunRecords. Prints where it resumes. -> args."""
+    path = Path(args.out) / CKPT
+    state = _read(path, mmap=True)  # the settings without reading the tensors
+    theirs = {k: v for k, v in (state.get("settings") or {}).items() if k not in ("amp", "device")}
+    taken = {**theirs, **(state.get("config") or {})}
+    diff = [k for k in theirs if k in given and hasattr(args, k) and getattr(args, k) != theirs[k]]
+    if diff:
+        def show(v):
+            return ",".join(map(str, v)) if isinstance(v, list) else "not set" if v is None else v
+        raise ValueError(f"{path}: --resume continues the run with its own settings: "
+                         + ", ".join(f"--{k.replace('_', '-')} {show(getattr(args, k))} (the run: "
+                                     f"{show(theirs[k])})" for k in diff)
+                         + "; leave the flag out, or start afresh with --overwrite or another "
+                           "--out")
+    for k, v in taken.items():
+        if hasattr(args, k) and k not in given and k not in THIS_PROCESS:
+            setattr(args, k, v)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's process group is not joined yet
+        print(f"resuming {path} at step {state['step']}, with the run's settings")
+    return args
+
+
+def say_how_to_continue(interrupt: KeyboardInterrupt, out_dir, script: str):
+    """After a Ctrl-C ended a run of `script` (finetune.py, train.py) into out_dir: one line on
+    stderr (rank 0) saying what it stopped at, which step out_dir/ckpt.pt holds (read from the
+    file) and the whole command that continues the run (--resume takes the rest from it)."""
+    if dist.is_initialized() and dist.get_rank() != 0 or out_dir is None:
+        return
+    d = Path(out_dir)
+    try:
+        step = _read(d / CKPT, mmap=True)["step"]
+    except (OSError, ValueError):
+        step = None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    how = (f"stopped after step {interrupt.step}" if isinstance(interrupt, StoppedAtStep)
+           else "aborted by Ctrl-C")  # a second press, or one before the first step
+    if step is None:
+        outputs = any((d / n).exists() for n in (CKPT, "log.jsonl", "loss.png", *RESULTS))
+        line = (f"{how} before the first checkpoint: nothing to resume; start again"
+                + (" with --overwrite" if outputs else ""))
+    else:
+        last = "" if isinstance(interrupt, StoppedAtStep) else ", the last checkpoint"
+        line = (f"{how}: {d / CKPT} holds step {step}{last}; continue with: {launcher} {script} "
+                f"--out {shlex.quote(str(out_dir))} --resume")
+    print(line, file=sys.stderr)
 
 
 class RunLog:
@@ -258,14 +361,6 @@ class RunLog:
         if out_dir is None or self.saved_step is None:
             return ""
         return f"; {out_dir} keeps the last checkpoint (step {self.saved_step})"
-
-    def stopped(self, step, out_dir) -> str:
-        """Say where an interrupted run stopped (rank 0) and how to go on; -> the same line."""
-        line = f"stopped at step {step}" + (f"; saved to {out_dir}, continue with --resume"
-                                            if out_dir is not None else "")
-        if self.dir is not None:
-            print(line, file=sys.stderr)
-        return line
 
     def paused(self, fn, *args):
         """fn(*args), its time left out of tokens/s (validation)."""
@@ -312,10 +407,11 @@ class RunLog:
                                       allow_nan=False) + "\n" for h in self.history)
             atomic_write(self.dir / "log.jsonl", lambda p: Path(p).write_text(text))
 
-    def close(self):
+    def close(self, report=True):
+        """Close the bar; report: print the last validation loss (the run's end)."""
         self.bar.close()
         last = [h for h in self.history if h.get("val_loss") is not None]
-        if self.dir is not None and last:  # rank 0, writing a run
+        if report and self.dir is not None and last:  # rank 0, writing a run
             print(f"validation loss at step {last[-1]['step']}: {last[-1]['val_loss']:.4f} "
                   f"(log: {self.dir / 'log.jsonl'})")
 

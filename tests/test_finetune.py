@@ -4,6 +4,7 @@ in one line."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,8 +84,12 @@ def _interrupt_at(batch, train_data, val_data):
 
 def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, e2e_dir,
                                                                   tmp_path, monkeypatch):
+    """`--out DIR --resume` and nothing else: the base, the data, LoRA's settings and the
+    training settings (none of them the defaults here) come from the checkpoint."""
     args = ["--init", str(scratch_base), "--data", str(e2e_dir), "--max-iters", "6",
-            "--ckpt-interval", "2", "--eval-interval", "3", "--log-interval", "1", *FAST]
+            "--ckpt-interval", "2", "--eval-interval", "3", "--log-interval", "1", "--rank", "2",
+            "--alpha", "8", "--targets", "v,k", "--dropout", "0.1", "--bias", "lora_only",
+            "--rslora", "--block-size", "96", "--label-smoothing", "0", *FAST]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     finetune.main(args + ["--out", str(whole)])
     with pytest.raises(KeyboardInterrupt):  # as Ctrl-C before step 5: saves, then exits
@@ -94,7 +99,7 @@ def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, 
     assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 4
     with open(parts / "log.jsonl", "a") as f:  # a hard kill may leave lines past the checkpoint
         f.write(json.dumps({"step": 5, "train_loss": 0.0}) + "\n")
-    finetune.main(args + ["--out", str(parts), "--resume"])
+    finetune.main(["--out", str(parts), "--resume", "--no-progress"])
 
     def strip(log):
         return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "train_s")} for h in log]
@@ -102,6 +107,49 @@ def test_resume_after_an_interrupt_repeats_no_step_and_loses_none(scratch_base, 
     assert strip(_log(parts)) == strip(_log(whole))  # the same losses, bit for bit
     a, b = load_file(whole / "adapter.safetensors"), load_file(parts / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(scratch_base, e2e_dir, tmp_path_factory):
+    """A finetune.py run of 4 steps stopped by a Ctrl-C after its checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    argv = ["--init", str(scratch_base), "--data", str(e2e_dir), "--max-iters", "4",
+            "--eval-interval", "2", "--rank", "2", "--targets", "q,v", "--out", str(out), *FAST]
+    real = finetune.data_from_args
+    finetune.data_from_args = lambda *a: _interrupt_at(2, *real(*a))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune.main(argv)
+    finally:
+        finetune.data_from_args = real
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    return out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "1e-3"], "--lr 0.001 (the run: 0.002)"),
+    (["--rank=8"], "--rank 8 (the run: 2)"),
+    (["--targets", "q,k,v"], "--targets q,k,v (the run: q,v)"),
+    (["--init", "gpt2-xl"], "--init gpt2-xl (the run: "),  # refused before any download
+    (["--max-iters", "5", "--seed", "1"], "--max-iters 5 (the run: 4), --seed 1 (the run: 1337)"),
+])
+def test_resume_refuses_an_explicit_flag_with_another_value_naming_it(stopped_run, capsys,
+                                                                      flags, named):
+    sha = _sha(stopped_run / "ckpt.pt")
+    line = _error_line(capsys, ["--out", stopped_run, "--resume", *flags])  # no progress bar
+    assert named in line and "--overwrite" in line, line
+    assert _sha(stopped_run / "ckpt.pt") == sha
+
+
+def test_resume_accepts_explicit_flags_equal_to_the_runs(stopped_run, e2e_dir, tmp_path):
+    """Equal values are accepted, whatever their spelling (--targets v,q is q,v); a flag that
+    only changes what is logged (--log-interval) may change."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    finetune.main(["--out", str(out), "--resume", "--lr", "0.002", "--rank", "2", "--targets",
+                   "v,q", "--data", str(e2e_dir), "--max-iters", "4", "--log-interval", "1",
+                   "--no-progress"])
+    assert [h["step"] for h in _log(out)][-3:] == [2, 3, 4]
 
 
 _RANKS_SCRIPT = """

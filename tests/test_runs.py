@@ -97,7 +97,7 @@ def test_ctrl_c_in_any_phase_stops_at_the_step_boundary_and_resume_is_exact(tmp_
     model.h[0].register_forward_hook(lambda *a: ctrl_c.fire("forward", step["n"]))
     model.h[0].attn.c_attn.lora_B["q"].register_hook(lambda g: ctrl_c.fire("backward", step["n"]))
     parts = tmp_path / "parts"
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 3"):
         _run(parts, data=data, model=model, val=val)
     assert ctrl_c.fired
     assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 3  # the step completed
@@ -119,7 +119,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_saves_nothing(tmp_path, monkeypatch)
     base = toy_examples()
     with pytest.raises(KeyboardInterrupt) as e:
         _run(tmp_path, data=Data(base.tokens, base.index, base.block_size, base.name))
-    assert "stopped at step" not in str(e.value)
+    assert "stopped after step" not in str(e.value)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2  # the last one
 
 
@@ -220,3 +220,78 @@ def test_bad_system_flags_are_one_line(argv, message, capsys, shakespeare_dir, t
                                      "--out", str(tmp_path / "o"), *argv]))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_a_refused_resume_prints_no_progress_bar(tmp_path, capsys):
+    """The checkpoint is read and checked before the progress bar exists: a refusal is all
+    that is printed (no stray 0% bar above it)."""
+    out = tmp_path / "run"
+    _run(out)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"lr 0.001 \(the run: 0.01\)"):
+        _run(out, resume=True, cfg={"lr": 1e-3, "progress": True})
+    assert capsys.readouterr().err == ""
+
+
+def _train_argv(data, out):
+    """train.py from scratch, tiny: 6 steps, checkpointed at steps 2, 4 and 6."""
+    return ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+            "--batch-size", "4", "--max-iters", "6", "--warmup", "1", "--eval-interval", "2",
+            "--eval-batches", "1", "--data", str(data), "--no-progress", "--out", str(out)]
+
+
+def sigint_while_drawing(batch, presses):
+    """A stand-in for data_from_args whose training data presses Ctrl-C `presses` times (real
+    SIGINTs) when batch number `batch` is drawn."""
+    from data.datasets import data_from_args
+
+    def load(*args):
+        train_data, val_data = data_from_args(*args)
+
+        class Interrupting(type(train_data)):
+            def get_batch(self, batch_size, index=0, seed=0):
+                if index == batch:
+                    for _ in range(presses):
+                        os.kill(os.getpid(), signal.SIGINT)
+                return super().get_batch(batch_size, index, seed)
+        train_data.__class__ = Interrupting
+        return train_data, val_data
+    return load
+
+
+@pytest.mark.parametrize("batch, presses, saved, first_words", [
+    (2, 1, 3, "stopped after step 3"),  # one press while step 3 runs: it completes, is saved
+    (3, 2, 2, "aborted by Ctrl-C"),  # two during step 4: the checkpoint of step 2 stays
+])
+def test_ctrl_c_says_which_step_the_checkpoint_holds_and_the_command_that_continues(
+        shakespeare_dir, tmp_path, monkeypatch, capsys, batch, presses, saved, first_words):
+    import shlex
+
+    from support.common import run_main
+    out = tmp_path / "out dir"  # a space: the command quotes it
+    with monkeypatch.context() as m:
+        m.setattr(train, "data_from_args", sigint_while_drawing(batch, presses))
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: train.main(_train_argv(shakespeare_dir, out)))
+    captured = capsys.readouterr()
+    assert e.value.code == 130 and "validation loss at step" not in captured.out
+    command = f"python train.py --out {shlex.quote(str(out))} --resume"
+    line = [s for s in captured.err.splitlines() if s.startswith(first_words)]
+    assert line and f"{out / 'ckpt.pt'} holds step {saved}" in line[0], captured.err
+    assert line[0].endswith(f"continue with: {command}"), line[0]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == saved
+    python, script, *argv = shlex.split(command)  # the command as printed continues the run
+    train.main(argv)
+    assert _log(out)[-1]["step"] == 6
+
+
+def test_a_second_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
+        shakespeare_dir, tmp_path, monkeypatch, capsys):
+    from support.common import run_main
+    out = tmp_path / "o"
+    monkeypatch.setattr(train, "data_from_args", sigint_while_drawing(1, 2))
+    with pytest.raises(SystemExit):
+        run_main(lambda: train.main(_train_argv(shakespeare_dir, out)))
+    err = capsys.readouterr().err
+    assert "aborted by Ctrl-C before the first checkpoint: nothing to resume; " \
+           "start again with --overwrite" in err, err

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_gpt, toy_examples
+from safetensors.torch import load_file
 
 import train
 from data.datasets import IGNORE, Examples
@@ -258,6 +259,46 @@ def test_train_py_full_finetuning_updates_every_weight(tiny_base, shakespeare_di
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert sorted(changed) == sorted(before)
     assert GPT.from_pretrained(tiny_base).state_dict()["wte.weight"].equal(before["wte.weight"])
+
+
+def test_train_py_resume_takes_the_runs_settings_from_the_checkpoint(tiny_base, shakespeare_dir,
+                                                                    tmp_path, monkeypatch, capsys):
+    """`python train.py --out DIR --resume` alone continues a full fine-tuning run (its --init,
+    data and schedule from ckpt.pt) to the bit; a flag given with another value is refused,
+    naming it, before anything loads."""
+    from conftest import one_error_line
+
+    from data.datasets import data_from_args
+    argv = ["--init", str(tiny_base), "--data", str(shakespeare_dir), "--block-size", "32",
+            "--batch-size", "2", "--max-iters", "4", "--warmup", "1", "--lr", "1e-3",
+            "--eval-interval", "2", "--eval-batches", "1", "--log-interval", "1", "--no-progress"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(argv + ["--out", str(whole)])
+
+    def interrupting(*args):  # drawing batch 3 (step 4) is a Ctrl-C: step 2's checkpoint stays
+        train_data, val_data = data_from_args(*args)
+
+        class Interrupting(type(train_data)):
+            def get_batch(self, batch_size, index=0, seed=0):
+                if index == 3:
+                    raise KeyboardInterrupt
+                return super().get_batch(batch_size, index, seed)
+        train_data.__class__ = Interrupting
+        return train_data, val_data
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(train, "data_from_args", interrupting)
+        train.main(argv + ["--out", str(parts)])
+    assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 2
+    capsys.readouterr()
+    line = one_error_line(capsys, train.main, ["--out", parts, "--resume", "--block-size", "64"])
+    assert "--block-size 64 (the run: 32)" in line, line
+    train.main(["--out", str(parts), "--resume", "--no-progress"])
+
+    def strip(log):
+        return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "train_s")} for h in log]
+    assert strip(_read_log(parts)) == strip(_read_log(whole))
+    a, b = (load_file(d / "model.safetensors") for d in (whole, parts))  # (metadata: any order)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ddp_all_reduces_only_the_trainable_parameters(tmp_path):
