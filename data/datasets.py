@@ -7,17 +7,24 @@ resumed run sees exactly the batches an uninterrupted run would, and DDP ranks (
 interleaved batch numbers) never see the same batch.
 """
 
+import importlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock  # a dependency of torch's
 
-from data.files import prepared_folder, read_meta, read_text
+from data.files import DownloadError, prepared_folder, read_meta, read_text
 from support.common import EOT_TOKEN, get_tokenizer
 
-DATA_DIR = Path(__file__).resolve().parent
+# The named sets, each prepared by data/NAME/prepare.py into data/NAME, and what the folder
+# its --raw-dir takes must hold.
+SETS = {"e2e": "the E2E CSVs (devset.csv and testset_w_refs.csv; with trainset.csv too, "
+               "the official splits)",
+        "pretrain": "tinyshakespeare/input.txt and e2e/ with the E2E CSVs",
+        "shakespeare": "input.txt"}
 IGNORE = -100  # target id of positions without loss (model.forward, F.cross_entropy)
 PAD = EOT_TOKEN  # input id of padding positions (their targets are IGNORE)
 
@@ -182,28 +189,48 @@ def _from_text(path: Path, block_size: int):
             TokenStream(ids[cut:], block_size, f"{path.name} (val)"))
 
 
+def prepared_set(name: str) -> Path:
+    """The directory of the named set (one of SETS: the HERE of data/NAME/prepare.py), prepared
+    first if it is not yet: raw files downloaded from their canonical source, as `python -m
+    data.NAME` does, with one line saying so. Under torchrun every process calls this: a file
+    lock lets one of them prepare while the others wait, then find the set prepared. Offline,
+    an OSError whose one line names the command that prepares from a local copy; the download
+    and the set are each written whole or not at all (data.files)."""
+    module = importlib.import_module(f"data.{name}.prepare")
+    home = Path(module.HERE)
+    if (home / "meta.json").exists():
+        return home
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / ".prepare.lock"):
+        if (home / "meta.json").exists():  # another process prepared it while this one waited
+            return home
+        print(f"data '{name}' is not prepared yet: preparing it now, as python -m data.{name} "
+              f"does")
+        try:
+            module.prepare(None, home)
+        except DownloadError as e:
+            raise OSError(f"data '{name}' is not prepared, and {e.url} could not be downloaded "
+                          f"({e.reason}): offline, run `python -m data.{name} --raw-dir DIR` "
+                          f"with DIR holding {SETS[name]}") from None
+    return home
+
+
 def load_data(name_or_path: str, block_size: int, vocab_size=None):
-    """-> (train, val) datasets. name_or_path: a prepared set under data/ ("e2e", "pretrain",
-    "shakespeare"), a prepared directory, a .jsonl file of prompt/completion pairs, or a text
-    file. vocab_size: the model's; a token id outside it is a ValueError naming the data, here,
-    not an index error in the middle of training."""
+    """-> (train, val) datasets. name_or_path: a set under data/ (one of SETS, prepared on first
+    use: prepared_set), a prepared directory, a .jsonl file of prompt/completion pairs, or a
+    text file. vocab_size: the model's; a token id outside it is a ValueError naming the data,
+    here, not an index error in the middle of training."""
     p = Path(name_or_path)
-    named = DATA_DIR / name_or_path
-    if (named / "prepare.py").exists() and not p.exists():
-        if not (named / "meta.json").exists():
-            raise FileNotFoundError(f"data '{name_or_path}' is not prepared: run "
-                                    f"`python -m data.{name_or_path}` (add --raw-dir DIR "
-                                    f"to use a local copy of the raw files)")
-        p = named
+    if name_or_path in SETS and not p.exists():
+        p = prepared_set(name_or_path)
     if p.is_dir() and (p / "meta.json").exists():
         meta = read_meta(p)  # every file of the size meta.json records: one prepare run's
         data = tuple(_prepared(p, meta, split, block_size) for split in ("train", "val"))
     elif p.is_file():
         data = (_from_jsonl if p.suffix == ".jsonl" else _from_text)(p, block_size)
     else:
-        known = sorted(d.name for d in DATA_DIR.iterdir() if (d / "prepare.py").exists())
-        raise FileNotFoundError(f"unknown data '{name_or_path}': use a prepared set "
-                                f"({', '.join(known)}), a .txt file, or a .jsonl file of "
+        raise FileNotFoundError(f"unknown data '{name_or_path}': use a named set "
+                                f"({', '.join(SETS)}), a .txt file, or a .jsonl file of "
                                 f'{{"prompt": ..., "completion": ...}} lines')
     if vocab_size is not None:
         for d in data:
@@ -219,9 +246,9 @@ def add_data_args(p, default: str):
     """--data and --block-size, for the training scripts."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default,
-                   help="a prepared set (e2e, pretrain, shakespeare: run python -m "
-                        "data.NAME first), a .txt file, or a .jsonl file of {\"prompt\", "
-                        "\"completion\"} lines")
+                   help="a named set (e2e, pretrain, shakespeare: prepared on first use, "
+                        "or by python -m data.NAME), a prepared directory, a .txt file, or a "
+                        ".jsonl file of {\"prompt\", \"completion\"} lines")
     g.add_argument("--block-size", type=int, default=None,
                    help="longest sequence trained on (>= 1; default: the model's n_positions; "
                         "train.py's model from scratch has 128)")

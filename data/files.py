@@ -29,23 +29,43 @@ def read_text(path, newline=None) -> str:
     return text if newline == "" else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+class DownloadError(OSError):
+    """A raw file could not be downloaded (no network, a refused connection, ...): url, reason."""
+
+    def __init__(self, url: str, reason):
+        super().__init__(f"could not download {url} ({reason}): offline, pass --raw-dir DIR "
+                         f"with a local copy of the raw files")
+        self.url, self.reason = url, reason
+
+
 def download(url: str, dest: Path) -> Path:
-    """Fetch url to dest (temporary file, then rename); nothing is fetched if dest exists."""
+    """Fetch url to dest (temporary file, then rename); nothing is fetched if dest exists.
+    The network failing is a DownloadError (url, reason: what the network said), the file
+    failing to be written an OSError naming it; neither leaves a file behind."""
     dest = Path(dest)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url}")
 
+    failed = []  # what the network said, apart from a failure to write the file
+
     def fetch(tmp):
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                body = r.read()  # the raw files are a few MB
+        except OSError as e:  # no network, a refused connection, a timeout, a cut transfer
+            reason = getattr(e, "reason", e)
+            failed.append(getattr(reason, "strerror", None) or reason)
+            raise
+        Path(tmp).write_bytes(body)
 
     try:
         atomic_write(dest, fetch)
-    except OSError as e:  # URLError, timeouts, refused connections
-        raise OSError(f"could not download {url} ({getattr(e, 'reason', e)}): offline, pass "
-                      f"--raw-dir DIR with a local copy of the raw files") from None
+    except OSError:
+        if failed:
+            raise DownloadError(url, failed[0]) from None
+        raise  # the file could not be written (a full disk, ...): the error names it
     return dest
 
 

@@ -1,11 +1,12 @@
-"""What the tests share: the tiny-model factories (ours: tiny_gpt; transformers': make_hf_gpt2,
-and tiny_base, its checkpoint in the hub's HF layout) and the prepared data sets (e2e_dir,
-shakespeare_dir), each made once per session.
+"""What the tests share: the raw data files (SHARED_DATA), the tiny-model factories (ours:
+tiny_gpt; transformers': make_hf_gpt2, and tiny_base, its checkpoint in the hub's HF layout) and
+the prepared data sets (e2e_dir, shakespeare_dir), each made once per session.
 
 Everything runs offline on a 2-core CPU, so the models are tiny but keep GPT-2's real
 vocabulary (tiktoken ids up to 50256) where a test feeds real text.
 """
 import os
+import tempfile
 from pathlib import Path
 
 # Tiny models are fastest on one thread, and the CLI tests' subprocesses (two of them under
@@ -18,9 +19,73 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
+CACHE = Path.home() / ".cache" / "lora-from-scratch"
+# The raw files the tests read: E2E's dev and test CSVs (never trainset.csv: the tests check
+# the offline splits carved out of devset.csv) and Tiny Shakespeare.
+E2E_TEST_CSVS = ("devset.csv", "testset.csv", "testset_w_refs.csv")
+TEST_RAW_FILES = [f"e2e/{n}" for n in E2E_TEST_CSVS] + ["tinyshakespeare/input.txt"]
+
+
+def fill_cache(cache: Path) -> None:
+    """Download into cache whichever TEST_RAW_FILES it lacks, from the canonical sources the
+    prepare scripts use (the E2E release ZIP, through a temporary folder; Karpathy's input.txt)."""
+    from data import files
+    from data.e2e.prepare import RELEASE_URL, unpack_csvs
+    from data.shakespeare.prepare import URL
+
+    if not (cache / "tinyshakespeare" / "input.txt").exists():
+        files.download(URL, cache / "tinyshakespeare" / "input.txt")
+    if not all((cache / "e2e" / n).exists() for n in E2E_TEST_CSVS):
+        with tempfile.TemporaryDirectory() as tmp:
+            release = files.download(RELEASE_URL, Path(tmp) / "e2e-dataset.zip")
+            unpack_csvs(release, cache / "e2e", names=E2E_TEST_CSVS)
+
+
+def find_raw_data(environ, shared: Path, cache: Path):
+    """-> (folder, None), or (folder, the one line saying what to provide) where it lacks a
+    file. The folder: $LORA_SHARED_DATA if set; else `shared` (../shared/data) if there; else
+    `cache`, filled on first use (fill_cache)."""
+    provide = (f"set LORA_SHARED_DATA to a folder holding {', '.join(TEST_RAW_FILES)} (and "
+               f"no e2e/trainset.csv)")
+    if environ.get("LORA_SHARED_DATA"):
+        folder, source = Path(environ["LORA_SHARED_DATA"]), "LORA_SHARED_DATA"
+    elif shared.is_dir():
+        folder, source = shared, "../shared/data"
+    else:
+        folder, source = cache, "the cache"
+        try:
+            fill_cache(cache)
+        except (OSError, ValueError) as e:
+            return folder, (f"the tests' raw data files are not here and could not be "
+                            f"downloaded into {cache} ({getattr(e, 'reason', e)}): "
+                            f"{provide}, or run the tests once with network")
+    missing = [f for f in TEST_RAW_FILES if not (folder / f).exists()]
+    if missing:
+        which = ("the tests' raw files" if len(missing) == len(TEST_RAW_FILES)
+                 else ", ".join(missing))
+        return folder, f"{source} ({folder}) lacks {which}: {provide}"
+    if (folder / "e2e" / "trainset.csv").exists():
+        return folder, f"{source} ({folder}) holds e2e/trainset.csv: {provide}"
+    return folder, None
+
+
+SHARED_DATA, RAW_DATA_MISSING = find_raw_data(os.environ, ROOT.parent / "shared" / "data",
+                                              CACHE / "data")
+if "TIKTOKEN_CACHE_DIR" not in os.environ:  # where tiktoken finds, or else keeps, GPT-2's BPE
+    shared_bpe = ROOT.parent / "shared" / "tiktoken-cache"
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_bpe if shared_bpe.is_dir()
+                                           else CACHE / "tiktoken")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Without the raw data, a test that fails reading it reports the one line saying what to
+    provide, instead of a traceback (and is a failure, not a skip)."""
+    report = yield
+    if RAW_DATA_MISSING and report.failed and str(SHARED_DATA) in report.longreprtext:
+        report.longrepr = f"no raw data: {RAW_DATA_MISSING}"
+    return report
 
 
 def make_hf_gpt2(n_layer=2, n_head=4, n_embd=32, n_positions=128, vocab_size=50257, seed=0):

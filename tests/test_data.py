@@ -1,13 +1,25 @@
 """Data: E2E splits and formatting (the loss on the completion only, LoRA eq. 2), prepared
 arrays, batches as a pure function of (seed, batch number), a user's own files."""
+import argparse
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA, find_raw_data, one_error_line
 
-from data.datasets import IGNORE, PAD, Examples, TokenStream, load_data
+from data.datasets import IGNORE, PAD, Examples, TokenStream, data_from_args, load_data
 from data.e2e import prepare as e2e
 from support.common import get_tokenizer
 
@@ -57,8 +69,6 @@ def test_a_set_an_older_prepare_wrote_beside_meta_json_loads_and_is_replaced_who
         e2e_dir, tmp_path):
     """Sets from before the arrays had a folder of their own (meta.json without "folder", the
     files beside it) still load; the next prepare replaces them and removes their files."""
-    import shutil
-
     old = tmp_path / "e2e"
     meta = json.loads((e2e_dir / "meta.json").read_text())
     shutil.copytree(e2e_dir / meta.pop("folder"), old)
@@ -130,27 +140,128 @@ def test_user_jsonl_and_text_files(tmp_path):
     assert isinstance(train, TokenStream) and len(train.tokens) > 8 * len(val.tokens)
 
 
-def test_unknown_and_unprepared_data_name_the_way_forward(tmp_path, monkeypatch):
-    import data.datasets as ds
-    (tmp_path / "e2e").mkdir()
-    (tmp_path / "e2e" / "prepare.py").write_text("")
-    monkeypatch.setattr(ds, "DATA_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"python -m data.e2e"):
-        load_data("e2e", 64)
-    with pytest.raises(FileNotFoundError, match="unknown data 'nope'.*e2e"):
+def test_unknown_data_names_the_sets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="unknown data 'nope'.*e2e, pretrain, shakespeare"):
         load_data("nope", 64)
 
 
+def release_zip(dest, names=("devset.csv", "testset.csv", "testset_w_refs.csv", "trainset.csv")):
+    """A stand-in for E2E's release ZIP (folder e2e-dataset/ inside), from the shared CSVs;
+    its trainset.csv, if named, is a copy of devset.csv."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(dest, "w") as z:
+        for n in names:
+            z.write(E2E_RAW / ("devset.csv" if n == "trainset.csv" else n), f"e2e-dataset/{n}")
+    return dest
+
+
+def offline(*args, **kwargs):  # urllib.request.urlopen without a network, as Linux says it
+    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+
+def test_a_named_set_not_prepared_is_downloaded_and_prepared_on_first_use_once(tmp_path,
+                                                                                monkeypatch,
+                                                                                capsys):
+    """`finetune.py` with --data e2e on a fresh clone: the set is prepared from the release, as
+    `python -m data.e2e` does, with one line saying so. Two loaders at once (as two torchrun
+    processes) download and prepare it once: the other waits for it, then loads it."""
+    monkeypatch.setattr(e2e, "HERE", tmp_path / "e2e")  # a checkout where e2e is not prepared
+    fetched = []
+
+    def download(url, dest):  # the release, from the shared CSVs instead of the network
+        fetched.append(url)
+        time.sleep(0.5)  # long enough for the other loader to arrive
+        return release_zip(dest, ("devset.csv", "testset_w_refs.csv"))
+
+    monkeypatch.setattr(e2e, "download", download)
+    args = argparse.Namespace(data="e2e", block_size=None)
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda _: data_from_args(args, 128, 50257), range(2)))
+    assert fetched == [e2e.RELEASE_URL]
+    assert capsys.readouterr().out.count("data 'e2e' is not prepared yet: preparing it") == 1
+    meta = json.loads((tmp_path / "e2e" / "meta.json").read_text())
+    for train, val in loaded:
+        assert (len(train), len(val)) == (meta["splits"]["train"]["examples"],
+                                          meta["splits"]["val"]["examples"])
+    assert load_data("e2e", 128)[0].tokens.tolist() == loaded[0][0].tokens.tolist()
+    assert fetched == [e2e.RELEASE_URL]  # prepared once: the next load only reads it
+
+
+def test_first_use_offline_is_one_line_naming_raw_dir_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setattr(e2e, "HERE", tmp_path / "e2e")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    args = argparse.Namespace(data="e2e", block_size=None)
+    line = one_error_line(capsys, lambda argv: data_from_args(args, 128), [])
+    assert "data 'e2e' is not prepared" in line and e2e.RELEASE_URL in line
+    assert "downloaded (Temporary failure in name resolution): offline, run" in line
+    assert "run `python -m data.e2e --raw-dir DIR` with DIR holding the E2E CSVs" in line
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == ["e2e", "e2e/.prepare.lock", "e2e/raw"]  # no set, no ZIP, no .tmp file
+
+
 def test_a_failed_download_names_raw_dir_and_leaves_no_file(tmp_path, monkeypatch):
-    import urllib.error
-    import urllib.request
-
     from data.files import download
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(OSError, match="could not download .*--raw-dir DIR"):
         download("https://example.invalid/e2e.zip", tmp_path / "raw" / "e2e.zip")
     assert list((tmp_path / "raw").iterdir()) == []  # no half-written file
+
+
+def test_the_tests_raw_data_fill_a_cache_on_first_use_without_trainset(tmp_path, monkeypatch):
+    """`python -m pytest` with no LORA_SHARED_DATA and no ../shared/data: the raw files come
+    from the canonical sources into a cache, once; E2E's trainset.csv stays out of it."""
+    import data.files
+    from data.shakespeare.prepare import URL
+
+    fetched = []
+
+    def download(url, dest):  # the canonical files, from the shared copy instead
+        fetched.append(url)
+        if url == URL:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copy(SHARED_DATA / "tinyshakespeare" / "input.txt", dest))
+        return release_zip(dest)
+
+    monkeypatch.setattr(data.files, "download", download)
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        assert find_raw_data({}, tmp_path / "no-shared", cache) == (cache, None)
+    assert fetched == [URL, e2e.RELEASE_URL]  # the second time, nothing to fetch
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*.*")) == [
+        "e2e/devset.csv", "e2e/manifest.json", "e2e/testset.csv", "e2e/testset_w_refs.csv",
+        "tinyshakespeare/input.txt"]
+    assert (cache / "e2e" / "devset.csv").read_bytes() == (E2E_RAW / "devset.csv").read_bytes()
+
+
+def test_the_tests_raw_data_offline_and_nowhere_is_one_line_saying_what_to_provide(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    folder, line = find_raw_data({}, tmp_path / "no-shared", tmp_path / "cache")
+    assert folder == tmp_path / "cache" and "\n" not in line
+    assert "could not be downloaded" in line and "Temporary failure" in line
+    assert "set LORA_SHARED_DATA to a folder holding e2e/devset.csv" in line
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # nothing half-written
+    _, line = find_raw_data({"LORA_SHARED_DATA": str(tmp_path)}, SHARED_DATA, tmp_path)
+    assert line.startswith(f"LORA_SHARED_DATA ({tmp_path}) lacks the tests' raw files: set")
+    copy = shutil.copytree(SHARED_DATA, tmp_path / "copy")
+    (copy / "e2e" / "testset.csv").unlink()
+    _, line = find_raw_data({"LORA_SHARED_DATA": str(copy)}, SHARED_DATA, tmp_path)
+    assert line.startswith(f"LORA_SHARED_DATA ({copy}) lacks e2e/testset.csv: set")
+    shutil.copy(E2E_RAW / "testset_w_refs.csv", copy / "e2e" / "testset.csv")
+    assert find_raw_data({"LORA_SHARED_DATA": str(copy)}, SHARED_DATA, tmp_path) == (copy, None)
+    shutil.copy(E2E_RAW / "devset.csv", copy / "e2e" / "trainset.csv")
+    _, line = find_raw_data({"LORA_SHARED_DATA": str(copy)}, SHARED_DATA, tmp_path)
+    assert line.startswith(f"LORA_SHARED_DATA ({copy}) holds e2e/trainset.csv: set")
+
+
+def test_a_test_that_needs_missing_raw_data_fails_with_the_one_line_not_a_skip(tmp_path):
+    env = {**os.environ, "LORA_SHARED_DATA": str(tmp_path / "none")}
+    test = "tests/test_data.py::test_load_references_groups_every_reference_of_an_mr_in_file_order"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "1 failed" in r.stdout and "skipped" not in r.stdout, r.stdout
+    assert f"no raw data: LORA_SHARED_DATA ({tmp_path / 'none'}) lacks the tests'" in r.stdout
+    assert "Traceback" not in r.stdout and "read_bytes" not in r.stdout, r.stdout

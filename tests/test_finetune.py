@@ -249,11 +249,18 @@ def test_bad_data_ends_in_one_line(tiny_base, tmp_path, capsys, monkeypatch):
     base = ["--init", str(tiny_base), "--out", str(tmp_path / "o")]
     assert "fewer than one batch" in _error_line(capsys, base + ["--data", str(small),
                                                                  "--batch-size", "16"])
-    import data.datasets as ds
-    (tmp_path / "e2e").mkdir()
-    (tmp_path / "e2e" / "prepare.py").write_text("")
-    monkeypatch.setattr(ds, "DATA_DIR", tmp_path)  # a checkout where e2e is not prepared
-    assert "run `python -m data.e2e`" in _error_line(capsys, base + ["--data", "e2e"])
+    import urllib.error
+    import urllib.request
+
+    from data.e2e import prepare as e2e
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(e2e, "HERE", tmp_path / "e2e")  # a checkout where e2e is not prepared,
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # and no network
+    line = _error_line(capsys, base + ["--data", "e2e"])
+    assert "run `python -m data.e2e --raw-dir DIR`" in line
 
 
 def test_the_command_line_exits_non_zero_with_one_line(tiny_base, tmp_path):

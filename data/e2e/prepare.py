@@ -131,18 +131,26 @@ def tokenize_pairs(pairs, enc):
                              enc)
 
 
-def fetch_release(raw_dir: Path) -> Path:
-    """Download the release ZIP into raw_dir and unpack its CSVs there (all of them or none)."""
-    z = download(RELEASE_URL, raw_dir / "e2e-dataset.zip")
+def unpack_csvs(zip_path: Path, raw_dir: Path, names=None) -> Path:
+    """The release ZIP's CSVs (only those named in `names`, if given) into raw_dir, all of them
+    or none; a CSV already there is kept. -> raw_dir."""
     try:
-        with zipfile.ZipFile(z) as zf:
+        with zipfile.ZipFile(zip_path) as zf:
             csvs = {raw_dir / Path(i.filename).name: zf.read(i) for i in zf.infolist()
-                    if i.filename.endswith(".csv")}
+                    if i.filename.endswith(".csv")
+                    and (names is None or Path(i.filename).name in names)}
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{z}: not a whole ZIP file ({e}): delete it and run again") from None
+        raise ValueError(f"{zip_path}: not a whole ZIP file ({e}): delete it and run "
+                         f"again") from None
+    raw_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_set({path: lambda p, b=b: Path(p).write_bytes(b)
                       for path, b in csvs.items() if not path.exists()})
     return raw_dir
+
+
+def fetch_release(raw_dir: Path) -> Path:
+    """Download the release ZIP into raw_dir and unpack its CSVs there (all of them or none)."""
+    return unpack_csvs(download(RELEASE_URL, raw_dir / "e2e-dataset.zip"), raw_dir)
 
 
 def prepare(raw_dir=None, out_dir=HERE) -> dict:
