@@ -272,15 +272,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="the dtype the model runs in")
 
-    g = p.add_argument_group("prompts (default: an E2E meaning representation, 'MR ||'), put "
-                             "into the task's prompt format the adapter records, if any")
+    g = p.add_argument_group("prompts, put into the prompt format the adapter records, if any "
+                             "(default: an E2E MR, 'MR ||')")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the text to continue; for an E2E adapter an MR, e.g. "
                                       "'name[The Eagle], food[French]'")
     src.add_argument("--prompt-file", help="a file with one prompt per line")
 
-    g = p.add_argument_group("sampling (default: greedy for an adapter that records a task, as "
-                             "--eval; else temperature 1.0)")
+    g = p.add_argument_group("sampling (default: greedy for an adapter that records a task's "
+                             "prompt format, as --eval; else sampling at temperature 1.0)")
     g.add_argument("--num-samples", type=int, default=1,
                    help=ranged("samples per prompt", "num_samples"))
     g.add_argument("--max-new-tokens", type=int, default=64,
