@@ -256,7 +256,7 @@ class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n")[1], formatter_class=_Help)
+                       epilog=__doc__.split("\n\n")[1], formatter_class=_Help)
     g = p.add_argument_group("model")
     g.add_argument("--init", default=None,
                    help="base model: gpt2, gpt2-medium, ..., or a checkpoint dir/file (default: "

@@ -151,6 +151,9 @@ def test_the_default_decoding_is_greedy_for_a_task_adapter_only(tiny_base, adapt
     assert run_main(capsys, *args, "--adapter", task_adapter, "--seed", 2) == greedy
     sampled = run_main(capsys, *args, "--adapter", task_adapter, "--temperature", 1.0)
     assert sampled != greedy  # asked for: sampling
+    two = run_main(capsys, *args, "--adapter", task_adapter, "--num-samples", 2)
+    first, second, _ = two.split("-" * 40 + "\n")
+    assert first != second  # more than one sample: sampled, not two greedy copies
     plain = ["--init", tiny_base, "--no-stream", "--max-new-tokens", 12, "--prompt", "name[A] ||"]
     for source in (["--adapter", adapter], ["--no-adapter"]):
         default = run_main(capsys, *plain, *source)
