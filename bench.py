@@ -44,8 +44,8 @@ from tqdm import tqdm
 from lora import apply_lora, count_trainable, merge_lora
 from model import GPT, PRETRAINED, GPTConfig, KVCache
 from support.baselines import adapter_params, add_adapters, bottleneck_for
-from support.common import (DTYPES, HelpFormatter, atomic_write, check_flags, check_writable,
-                            get_device, help_with_range, run_main)
+from support.common import (DTYPES, ArgumentParser, HelpFormatter, atomic_write, check_flags,
+                            check_writable, get_device, help_with_range, run_main)
 from train import TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------- the arms
@@ -708,7 +708,7 @@ def _ranged(text, name) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Latency of LoRA (merged, unmerged) and adapter baselines against GPT-2 "
                     "(LoRA Table 1), and LoRA's training savings against full fine-tuning (§4.2). "
                     "Each ratio comes with a 95% interval over paired rounds; a target is met, "

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.datasets import add_data_args, data_from_args
+from data.datasets import DATA_DIR, add_data_args, data_from_args
+from data.files import read_meta
 from lora import BIAS_OPTIONS, TARGETS, apply_lora, describe_trainable
 from model import GPT
 from support.adapters import save_adapter
-from support.common import (ADAPTER_FILE, FINETUNE_OUT, HelpFormatter, check_flags, file_size,
-                            run_main, setup_distributed)
+from support.common import (ADAPTER_FILE, FINETUNE_OUT, ArgumentParser, HelpFormatter,
+                            check_flags, file_size, run_main, setup_distributed)
 from support.runs import given_flags, resume_args, say_how_to_continue
 from train import add_train_args, config_from_args, train
 
@@ -32,9 +33,9 @@ _FLAG_RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                epilog="Run `python -m data.e2e` once first (add "
-                                       "--raw-dir DIR to use local CSVs).")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                       epilog="Run `python -m data.e2e` once first (add "
+                              "--raw-dir DIR to use local CSVs).")
     g = p.add_argument_group("base model")
     g.add_argument("--init", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                    "(Hugging Face cache or download), a directory with config.json + "
@@ -77,9 +78,12 @@ def finetune(args):
     adapter = Path(args.out) / ADAPTER_FILE
     run = {"init": args.init, "data": args.data, "block_size": args.block_size,
            **model.lora_config}
+    data = Path(args.data) if Path(args.data).exists() else DATA_DIR / args.data
+    form = read_meta(data).get("prompt_format") if (data / "meta.json").is_file() else None
     train(model, train_data, val_data, cfg, args.out, resume=args.resume,
-          overwrite=args.overwrite, run=run,
-          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init))
+          overwrite=args.overwrite, run=run,  # the adapter records the task's prompt format
+          save=lambda m, d: save_adapter(m, Path(d) / ADAPTER_FILE, base_name=args.init,
+                                         prompt_format=form))  # for sample.py
     if rank == 0:
         base_mb = sum(p.nbytes for n, p in model.named_parameters() if ".lora_" not in n) / 2**20
         print(f"adapter: {adapter} ({file_size(adapter)}); base weights: {base_mb:.1f} MB")

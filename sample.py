@@ -13,8 +13,13 @@ is computed once and stored; generation then runs on plain weights, exactly as f
 model. Unmerged, every adapted layer does two extra small matmuls per token.
 
 The base model (--init) defaults to the one the adapter was trained on, which finetune.py records
-in the adapter file (base_name), else gpt2. How tokens are chosen (sampling, greedy, beam search)
-is support/decoding.py's; the E2E evaluation is support/metrics.py's.
+in the adapter file (base_name), else gpt2. An adapter trained on a task records its prompt format
+too (E2E: "MR ||", data/e2e/prepare.py's format_prompt): --prompt is put into it, so an MR typed
+as it is gets the separator the adapter learned after, and decoding defaults to greedy, what
+--eval uses (sampling when a sampling flag is given). Without that record (a plain-text run, the
+base alone) prompts are used as typed and the default is sampling at temperature 1. How tokens
+are chosen (sampling, greedy, beam search) is support/decoding.py's; the E2E evaluation is
+support/metrics.py's.
 
 Reading order: load_model (load_base, attach_adapter) -> complete -> Streamer -> main.
 """
@@ -30,16 +35,16 @@ from data.e2e.prepare import format_prompt
 from data.files import read_text
 from lora import merge_lora
 from model import GPT
-from support.adapters import load_adapter, read_adapter, repeat_adapter_ids
-from support.common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, HelpFormatter,
-                            check_flags, check_range, check_writable, get_device, get_tokenizer,
-                            help_with_range, run_main)
+from support.adapters import in_prompt_format, load_adapter, read_adapter, repeat_adapter_ids
+from support.common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, ArgumentParser,
+                            HelpFormatter, check_flags, check_range, check_writable, get_device,
+                            get_tokenizer, help_with_range, run_main)
 from support.decoding import beam_search, check_fits, completions, generate
 from support.metrics import evaluate_e2e, now, write_eval
 
 DEFAULT_ADAPTER = f"{FINETUNE_OUT}/{ADAPTER_FILE}"  # where finetune.py writes by default
 DEFAULT_BASE = "gpt2"  # the base when the adapter records none, or without an adapter
-# The prompt when none is given: an MR of the E2E test set, formatted as in fine-tuning.
+# The prompt when none is given: an MR of the E2E test set, in E2E's prompt format.
 EXAMPLE_MR = ("name[The Vaults], eatType[pub], food[French], priceRange[high], area[riverside], "
               "familyFriendly[yes], near[Raja Indian Cuisine]")
 # The allowed values of every numeric flag (common.RANGES), shown in --help and checked by
@@ -173,7 +178,9 @@ class Streamer:
 
 # ---------------------------------------------------------------- command line
 
-def read_prompts(args, enc) -> list[str]:
+def read_prompts(args, enc, prompt_format=None) -> list[str]:
+    """--prompt or --prompt-file's lines, each put into the adapter's prompt_format (a task's, as
+    finetune.py records it; None: as typed); without either, EXAMPLE_MR in E2E's format."""
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -184,11 +191,39 @@ def read_prompts(args, enc) -> list[str]:
     elif args.prompt is not None:
         prompts = [args.prompt]
     else:
-        prompts = [format_prompt(args.mr if args.mr is not None else EXAMPLE_MR)]
+        return [format_prompt(EXAMPLE_MR)]
     for p in prompts:
         if not p.strip() or not enc.encode_ordinary(p):
             raise ValueError("the prompt is empty: give some text")
-    return prompts
+    return [in_prompt_format(prompt_format, p) for p in prompts]
+
+
+def decoding_mode(args, prompt_format) -> tuple[bool, str]:
+    """(greedy, how it is said): greedy with --greedy, and by default for an adapter that records
+    a task's prompt format (the evaluation's decoding); sampling at --temperature (default 1.0)
+    otherwise, or when --temperature, --top-k, --top-p or --num-samples above 1 asks for it."""
+    asked = args.temperature is not None or args.top_k is not None or args.top_p is not None \
+        or args.num_samples > 1
+    if args.greedy:
+        return True, "greedy"
+    if prompt_format is not None and not asked:
+        return True, "greedy (the task adapter's default; --temperature T samples)"
+    return False, f"sampling at temperature {temperature(args)}"
+
+
+def temperature(args) -> float:
+    return 1.0 if args.temperature is None else args.temperature  # None: not given
+
+
+def empty_note(prompt_format, adapter) -> str:
+    """The one line said when an output is empty: why, and what may help."""
+    why = ("note: nothing was generated: the first token was <|endoftext|>, so the model takes "
+           "the prompt for a finished text")
+    if adapter is not None and prompt_format is None:
+        return why + (f"; {adapter} records no prompt format: if it was trained on prompts of "
+                      f"a form (E2E: 'MR ||'), type the prompt in that form")
+    return why + ("; the prompt was put into the adapter's format: try an input like the task's"
+                  if prompt_format is not None else "")
 
 
 def check_args(args):
@@ -197,7 +232,7 @@ def check_args(args):
         raise ValueError("--no-adapter runs the base model alone: drop --merge / --compare")
     if args.compare and args.eval:
         raise ValueError("--compare prints generations; evaluate base and adapter separately")
-    if args.eval and (args.prompt is not None or args.prompt_file or args.mr):
+    if args.eval and (args.prompt is not None or args.prompt_file):
         raise ValueError("--eval e2e makes its own prompts from the test set: drop the prompt")
     check_range("--temperature", args.temperature, "finite")  # nan or inf, even with --greedy
     check_flags(args, _FLAG_RANGES, skip=("temperature",) if args.greedy else ())  # argmax
@@ -220,8 +255,8 @@ class _Help(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n")[1], formatter_class=_Help)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       epilog=__doc__.split("\n\n")[1], formatter_class=_Help)
     g = p.add_argument_group("model")
     g.add_argument("--init", default=None,
                    help="base model: gpt2, gpt2-medium, ..., or a checkpoint dir/file (default: "
@@ -237,24 +272,26 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="the dtype the model runs in")
 
-    g = p.add_argument_group("prompts (default: an E2E meaning representation)")
+    g = p.add_argument_group("prompts, put into the prompt format the adapter records, if any "
+                             "(default: an E2E MR, 'MR ||')")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="the text to continue")
+    src.add_argument("--prompt", help="the text to continue; for an E2E adapter an MR, e.g. "
+                                      "'name[The Eagle], food[French]'")
     src.add_argument("--prompt-file", help="a file with one prompt per line")
-    src.add_argument("--mr", help="an E2E meaning representation, formatted as in fine-tuning")
 
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (default: greedy for an adapter that records a task's "
+                             "prompt format, as --eval; else sampling at temperature 1.0)")
     g.add_argument("--num-samples", type=int, default=1,
                    help=_ranged("samples per prompt", "num_samples"))
     g.add_argument("--max-new-tokens", type=int, default=64,
                    help=_ranged("tokens generated at most", "max_new_tokens"))
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--temperature", type=float, default=None,
                    help=_ranged("divides the logits; unused with --greedy", "temperature"))
     g.add_argument("--top-k", type=int, default=None,
                    help=_ranged("keep the k most likely tokens", "top_k"))
     g.add_argument("--top-p", type=float, default=None,
                    help=_ranged("nucleus sampling: keep mass p", "top_p"))
-    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding, also for a plain LM")
     g.add_argument("--seed", type=int, default=1337,
                    help=_ranged("the same seed, the same samples", "seed"))
     g.add_argument("--no-stream", action="store_true",
@@ -294,12 +331,13 @@ def main(argv=None):
     device = get_device(args.device)
     enc = get_tokenizer()
     adapter = None if args.no_adapter else args.adapter
-    recorded = None
+    meta = {}
     if adapter is not None:
         check_adapter_file(adapter)  # before the (slow) base model loads
-        recorded = recorded_base(adapter)
-    init = args.init or recorded or DEFAULT_BASE
-    prompts = None if args.eval else read_prompts(args, enc)
+        meta = read_adapter(adapter)[1]
+    init = args.init or meta.get("base_name") or DEFAULT_BASE
+    prompt_format = meta.get("prompt_format")
+    prompts = None if args.eval else read_prompts(args, enc, prompt_format)
     decoding = dict(max_new_tokens=args.max_new_tokens, beams=args.beams,
                     length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -323,13 +361,15 @@ def main(argv=None):
     model = load_base(init, device=device, dtype=args.dtype, adapter=adapter)
     for ids in (enc.encode_ordinary(pr) for pr in prompts):  # bad lengths before any output
         check_fits(model, len(ids), args.max_new_tokens)
-    sampling = dict(num_samples=args.num_samples, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, greedy=args.greedy) | decoding
+    greedy, how = decoding_mode(args, prompt_format)
+    how = f"beam search, {args.beams} beams" if args.beams > 1 else how
+    sampling = dict(num_samples=args.num_samples, temperature=temperature(args),
+                    top_k=args.top_k, top_p=args.top_p, greedy=greedy) | decoding
 
     def run(label, stream_ok):
         gen = torch.Generator(device=device).manual_seed(args.seed)  # same stream for each mode
         stream = stream_ok and args.num_samples == 1 and not args.no_stream
-        results, n_tokens, seconds = [], 0, 0.0
+        results, n_tokens, seconds, empty = [], 0, 0.0, False
         for text in prompts:
             streamer = None
             if stream:
@@ -340,11 +380,16 @@ def main(argv=None):
                                 stream=streamer, **sampling)
             seconds += now(device) - t0
             n_tokens += n
+            empty |= any(len(c) == 0 for c in comps)
             results.append([enc.decode(c) for c in comps])
             if streamer is not None:
                 streamer.close()
-        print(f"[{label}] {n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} "
-              f"tokens/s ({init}, {device}, {args.dtype})", file=sys.stderr)
+        print(f"[{label}] {how}: {n_tokens} token{'s' * (n_tokens != 1)} in {seconds:.2f} s: "
+              f"{n_tokens / seconds:.1f} tokens/s ({init}, {device}, {args.dtype})",
+              file=sys.stderr)
+        if empty:
+            print(empty_note(prompt_format, adapter if label != "base" else None),
+                  file=sys.stderr)
         return results
 
     if args.compare:

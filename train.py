@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from data.datasets import IGNORE, add_data_args, data_from_args
 from model import GPT, GPTConfig
-from support.common import (HelpFormatter, add_dataclass_args, check_dataclass, file_size,
-                            resolve_amp, run_main, setup_distributed)
+from support.common import (ArgumentParser, HelpFormatter, add_dataclass_args, check_dataclass,
+                            file_size, resolve_amp, run_main, setup_distributed)
 from support.runs import (RunRecords, given_flags, resume_args, run_settings,
                           say_how_to_continue)
 
@@ -308,7 +308,7 @@ SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=200, warmup=20, decay=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Pretrain a small GPT from scratch (default: the quick start's base on "
                     "data/pretrain, about 7 minutes on a quiet 2-core CPU), or fine-tune every "
                     "weight of a pretrained one (--init; default data: e2e): the full "
@@ -316,7 +316,7 @@ def main(argv=None):
                     "directory that finetune.py --init accepts.",
         formatter_class=HelpFormatter, epilog="With --init the training defaults are the "
         "paper's GPT-2 recipe (see `python train.py --init gpt2 --help`).")
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--init")
     scratch = pre.parse_known_args(argv)[0].init is None  # the defaults depend on it
     g = p.add_argument_group("model")

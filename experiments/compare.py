@@ -20,7 +20,6 @@ The base is the one the LoRA evaluation records (its "init"); both runs must hav
 validated on the same data, so that their step-0 losses (the base's) agree.
 """
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -28,8 +27,9 @@ from pathlib import Path
 import torch
 
 from data.datasets import IGNORE, load_data
-from support.common import (EOT_TOKEN, FINETUNE_OUT, HelpFormatter, atomic_write_set,
-                            check_manifest, check_writable, get_tokenizer, run_main)
+from support.common import (EOT_TOKEN, FINETUNE_OUT, ArgumentParser, HelpFormatter,
+                            atomic_write_set, check_manifest, check_writable, get_tokenizer,
+                            run_main)
 
 
 def read_history(run_dir) -> list[dict]:
@@ -188,7 +188,7 @@ def greedy_outputs(model, mrs: list, max_new_tokens=64) -> list:
 
 
 def parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--lora", default=FINETUNE_OUT, help="finetune.py's --out")

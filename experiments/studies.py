@@ -33,8 +33,9 @@ from data.datasets import PAD, load_data
 from lora import LoRALinear, apply_lora, count_trainable, paper_num_params
 from model import GPT
 from support.adapters import load_adapter, save_adapter
-from support.common import (HelpFormatter, atomic_write, check_flags, check_writable, get_device,
-                            help_with_range, run_main, save_figure, tensors_digest)
+from support.common import (ArgumentParser, HelpFormatter, atomic_write, check_flags,
+                            check_writable, get_device, help_with_range, run_main, save_figure,
+                            tensors_digest)
 from support.runs import claim_out_dir, release_out_dir
 from train import TrainConfig, evaluate, train
 
@@ -639,7 +640,7 @@ def _ranged(text, name, more="") -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m experiments.studies",
         description="Rerun §7 of the LoRA paper on a base model and a task: rank sweep "
                     "(Table 6), weight types at a fixed budget (Table 5), subspace similarity "

@@ -5,6 +5,7 @@
     a plain GPT with W0 + B A in its weights                        unload_lora
     §4.2 a different adapter for each row of one batch              load_adapters, use_adapters
                                                                     (MixedLoRALinear)
+    the task's prompt format, recorded for sample.py                in_prompt_format
 
 PEFT's adapter files, both ways, are in support/peft_io.py.
 """
@@ -50,13 +51,19 @@ def base_fingerprint(model, settings=None) -> dict:
     return out
 
 
-def save_adapter(model, path, base_name=None):
+def save_adapter(model, path, base_name=None, prompt_format=None):
     """Write the LoRA tensors (lora_state_dict) to a safetensors file, atomically, with the
     settings and the base model's identity as metadata: lora_config, base_name, base_config,
     base_fingerprint (of W0), base_dtype, and lora_dtype (of A and B: float32 also on a bf16 or
-    fp16 base). About 0.6 MB for GPT-2 124M at r = 4 on q, v."""
+    fp16 base). About 0.6 MB for GPT-2 124M at r = 4 on q, v.
+    prompt_format: the form of the task's prompts the adapter was trained on, PROMPT_SLOT where
+    the input goes (E2E: "{prompt} ||"), recorded for sample.py (in_prompt_format); None (a
+    plain-text or .jsonl run) records none. A format without exactly one PROMPT_SLOT is a
+    ValueError."""
     from safetensors.torch import save_file
 
+    if prompt_format is not None:
+        check_prompt_format(prompt_format, "prompt_format")
     cfg = lora_config(model)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     meta = {
@@ -68,7 +75,7 @@ def save_adapter(model, path, base_name=None):
         "base_dtype": str(model.wte.weight.dtype).removeprefix("torch."),
         "lora_dtype": str(next(iter(lora_layers(model).values())).lora_dtype)
         .removeprefix("torch."),
-    }
+    } | ({} if prompt_format is None else {"prompt_format": prompt_format})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
@@ -107,7 +114,10 @@ def read_adapter(path):
             and isinstance(cfg["targets"], list) and all(t in TARGETS for t in cfg["targets"])):
         raise ValueError(f"{path}: the adapter's lora_config is not one save_adapter writes: "
                          f"{cfg}")
+    if "prompt_format" in meta:
+        check_prompt_format(meta["prompt_format"], f"{path}: the adapter's prompt_format")
     return tensors, meta
+
 
 
 def _check_base_metadata(meta, tensors, path):
@@ -432,3 +442,27 @@ def _refuse_inside_use_adapters(model, what):
     point at other adapters: refused (merging is refused by MixedLoRALinear.merge)."""
     if any(m.adapter_ids is not None for m in _mixed_layers(model)):
         raise ValueError(f"{what} inside a use_adapters block: leave the block first")
+
+
+# ---------------------------------------------------------------- the task's prompt format
+
+PROMPT_SLOT = "{prompt}"  # where the input goes in a recorded prompt format
+
+
+def check_prompt_format(prompt_format, source):
+    if not isinstance(prompt_format, str) or prompt_format.count(PROMPT_SLOT) != 1:
+        raise ValueError(f"{source} must hold {PROMPT_SLOT} exactly once, got {prompt_format!r}")
+
+
+def in_prompt_format(prompt_format, text: str) -> str:
+    """text put into a recorded prompt format: in_prompt_format("{prompt} ||", "name[X]") ->
+    "name[X] ||". Text that already has the format's fixed parts around it ("name[X] ||") is
+    returned as it is, so a prompt typed in the trained form is not formatted twice. None:
+    plain prompts, text as it is."""
+    if prompt_format is None:
+        return text
+    before, after = prompt_format.split(PROMPT_SLOT)
+    if (before or after) and text.startswith(before) and text.endswith(after) and \
+            len(text) >= len(before) + len(after):
+        return text
+    return before + text + after

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -290,6 +291,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 action.help is argparse.SUPPRESS or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are what every other bad input here is (run_main):
+    one line on stderr and exit code 1, instead of the usage block and exit code 2. A value of
+    the wrong type says what the flag takes: "error: --rank takes an integer, got 'four' (see
+    --help)"; argparse's other messages (an unknown flag, a bad choice, a missing value) are kept,
+    in one line. --help still prints the usage and exits 0."""
+
+    TAKES = {"int": "an integer", "float": "a number"}  # argparse names the type by its __name__
+
+    def error(self, message):
+        typed = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: (.*)", message)
+        if typed and typed[2] in self.TAKES:
+            message = f"{typed[1]} takes {self.TAKES[typed[2]]}, got {typed[3]}"
+        else:
+            message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1: ", message)
+        self.exit(1, f"error: {' '.join(message.split())} (see --help)\n")
 
 
 RANGES = {  # the allowed values of a numeric setting: a test, and how --help says it

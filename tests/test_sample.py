@@ -20,13 +20,15 @@ from support.metrics import corpus_bleu, evaluate_e2e, one_line, rouge_l
 E2E_RAW = SHARED_DATA / "e2e"
 
 
-def make_adapter(base_dir, path, seed=0, record_base=True):
+def make_adapter(base_dir, path, seed=0, record_base=True, prompt_format=None):
     """An adapter whose B is random and non-zero (a trained one; B = 0 at init changes nothing).
-    It records base_dir as its base (save_adapter's base_name), unless record_base is False."""
+    It records base_dir as its base (save_adapter's base_name), unless record_base is False,
+    and prompt_format as its task's prompt format (None: plain prompts)."""
     from lora import apply_lora
     from support.adapters import save_adapter
 
     model = GPT.from_pretrained(base_dir)
+    torch.manual_seed(seed)  # A's init: the same seed, the same tensors
     apply_lora(model, rank=4, alpha=32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,13 +37,23 @@ def make_adapter(base_dir, path, seed=0, record_base=True):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     if not record_base:
         model.name = ""  # as for a model built in code rather than loaded by name
-    save_adapter(model, path)
+    save_adapter(model, path, prompt_format=prompt_format)
     return path
 
 
 @pytest.fixture(scope="module")
 def adapter(tiny_base, tmp_path_factory):
     return make_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "adapter.safetensors")
+
+
+E2E_FORMAT = "{prompt} ||"  # data/e2e/prepare.py's format_prompt, as a prepared set records it
+
+
+@pytest.fixture(scope="module")
+def task_adapter(tiny_base, tmp_path_factory):
+    """The adapter of the fixture above (the same tensors), recording E2E's prompt format."""
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("task") / "adapter.safetensors",
+                        prompt_format=E2E_FORMAT)
 
 
 def run_main(capsys, *args):
@@ -93,6 +105,89 @@ def test_seeded_sampling_is_reproducible_and_streams_what_it_returns(tiny_base, 
     streamed = run_main(capsys, *args, "--seed", 3)
     printed = run_main(capsys, *args, "--seed", 3, "--no-stream")
     assert streamed == printed.removesuffix("-" * 40 + "\n")
+
+
+# ---------------------------------------------------------------- the task's prompt format
+
+def test_finetune_records_the_prompt_format_of_its_data(tiny_base, e2e_dir, tmp_path):
+    """A prepared E2E set records format_prompt's form; finetune.py copies it into the adapter.
+    A .txt run records none: its prompts are plain text."""
+    import finetune
+    from data.e2e.prepare import format_prompt
+    from support.adapters import read_adapter
+
+    fast = ["--init", tiny_base, "--max-iters", 1, "--eval-interval", 1, "--eval-batches", 1,
+            "--batch-size", 2, "--warmup", 0, "--no-progress", "--block-size", 64]
+    finetune.main([str(a) for a in fast + ["--data", e2e_dir, "--out", tmp_path / "e2e"]])
+    meta = read_adapter(tmp_path / "e2e" / "adapter.safetensors")[1]
+    assert meta["prompt_format"] == E2E_FORMAT == format_prompt("{prompt}")
+    text = tmp_path / "plain.txt"
+    text.write_text("The Vaults is a pub by the river. " * 200)
+    finetune.main([str(a) for a in fast + ["--data", text, "--out", tmp_path / "txt"]])
+    assert "prompt_format" not in read_adapter(tmp_path / "txt" / "adapter.safetensors")[1]
+
+
+def test_a_prompt_is_put_into_the_adapters_task_format(tiny_base, adapter, task_adapter, capsys):
+    """An MR typed as --prompt gets the separator the adapter was trained with; the same
+    tensors without the record see the prompt as typed; a prompt already in the form is kept."""
+    mr = "name[The Eagle], food[French]"
+    args = ["--init", tiny_base, "--greedy", "--no-stream", "--max-new-tokens", 8]
+    task = run_main(capsys, *args, "--adapter", task_adapter, "--prompt", mr)
+    assert task.startswith(mr + " ||")
+    assert task == run_main(capsys, *args, "--adapter", adapter, "--prompt", mr + " ||")
+    assert task == run_main(capsys, *args, "--adapter", task_adapter, "--prompt", mr + " ||")
+    assert not run_main(capsys, *args, "--adapter", adapter, "--prompt", mr).startswith(mr + " ||")
+
+
+def test_the_default_decoding_is_greedy_for_a_task_adapter_only(tiny_base, adapter, task_adapter,
+                                                                 capsys):
+    """A task adapter decodes greedily (what --eval does) unless a sampling flag is given; an
+    adapter without a task, and the base alone, sample at temperature 1 as before."""
+    args = ["--init", tiny_base, "--no-stream", "--max-new-tokens", 12, "--prompt", "name[A]"]
+    greedy = run_main(capsys, *args, "--adapter", task_adapter, "--greedy")
+    assert main([str(a) for a in args + ["--adapter", task_adapter, "--seed", 1]]) == 0
+    out, err = capsys.readouterr()
+    assert out == greedy and "greedy (the task adapter's default" in err, err
+    assert run_main(capsys, *args, "--adapter", task_adapter, "--seed", 2) == greedy
+    sampled = run_main(capsys, *args, "--adapter", task_adapter, "--temperature", 1.0)
+    assert sampled != greedy  # asked for: sampling
+    two = run_main(capsys, *args, "--adapter", task_adapter, "--num-samples", 2)
+    first, second, _ = two.split("-" * 40 + "\n")
+    assert first != second  # more than one sample: sampled, not two greedy copies
+    plain = ["--init", tiny_base, "--no-stream", "--max-new-tokens", 12, "--prompt", "name[A] ||"]
+    for source in (["--adapter", adapter], ["--no-adapter"]):
+        default = run_main(capsys, *plain, *source)
+        assert default == run_main(capsys, *plain, *source, "--temperature", 1.0)
+        assert default != run_main(capsys, *plain, *source, "--greedy")
+
+
+@pytest.fixture(scope="module")
+def ends_at_once(tmp_path_factory):
+    """A tiny GPT-2 whose every next token is <|endoftext|>: ln_f outputs wte[EOT] whatever its
+    input, and that row is the longest, so its logit is the largest."""
+    from conftest import make_hf_gpt2
+
+    hf = make_hf_gpt2()
+    with torch.no_grad():
+        wte = hf.transformer.wte.weight
+        wte[EOT_TOKEN] *= 100
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.copy_(wte[EOT_TOKEN])
+    d = tmp_path_factory.mktemp("ends_at_once")
+    hf.save_pretrained(d)
+    return d
+
+
+def test_zero_new_tokens_are_reported_in_one_line_with_the_reason(ends_at_once, tmp_path,
+                                                                  capsys):
+    base = ["--init", ends_at_once, "--max-new-tokens", 5, "--prompt", "name[The Eagle]"]
+    assert main([str(a) for a in base + ["--no-adapter", "--greedy"]]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "<|endoftext|>" in line]
+    assert len(notes) == 1 and "nothing was generated" in notes[0], notes
+    plain = make_adapter(ends_at_once, tmp_path / "plain.safetensors")
+    assert main([str(a) for a in base + ["--adapter", plain, "--greedy"]]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "<|endoftext|>" in line]
+    assert len(notes) == 1 and "records no prompt format" in notes[0], notes
 
 
 # ---------------------------------------------------------------- beam search
@@ -429,6 +524,47 @@ def test_help_shows_defaults_and_every_option_has_help(capsys):
 
 
 # ---------------------------------------------------------------- bad input
+
+BAD_FLAGS = [  # (every script's module, a flag it cannot parse, the one line it must print)
+    ("train", ["--max-iters", "many"], "error: --max-iters takes an integer, got 'many'"),
+    ("finetune", ["--rank", "four"], "error: --rank takes an integer, got 'four'"),
+    ("sample", ["--temperature", "hot"], "error: --temperature takes a number, got 'hot'"),
+    ("bench", ["--model", "huge"], "error: --model: invalid choice: 'huge' (choose from"),
+    ("experiments.compare", ["--examples", "six"], "error: --examples takes an integer"),
+    ("experiments.studies", ["rank", "--steps", "1e3"], "error: --steps takes an integer"),
+    ("data.e2e.prepare", ["--bogus"], "error: unrecognized arguments: --bogus"),
+    ("data.pretrain.prepare", ["--raw-dir"], "error: --raw-dir: expected one argument"),
+    ("data.shakespeare.prepare", ["--out-dir"], "error: --out-dir: expected one argument"),
+]
+
+
+@pytest.mark.parametrize("module, argv, line", BAD_FLAGS, ids=[b[0] for b in BAD_FLAGS])
+def test_a_flag_that_does_not_parse_is_one_line_and_exit_code_1(module, argv, line, capsys):
+    """It was argparse's usage block (15 lines for finetune.py) and exit code 2."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith(line), err
+    assert err[0].endswith("(see --help)"), err
+
+
+def test_bad_flags_on_the_command_line_and_help_still_exits_0():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    runs = {args: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for args in [("finetune.py", "--rank", "four"), ("-m", "data.e2e", "--bogus"),
+                         ("sample.py", "--top-k", "x"), ("-m", "experiments.compare", "--help")]}
+    expected = ["error: --rank takes an integer, got 'four' (see --help)",
+                "error: unrecognized arguments: --bogus (see --help)",
+                "error: --top-k takes an integer, got 'x' (see --help)", None]
+    for (args, proc), line in zip(runs.items(), expected):
+        out, err = proc.communicate(timeout=120)
+        if line is None:  # --help
+            assert proc.returncode == 0 and err == "" and "usage:" in out, err
+        else:
+            assert proc.returncode == 1 and err == line + "\n" and out == "", (args, err)
 
 BAD_INPUT = ["missing adapter", "not an adapter", "other base", "init unloadable",
              "recorded base gone", "no recorded base", "empty prompt", "too long"]

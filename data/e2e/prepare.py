@@ -32,7 +32,7 @@ from pathlib import Path
 
 from data.datasets import tokenize_examples
 from data.files import download, prepared_folder, read_meta, read_text, write_prepared
-from support.common import atomic_write_set, get_tokenizer
+from support.common import ArgumentParser, atomic_write_set, get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 # The official release (tuetschek/e2e-dataset, v1.0.0): one ZIP with the four CSVs.
@@ -159,6 +159,7 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
     raw_dir = Path(raw_dir) if raw_dir is not None else fetch_release(HERE / "raw")
     enc = get_tokenizer()
     meta = {"kind": "examples", "official_splits": (raw_dir / OFFICIAL["train"]).exists(),
+            "prompt_format": format_prompt("{prompt}"),  # support.adapters.PROMPT_SLOT
             "splits": {}}
     files = {}
     for split in SPLITS:
@@ -179,7 +180,7 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m data.e2e", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-dir", default=None,

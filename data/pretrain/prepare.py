@@ -20,7 +20,6 @@ Validation: the last 10% of Tiny Shakespeare and 5% of
 the E2E documents.
 """
 
-import argparse
 import random
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 from data.e2e.prepare import fetch_release, load_pairs
 from data.files import read_text, write_prepared
 from data.shakespeare.prepare import URL as SHAKESPEARE_URL
-from support.common import EOT_TOKEN, get_tokenizer
+from support.common import EOT_TOKEN, ArgumentParser, get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,7 +81,7 @@ def prepare(raw_dir=None, out_dir=HERE, seed: int = 0) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m data.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw-dir", default=None,
                    help="folder with tinyshakespeare/input.txt and e2e/*.csv; default: "

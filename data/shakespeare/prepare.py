@@ -9,13 +9,12 @@ in data/shakespeare/prepared-XXXX, with meta.json beside it, as one set
 (data.files.write_prepared).
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from data.files import download, read_text, write_prepared
-from support.common import get_tokenizer
+from support.common import ArgumentParser, get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -44,7 +43,7 @@ def prepare(raw_dir=None, out_dir=HERE) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m data.shakespeare", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw-dir", default=None,
                    help="folder with input.txt; default: download it into data/shakespeare/raw")
