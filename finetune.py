@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.datasets import DATA_DIR, add_data_args, data_from_args
+from data.datasets import add_data_args, data_from_args, prepared_set
 from data.files import read_meta
 from lora import BIAS_OPTIONS, TARGETS, apply_lora, describe_trainable
 from model import GPT
@@ -78,7 +78,7 @@ def finetune(args):
     adapter = Path(args.out) / ADAPTER_FILE
     run = {"init": args.init, "data": args.data, "block_size": args.block_size,
            **model.lora_config}
-    data = Path(args.data) if Path(args.data).exists() else DATA_DIR / args.data
+    data = Path(args.data) if Path(args.data).exists() else prepared_set(args.data)
     form = read_meta(data).get("prompt_format") if (data / "meta.json").is_file() else None
     train(model, train_data, val_data, cfg, args.out, resume=args.resume,
           overwrite=args.overwrite, run=run,  # the adapter records the task's prompt format
