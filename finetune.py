@@ -34,8 +34,9 @@ _FLAG_RANGES = {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "block_size
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                       epilog="Run `python -m data.e2e` once first (add "
-                              "--raw-dir DIR to use local CSVs).")
+                       epilog="A named --data set not yet prepared is downloaded and "
+                              "prepared on first use; offline, run `python -m data.e2e "
+                              "--raw-dir DIR` first.")
     g = p.add_argument_group("base model")
     g.add_argument("--init", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                    "(Hugging Face cache or download), a directory with config.json + "
