@@ -301,7 +301,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 # From scratch: the quick start's base, 7.2M parameters (6.4M: GPT-2's token embedding, whose
-# projection is most of the compute), 200 x 16 x 128 tokens of data/pretrain: 6-7 min on 2 cores.
+# projection is most of the compute), 200 x 16 x 128 tokens of data/pretrain: ~8 min on 2 cores.
 SCRATCH = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=200, warmup=20, decay="cosine",
                      label_smoothing=0.0, eval_interval=50, eval_batches=20, batch_size=16)
@@ -310,7 +310,7 @@ SCRATCH_TRAIN = dict(lr=2e-3, weight_decay=0.1, max_iters=200, warmup=20, decay=
 def main(argv=None):
     p = ArgumentParser(
         description="Pretrain a small GPT from scratch (default: the quick start's base on "
-                    "data/pretrain, about 7 minutes on a quiet 2-core CPU), or fine-tune every "
+                    "data/pretrain, about 8 minutes on a quiet 2-core CPU), or fine-tune every "
                     "weight of a pretrained one (--init; default data: e2e): the full "
                     "fine-tuning baseline LoRA is compared against. The result is a model "
                     "directory that finetune.py --init accepts.",
