@@ -198,8 +198,12 @@ def atomic_write_set(writes: dict):
 
 
 def _sha256(path) -> str:
+    """The file's sha256, read in 1 MiB chunks (hashlib.file_digest would need Python 3.11)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_manifest(folder, strict=True) -> dict:
