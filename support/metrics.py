@@ -5,6 +5,7 @@ Table 3 does (BLEU, ROUGE-L; LoRA §5.5 and Table 11 for the decoding).
     corpus_bleu    sacrebleu, set up as e2e-metrics' mteval-v13a BLEU
     rouge_l        coco-caption's ROUGE-L (beta = 1.2), as e2e-metrics computes it
     write_eval     the result JSON and the input files of e2e-metrics' measure_scores.py
+    loss_by_kind   the validation loss by kind of target token: form, copying from the MR, words
 
 NIST, METEOR and CIDEr need the Perl, Java and coco-caption tools: write_eval's .hyp.txt and
 .ref.txt let e2e-metrics score the same outputs with all five.
@@ -13,14 +14,16 @@ Reading order: evaluate_e2e -> corpus_bleu -> rouge_l -> write_eval.
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
+from data.datasets import IGNORE
 from data.e2e.prepare import format_prompt, load_references
 from support.adapters import repeat_adapter_ids
-from support.common import EOT_TOKEN, atomic_write_set
+from support.common import EOT_TOKEN, atomic_write_set, get_tokenizer
 from support.decoding import beam_search, check_fits, completions, generate
 
 
@@ -162,3 +165,61 @@ def now(device) -> float:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)  # that GPU: without it, the current one
     return time.perf_counter()
+
+
+# ---------------------------------------------------------------- where a loss is
+
+KINDS = ("first token", "in the MR", "other", "<|endoftext|>")
+
+
+SLOT_VALUE = re.compile(r"\[([^\]]*)\]")  # an E2E MR is key[value], ...: name[The Eagle]
+
+
+def mr_value_tokens(prompt: str) -> set:
+    """The token ids a description could copy from the MR in `prompt`: each slot value's
+    tokens as written at the start of a sentence ("The Eagle") and after a space (" The
+    Eagle"). Not the slot keys (" area", " near": words a description also uses on its own),
+    the brackets, nor the "||" that ends the prompt."""
+    enc = get_tokenizer()
+    return {t for value in SLOT_VALUE.findall(prompt) for form in (value, " " + value)
+            for t in enc.encode_ordinary(form)}
+
+
+def token_kinds(x, y):
+    """x, y (B, T) inputs and targets of E2E prompt/completion examples -> (B, T) kind index
+    into KINDS (-1 off the targets): the completion's first token, a token of one of the
+    example's slot values (mr_value_tokens: copying from the MR), any other token, the closing
+    EOT."""
+    target = y != IGNORE
+    first = target.int().argmax(1)  # (B,) position of the first target: x[:first + 1] is the prompt
+    enc = get_tokenizer()
+    copied = torch.zeros_like(target)  # (B, T)
+    for b in range(y.size(0)):
+        values = mr_value_tokens(enc.decode(x[b, :first[b] + 1].tolist()))
+        copied[b] = torch.isin(y[b], torch.tensor(sorted(values), dtype=y.dtype))
+    pos = torch.arange(y.size(1))
+    kind = torch.where(copied, 1, 2)
+    kind = torch.where(pos[None, :] == first[:, None], 0, kind)
+    kind = torch.where(y == EOT_TOKEN, 3, kind)
+    return torch.where(target, kind, -1)
+
+
+@torch.no_grad()
+def loss_by_kind(models: dict, data, batch_size=8) -> dict:
+    """Mean validation loss per kind of target token (token_kinds) of each model {label: GPT}
+    -> {label: [(mean loss, tokens) per KINDS]}. Which kinds a method lowers tells what it
+    learned: the format (first token, EOT), the register (other), or to use the MR (in the MR:
+    the slot values)."""
+    from tqdm import tqdm
+
+    sums = {label: torch.zeros(len(KINDS), dtype=torch.float64) for label in models}
+    counts = torch.zeros(len(KINDS), dtype=torch.float64)
+    for x, y in tqdm(data.eval_batches(batch_size), total=-(-len(data) // batch_size),
+                     desc="loss by kind of token", unit="batch"):
+        kind = token_kinds(x, y)
+        counts += torch.bincount(kind[kind >= 0], minlength=len(KINDS))
+        for label, model in models.items():  # one loss per target, in kind[kind >= 0]'s order
+            nll = model.eval()(x, y, reduction="none")
+            sums[label] += torch.bincount(kind[kind >= 0], nll.double(), minlength=len(KINDS))
+    return {label: [(float(s / max(c, 1)), int(c)) for s, c in zip(sums[label], counts)]
+            for label in models}

@@ -137,7 +137,7 @@ def test_loss_with_masked_targets_matches_transformers(hf, tmp_path):
     with torch.no_grad():  # the sum train_step weighs micro-batches by: over the targets only
         summed = model(idx, targets, label_smoothing=0.1, reduction="sum")
     assert abs(summed.item() - manual.item() * int(keep.sum())) < 1e-3
-    with torch.no_grad():  # one loss per target, row by row (compare.loss_by_kind reads them so)
+    with torch.no_grad():  # one loss per target, row by row (metrics.loss_by_kind reads them so)
         each = model(idx, targets, reduction="none")
     manual_each = F.cross_entropy(logits[keep], targets[keep], reduction="none")
     assert each.shape == (int(keep.sum()),) and torch.allclose(each, manual_each, atol=1e-5)

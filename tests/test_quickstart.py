@@ -93,7 +93,7 @@ def test_token_kinds_on_a_constructed_example():
     for the example whose MR has it (" Loch Fyne" is not in the first)."""
     import torch
 
-    from experiments.compare import KINDS, token_kinds
+    from support.metrics import KINDS, token_kinds
     from support.common import EOT_TOKEN, get_tokenizer
 
     enc = get_tokenizer()
@@ -121,7 +121,7 @@ def test_in_the_mr_counts_slot_values_not_slot_keys():
     import torch
 
     from data.e2e.prepare import format_completion, format_prompt
-    from experiments.compare import token_kinds
+    from support.metrics import token_kinds
     from support.common import EOT_TOKEN, get_tokenizer
 
     enc = get_tokenizer()
