@@ -46,7 +46,7 @@ from support.common import (ArgumentParser, HelpFormatter, atomic_write, atomic_
                             check_flags, get_tokenizer, help_with_range, run_main, save_figure)
 from support.adapters import save_adapter
 from support.methods import apply_method, paper_params, save_method
-from support.metrics import evaluate_e2e
+from support.metrics import KINDS, evaluate_e2e, loss_by_kind
 from train import TrainConfig, amp_setup, make_optimizer, train, train_step
 
 # The paper's names (§5.1) of the methods, by the names the code uses.
@@ -183,7 +183,8 @@ def run_one(plan: Plan, row: Row, spec: dict, data) -> dict:
                curve=[[h["step"], h["train_loss"]] for h in history[1:]])
     if spec["eval"] and row.method != "ft":  # FT's model is train.py's; the rest are small
         rec["file"] = str(save_trained(plan, row, model, record_path(plan, spec).stem))
-    if spec["eval"]:
+    if spec["eval"]:  # where the loss went: form, copying from the MR, other words
+        rec["loss_by_kind"] = [v for v, _ in loss_by_kind({"run": model}, data[1])["run"]]
         e = spec["eval"]
         result = evaluate_e2e(model.eval(), get_tokenizer(), split=e["split"],
                               raw_dir=plan.raw_dir, limit=e["mrs"],
@@ -303,12 +304,18 @@ def run_table(plan: Plan) -> dict:
                          params_formula=recs[0]["params_formula"], positions=row.positions,
                          **{k: v for key in ("val_loss", "bleu", "rouge_l")
                             for k, v in mean_runs(key, [r[key] for r in recs]).items()},
-                         seeds=list(SEEDS), **costs[row], **infer[row]))
+                         seeds=list(SEEDS), loss_by_kind=[statistics.fmean(k) for k in zip(
+                             *(r["loss_by_kind"] for r in recs))], **costs[row], **infer[row]))
     lora = next(r for r in rows if r["method"] == "LoRA")
     for r in rows:
         r["vs_lora"] = compare(r, lora) if r is not lora else "-"
+    base = GPT.from_pretrained(plan.init)
+    val = load_data(plan.data, block, base.config.vocab_size)[1]
+    base_kinds = loss_by_kind({"base": base}, val)["base"]
     table = dict(about(plan, "table"), block_size=block, max_new_tokens=max_new,
-                 base_val_loss=records[0]["base_val_loss"], rows=rows)
+                 base_val_loss=records[0]["base_val_loss"], kinds=list(KINDS),
+                 kind_tokens=[n for _, n in base_kinds],
+                 base_loss_by_kind=[v for v, _ in base_kinds], rows=rows)
     _write(plan.out, {"table.json": json.dumps(table, indent=1),
                       "table.md": table_markdown(table)})
     print(table_markdown(table).split("\n\n", 2)[2])
@@ -473,6 +480,15 @@ def table_markdown(t: dict) -> str:
                      f"{pm(r, 'bleu', '.2f')} | {pm(r, 'rouge_l', '.2f')} | {vs} | "
                      f"{x(r, 'train_step_ratio')} | {x(r, 'peak_memory_ratio')} | "
                      f"{x(r, 'forward_ratio')} | {x(r, 'decode_ratio')} |")
+    total = sum(t["kind_tokens"])
+    lines += ["", "Where the validation loss is, by kind of target token "
+              "(support.metrics.token_kinds; mean of the seeds):", "",
+              "| method | " + " | ".join(f"{k} ({n / total:.0%} of tokens)" for k, n in zip(
+                  t["kinds"], t["kind_tokens"])) + " |", "|---|" + "---:|" * len(t["kinds"]),
+              "| base, untrained | " + " | ".join(f"{v:.3f}" for v in t["base_loss_by_kind"])
+              + " |"]
+    lines += [f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r["loss_by_kind"]) + " |"
+              for r in t["rows"]]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from support.methods import apply_method
 QUICK_START = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=50257)
 TABLE_KEYS = {"method", "settings", "params", "params_formula", "val_loss", "bleu", "rouge_l",
               "train_step_ratio", "peak_memory_ratio", "forward_ratio", "decode_ratio",
-              "positions", "lr", "val_loss_runs", "bleu_runs", "vs_lora"}
+              "positions", "lr", "val_loss_runs", "bleu_runs", "vs_lora", "loss_by_kind"}
 
 
 @pytest.mark.parametrize("row", [*M.TABLE, *(M.Row(m, s) for m in M.SWEEP for s in M.SWEEP[m])],
@@ -73,6 +73,7 @@ def test_quick_comparison_writes_every_promised_field(quick_run):
             torch.isfinite(torch.tensor(r["val_loss_runs"])))
         assert 0 <= r["bleu"] <= 100 and 0 <= r["rouge_l"] <= 100
         assert r["forward_ratio"] > 0 and r["decode_ratio"] > 0 and r["peak_memory_ratio"] > 0
+        assert len(r["loss_by_kind"]) == len(table["kinds"]) == 4
     grid = json.loads((quick_run / "grid.json").read_text())
     by_name = {r["name"]: r for r in table["rows"]}
     for g in grid["rows"]:  # the table runs each row at the grid's lowest validation loss
