@@ -133,7 +133,8 @@ def attach_adapter(model, path, *, merge=False) -> str:
 def check_merge(info, path):
     """--merge is for LoRA files only (info: methods.read_method's): one ValueError otherwise.
     LoRA's update BA has W0's shape and adds into it (§4.1); adapters add layers and prefixes
-    add positions, which no merge removes, and FT^Top2 and BitFit load as plain weights."""
+    add positions, which no merge removes, and FT^Top2's and BitFit's tensors are weights of
+    the model itself, with nothing to fold."""
     if info["method"] != "lora":
         raise ValueError(f"{path}: --merge folds LoRA's BA into W0 (§4.1), and this file is "
                          f"{method_label(info['method'], info['settings'])}: drop --merge "
