@@ -1,6 +1,6 @@
 """Generate text with GPT-2, with a LoRA adapter, or with the adapter merged into the weights
-(LoRA §4.1), and score generations on E2E (--eval e2e, LoRA §5.5 and Table 3; see
-support/metrics.py).
+(LoRA §4.1), or with the file of any other §5.1 method, and score generations on E2E
+(--eval e2e, LoRA §5.5 and Table 3; see support/metrics.py).
 
     python sample.py --merge                  # base + adapter folded into W: the base model's speed
     python sample.py                          # the adapter runs unmerged, beside the frozen W0
@@ -21,6 +21,11 @@ base alone) prompts are used as typed and the default is sampling at temperature
 are chosen (sampling, greedy, beam search) is support/decoding.py's; the E2E evaluation is
 support/metrics.py's.
 
+--adapter takes the file of any method support/methods.py saves (FT^Top2, BitFit, PreEmbed,
+PreLayer, Adapter^H, Adapter^L) as it takes a LoRA adapter: one loader, support.methods
+(read_method for the recorded base and prompt format, load_method for the tensors). Only LoRA
+merges (--merge): its update is a matrix added to W0; adapters add layers, prefixes add positions.
+
 Reading order: load_model (load_base, attach_adapter) -> complete -> Streamer -> main.
 """
 
@@ -35,12 +40,14 @@ from data.e2e.prepare import format_prompt
 from data.files import read_text
 from lora import merge_lora
 from model import GPT
-from support.adapters import in_prompt_format, load_adapter, read_adapter, repeat_adapter_ids
+from support.adapters import in_prompt_format, repeat_adapter_ids
 from support.common import (ADAPTER_FILE, DTYPES, EOT_TOKEN, FINETUNE_OUT, ArgumentParser,
                             HelpFormatter, check_flags, check_range, check_writable, get_device,
                             get_tokenizer, help_with_range, run_main)
 from support.decoding import beam_search, check_fits, completions, generate
+from support.methods import load_method, method_label, read_method
 from support.metrics import evaluate_e2e, now, write_eval
+from support.prefix import check_separator, special_positions
 
 DEFAULT_ADAPTER = f"{FINETUNE_OUT}/{ADAPTER_FILE}"  # where finetune.py writes by default
 DEFAULT_BASE = "gpt2"  # the base when the adapter records none, or without an adapter
@@ -59,8 +66,9 @@ MAX_ROWS = 64  # --beams, --num-samples: rows decoded at once, each with a KV ca
 # ---------------------------------------------------------------- the model: base (+ adapter)
 
 def load_model(init, adapter=None, *, merge=False, device="cpu", dtype="float32"):
-    """The base model (load_base), with the adapter file loaded if one is given, and merged into
-    the weights if merge (attach_adapter). Returns (model in eval mode, label of the mode)."""
+    """The base model (load_base), with the adapter file (LoRA's, or any method's) loaded if one
+    is given, and merged into the weights if merge (LoRA only; attach_adapter). Returns (model
+    in eval mode, label of the mode)."""
     model = load_base(init, device=device, dtype=dtype, adapter=adapter)
     label = "base"
     if adapter is not None:
@@ -85,32 +93,52 @@ def load_base(init, *, device="cpu", dtype="float32", adapter=None):
 
 
 def recorded_base(path):
-    """The base model an adapter file was trained on, as save_adapter records it (metadata
-    base_name: finetune.py's --init), or None when it records none. Reads and checks the file
-    (adapters.read_adapter): a corrupt adapter is a ValueError here, before the base loads."""
-    _, meta = read_adapter(path)
-    return meta.get("base_name") or None
+    """The base model an adapter or method file was trained on, as save_adapter and save_method
+    record it (metadata base_name: finetune.py's --init), or None when it records none. Reads
+    and checks the file (methods.read_method): a corrupt file is a ValueError here, before the
+    base loads."""
+    return read_method(path)["base_name"]
 
 
 def attach_adapter(model, path, *, merge=False) -> str:
-    """Load a LoRA adapter into model (adapters.load_adapter adds the LoRA layers its metadata
-    describes and checks that the model is its base); merge=True folds (α/r) BA into W0
-    (lora.merge_lora), so generation runs on plain weights: no added latency (§4.1).
-    Returns the label of the mode. An adapter for another base is a ValueError that says which
-    --init it was trained on."""
+    """Load the file of a LoRA adapter or of any other method into model (methods.load_method:
+    a LoRA adapter gets the LoRA layers its metadata describes, another method its modules or
+    hooks and tensors; either way the model must be the file's base). merge=True folds LoRA's
+    (α/r) BA into W0 (lora.merge_lora), so generation runs on plain weights: no added latency
+    (§4.1); for another method it is a ValueError, raised before the model is touched
+    (check_merge). Returns the label of the mode: "adapter merged into W" or "adapter
+    (unmerged)" for LoRA, the method's name and settings otherwise (methods.method_label,
+    "PreLayer (l_p=8, l_i=8)"). A file for another base is a ValueError that says which --init
+    it was trained on."""
     check_adapter_file(path)
+    info = read_method(path)
+    if merge:
+        check_merge(info, path)
     try:
-        load_adapter(model, path)
+        load_method(model, path)
     except ValueError as e:
-        base = recorded_base(path)
+        base = info["base_name"]
         if base is None or base == getattr(model, "name", None):
             raise
         raise ValueError(f"{e} (pass --init {base})") from None
     model.eval()
+    if info["method"] != "lora":
+        return method_label(info["method"], info["settings"])
     if merge:
         merge_lora(model)
         return "adapter merged into W"
     return "adapter (unmerged)"
+
+
+def check_merge(info, path):
+    """--merge is for LoRA files only (info: methods.read_method's): one ValueError otherwise.
+    LoRA's update BA has W0's shape and adds into it (§4.1); adapters add layers and prefixes
+    add positions, which no merge removes, and FT^Top2's and BitFit's tensors are weights of
+    the model itself, with nothing to fold."""
+    if info["method"] != "lora":
+        raise ValueError(f"{path}: --merge folds LoRA's BA into W0 (§4.1), and this file is "
+                         f"{method_label(info['method'], info['settings'])}: drop --merge "
+                         f"(only LoRA merges; adapters add layers, prefixes add positions)")
 
 
 def check_adapter_file(path):
@@ -261,10 +289,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--init", default=None,
                    help="base model: gpt2, gpt2-medium, ..., or a checkpoint dir/file (default: "
                         f"the base the adapter file records, else {DEFAULT_BASE})")
-    g.add_argument("--adapter", default=DEFAULT_ADAPTER, help="LoRA adapter file from finetune.py")
+    g.add_argument("--adapter", default=DEFAULT_ADAPTER,
+                   help="LoRA adapter file from finetune.py, or a file of any other method "
+                        "(support.methods.save_method: FT^Top2, BitFit, PreEmbed, PreLayer, "
+                        "Adapter^H, Adapter^L)")
     g.add_argument("--no-adapter", action="store_true", help="run the base model alone")
     g.add_argument("--merge", action="store_true",
-                   help="fold the adapter into the weights (W0 + BA) before generating (§4.1)")
+                   help="fold the adapter into the weights (W0 + BA) before generating "
+                        "(§4.1); LoRA files only")
     g.add_argument("--compare", action="store_true",
                    help="print base and adapted outputs for the same prompts and seed, "
                         "one line each (newlines shown as \\n)")
@@ -331,12 +363,15 @@ def main(argv=None):
     device = get_device(args.device)
     enc = get_tokenizer()
     adapter = None if args.no_adapter else args.adapter
-    meta = {}
+    info, method = {}, None  # the file's metadata; its method and settings, as one dict
     if adapter is not None:
-        check_adapter_file(adapter)  # before the (slow) base model loads
-        meta = read_adapter(adapter)[1]
-    init = args.init or meta.get("base_name") or DEFAULT_BASE
-    prompt_format = meta.get("prompt_format")
+        check_adapter_file(adapter)  # the file, its method and --merge: before the base loads
+        info = read_method(adapter)
+        method = {"method": info["method"], **info["settings"]}
+        if args.merge:
+            check_merge(info, adapter)
+    init = args.init or info.get("base_name") or DEFAULT_BASE
+    prompt_format = info.get("prompt_format")
     prompts = None if args.eval else read_prompts(args, enc, prompt_format)
     decoding = dict(max_new_tokens=args.max_new_tokens, beams=args.beams,
                     length_penalty=args.length_penalty,
@@ -350,7 +385,8 @@ def main(argv=None):
                                   dtype=args.dtype)
         result = evaluate_e2e(model, enc, split=args.split, raw_dir=args.raw_dir,
                               limit=args.eval_limit, batch_size=args.batch_size, **decoding)
-        result = {"init": init, "adapter": adapter, "mode": label} | result
+        named = method_label(info["method"], info["settings"]) if info else None
+        result = {"init": init, "adapter": adapter, "method": named, "mode": label} | result
         write_eval(result, out)
         m = result["metrics"]
         print(f"E2E {args.split}, {result['mrs']} MRs, {label}: BLEU {m['BLEU']:.2f}, "
@@ -359,8 +395,9 @@ def main(argv=None):
 
     # The base alone first: --compare generates with it before the adapter is attached.
     model = load_base(init, device=device, dtype=args.dtype, adapter=adapter)
-    for ids in (enc.encode_ordinary(pr) for pr in prompts):  # bad lengths before any output
-        check_fits(model, len(ids), args.max_new_tokens)
+    for ids in (enc.encode_ordinary(pr) for pr in prompts):  # bad prompts before any output
+        check_fits(model, len(ids), args.max_new_tokens, special=special_positions(method))
+        check_separator(method, ids)  # the token a prefix method's infix follows
     greedy, how = decoding_mode(args, prompt_format)
     how = f"beam search, {args.beams} beams" if args.beams > 1 else how
     sampling = dict(num_samples=args.num_samples, temperature=temperature(args),

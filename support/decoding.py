@@ -11,6 +11,8 @@
 None of this depends on LoRA: a merged adapter is plain weights (§4.1), an unmerged one is part
 of the model's forward. Only beam search needs to know about adapters, for one reason: under
 adapters.use_adapters each row has its adapter id, and the beams it grows into must keep it.
+Of the other methods (support/methods.py), only prefix tuning shows here: its special tokens
+take positions of the context, which check_fits counts (support/prefix.py inserts them).
 
 Reading order: sample_next -> generate -> beam_search -> ban_repeated_ngrams.
 """
@@ -24,23 +26,30 @@ import torch.nn.functional as F
 from model import KVCache
 from support.adapters import repeat_adapter_ids
 from support.common import EOT_TOKEN
+from support.prefix import special_positions
 
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def check_fits(model, prompt_len, max_new_tokens):
+def check_fits(model, prompt_len, max_new_tokens, special=None):
     """Bad lengths as one clear ValueError, before any token is generated (or printed): an empty
-    prompt, max_new_tokens not an integer >= 1, or prompt + new tokens longer than the model's
-    block_size."""
+    prompt, max_new_tokens not an integer >= 1, or prompt + new tokens + special tokens longer
+    than the model's block_size. special: the context positions a prefix method's special
+    tokens take (l_p + l_i, LoRA §3); None: those of the method on the model
+    (prefix.special_positions), 0 without one. A caller that checks before it loads the method
+    passes the file's count."""
+    if special is None:
+        special = special_positions(getattr(model, "method_config", None))
     if prompt_len == 0:
         raise ValueError("the prompt is empty: give at least one token")
     if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if prompt_len + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's block_size {model.config.block_size}")
+    if prompt_len + max_new_tokens + special > model.config.block_size:
+        tokens = f" + the method's special tokens (l_p + l_i = {special})" if special else ""
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens})"
+                         f"{tokens} exceeds the model's block_size {model.config.block_size}")
 
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None, greedy=False):

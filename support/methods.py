@@ -6,8 +6,13 @@ BitFit, Adapter^H, Adapter^L) and support/prefix.py (PreEmbed, PreLayer); LoRA i
     paper_params(name, config, **settings)  |Θ| by the paper's formula (§5.1)
     method_state_dict(model)                the method's tensors: those with requires_grad
     save_method(model, path)                a small safetensors file: only those tensors, with
-                                            method, settings and base as metadata
+                                            method, settings, base (and prompt format) as metadata
+    read_method(path)                       such a file's metadata, or a LoRA adapter file's,
+                                            without a model: method, settings, base, prompt format
     load_method(model, path)                any such file, or a LoRA adapter file, onto its base
+    method_label(method, settings)          how reports name it: "PreLayer (l_p=8, l_i=8)"
+
+sample.py loads every file through read_method and load_method, LoRA's included.
 """
 
 import json
@@ -18,7 +23,8 @@ import torch
 
 from lora import paper_num_params
 from model import GPT
-from support.adapters import base_fingerprint, load_adapter
+from support.adapters import (base_fingerprint, check_prompt_format, load_adapter,
+                              read_adapter)
 from support.baselines import (adapter_h, adapter_l, adapter_param_count, bitfit, bitfit_params,
                                ft_top2, ft_top2_params)
 from support.common import atomic_write, check_finite, check_tensors, short_list
@@ -26,6 +32,10 @@ from support.prefix import pre_embed, pre_layer, prefix_params
 
 METHODS = {"ft_top2": ft_top2, "bitfit": bitfit, "adapter_h": adapter_h,
            "adapter_l": adapter_l, "pre_embed": pre_embed, "pre_layer": pre_layer}
+# Each method's name as §5.1 and Table 3 write it, for labels and reports.
+PAPER_NAMES = {"lora": "LoRA", "ft_top2": "FT^Top2", "bitfit": "BitFit",
+               "adapter_h": "Adapter^H", "adapter_l": "Adapter^L", "pre_embed": "PreEmbed",
+               "pre_layer": "PreLayer"}
 
 
 def apply_method(model, method: str, **settings):
@@ -64,13 +74,18 @@ def method_state_dict(model) -> dict:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_method(model, path, base_name=None):
+def save_method(model, path, base_name=None, prompt_format=None):
     """Write the method's tensors to a safetensors file, atomically, with metadata
     method_config (method and settings), base_name, base_config, base_fingerprint (of the
     frozen base tensors, support.adapters.base_fingerprint) and base_dtype. Non-finite tensors
-    are a ValueError, nothing written. Returns the path."""
+    are a ValueError, nothing written. Returns the path.
+    prompt_format: the form of the task's prompts, as save_adapter records it (E2E:
+    "{prompt} ||", support.adapters.PROMPT_SLOT where the input goes), for sample.py; None
+    records none. A format without exactly one PROMPT_SLOT is a ValueError."""
     from safetensors.torch import save_file
 
+    if prompt_format is not None:
+        check_prompt_format(prompt_format, "prompt_format")
     tensors = {k: v.contiguous().cpu() for k, v in method_state_dict(model).items()}
     check_finite(tensors, path)
     meta = {"format": "pt", "method_config": json.dumps(model.method_config),
@@ -78,10 +93,46 @@ def save_method(model, path, base_name=None):
             "base_config": json.dumps(asdict(model.config)),
             "base_fingerprint": json.dumps(_fingerprint(model, set(tensors))),
             "base_dtype": str(model.wte.weight.dtype).removeprefix("torch.")}
+    if prompt_format is not None:
+        meta["prompt_format"] = prompt_format
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
     return path
+
+
+def read_method(path) -> dict:
+    """The metadata of a file of save_method or save_adapter, read and checked without a model
+    (sample.py needs the base and the method before it builds the model):
+    {"method": a name of METHODS or "lora", "settings": {...} (apply_method's, or LoRA's
+    lora_config), "base_name": str or None (none recorded), "base_config": {...},
+    "prompt_format": str or None}. A file that is neither, or whose metadata is malformed, is
+    a ValueError; a missing file a FileNotFoundError. Whether the file fits a base model is
+    load_method's to check."""
+    meta = _metadata(path)
+    if "lora_config" in meta:
+        _, meta = read_adapter(path)
+        cfg = {"method": "lora", **meta["lora_config"]}
+        base = {"name": meta.get("base_name", ""), "config": meta["base_config"]}
+    else:
+        _, cfg, base = _read(path, meta)
+    return {"method": cfg["method"], "settings": {k: v for k, v in cfg.items() if k != "method"},
+            "base_name": base["name"] or None, "base_config": base["config"],
+            "prompt_format": meta.get("prompt_format")}
+
+
+def method_label(method: str, settings: dict) -> str:
+    """How a report names a method: its name in the paper and its main settings,
+    "PreLayer (l_p=8, l_i=8)", "Adapter^H (r=8)" (r: the bottleneck, §5.1's name for it),
+    "LoRA (r=4, alpha=32, q,v)", "BitFit"."""
+    shown = {"lora": ("rank", "alpha", "targets"), "adapter_h": ("bottleneck",),
+             "adapter_l": ("bottleneck",), "pre_embed": ("l_p", "l_i"),
+             "pre_layer": ("l_p", "l_i")}.get(method, ())
+    names = {"rank": "r", "bottleneck": "r"}
+    parts = [",".join(settings[k]) if k == "targets" else f"{names.get(k, k)}={settings[k]}"
+             for k in shown]
+    name = PAPER_NAMES.get(method, method)
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def load_method(model, path):
@@ -135,8 +186,8 @@ def _metadata(path) -> dict:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
     except Exception as e:
-        raise ValueError(f"{path}: cannot read it, the file is truncated or corrupt "
-                         f"({type(e).__name__})") from None
+        raise ValueError(f"{path}: cannot read the adapter or method file, the file is "
+                         f"truncated or corrupt ({type(e).__name__})") from None
 
 
 def _read(path, meta):
@@ -158,6 +209,8 @@ def _read(path, meta):
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and isinstance(fp, dict)
             and isinstance(config, dict)):
         raise ValueError(f"{path}: the file's base metadata is malformed")
+    if "prompt_format" in meta:
+        check_prompt_format(meta["prompt_format"], f"{path}: the file's prompt_format")
     tensors = load_file(str(path))
     check_finite(tensors, path)
     return tensors, cfg, dict(config=config, fingerprint=fp, dtype=dtype,

@@ -177,6 +177,28 @@ def prefix_params(method: str, config, l_p: int, l_i: int) -> int:
     return n * config.n_layer if method == "pre_layer" else n
 
 
+def special_positions(method_config) -> int:
+    """How many positions of the model's context a method's special tokens take: l_p + l_i
+    for PreEmbed and PreLayer, 0 for every other method and for None (LoRA §3: "reserving a
+    part of the sequence length for adaptation necessarily reduces the sequence length
+    available to process a downstream task"). method_config: a model's, or what a method file
+    records ({"method": name, **settings}, support.methods.read_method)."""
+    if not method_config or method_config.get("method") not in ("pre_embed", "pre_layer"):
+        return 0
+    return method_config["l_p"] + method_config["l_i"]
+
+
+def check_separator(method_config, ids):
+    """ids (a prompt's token ids) must hold the separator when the method has infix tokens
+    (l_i > 0), which go after it: one ValueError, for a caller to raise before it prints or
+    generates anything (the forward refuses such a row too, but only once it runs)."""
+    if special_positions(method_config) and method_config["l_i"] and \
+            method_config["separator"] not in ids:
+        raise ValueError(f"the prompt has no separator token {method_config['separator']}: "
+                         f"the method's {method_config['l_i']} infix tokens go after it (E2E: "
+                         f"end the prompt with ' ||')")
+
+
 def _prefix(cls, method, model, l_p, l_i, separator, init_tokens):
     c = model.config
     for name, v, low in (("l_p", l_p, 0), ("l_i", l_i, 0), ("separator", separator, 0)):
