@@ -125,3 +125,22 @@ def test_an_interrupted_stage_keeps_its_finished_runs(tiny_base, e2e_dir, tmp_pa
 def test_table_without_the_grid_is_one_error_line(tiny_base, e2e_dir, tmp_path, capsys):
     line = one_error_line(capsys, M.main, quick_args(tiny_base, e2e_dir, tmp_path, "table"))
     assert "grid.json not found" in line and "experiments.methods grid" in line
+
+
+@pytest.mark.parametrize("method", ["lora", "pre_layer", "adapter_h"])
+def test_a_table_runs_file_scores_the_same_through_sample_py(quick_run, tiny_base, tmp_path,
+                                                              method):
+    """The table stage keeps each run's tensors (--save-dir); sample.py --eval e2e on that file
+    decodes what the run decoded: the same BLEU and ROUGE-L."""
+    import sample
+
+    table = json.loads((quick_run / "table.json").read_text())
+    rec = next(json.loads(p.read_text()) for p in sorted((quick_run / "runs").glob("*.json"))
+               if p.name.startswith(method + "-") and json.loads(p.read_text())["spec"]["eval"])
+    out = tmp_path / "eval.json"
+    assert sample.main(["--adapter", rec["file"], "--init", str(tiny_base), "--eval", "e2e",
+                        "--eval-limit", str(rec["spec"]["eval"]["mrs"]), "--max-new-tokens",
+                        str(table["max_new_tokens"]), "--raw-dir", str(SHARED_DATA / "e2e"),
+                        "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["metrics"]
+    assert (scores["BLEU"], scores["ROUGE_L"]) == (rec["bleu"], rec["rouge_l"])
