@@ -15,22 +15,20 @@
 Noise: a shared machine swings a single ratio by 5-10%. So the thread count is fixed, every arm
 is warmed up, and the arms run interleaved within each round (in a rotating order): each round
 gives a paired ratio arm / base, and the ratio reported is their geometric mean with a 95%
-interval (a t-interval on the log-ratios, see paired_ratio). A target is met, missed, or
-"within noise" when the interval straddles it (verdict). All inference arms read the same
+interval (a t-interval on the log-ratios, see support.timing.paired_ratio). A target is met,
+missed, or "within noise" when the interval straddles it (verdict). All inference arms read the same
 weight tensors (see build_arm). Where other processes compete for the cores, wall time counts
 their time too: --clock cpu times this process's CPU time instead, and with --threads 1 that is
 the compute time itself. Peak training memory is measured for each arm in its own process.
 
-Reading order: the arms -> timing harness and intervals -> machine peaks and FLOP counts -> the
-three benchmarks -> progress lines -> claims, report and main().
+Reading order: the arms -> timing helpers (the harness and the intervals are support/timing.py,
+shared with experiments/methods.py) -> machine peaks and FLOP counts -> the three benchmarks ->
+progress lines -> claims, report and main().
 """
 
 import argparse
-import copy
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,14 +36,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
 from lora import apply_lora, count_trainable, merge_lora
-from model import GPT, PRETRAINED, GPTConfig, KVCache
+from model import GPT, PRETRAINED, GPTConfig
 from support.baselines import adapter_params, add_adapters, bottleneck_for
 from support.common import (DTYPES, ArgumentParser, HelpFormatter, atomic_write, check_flags,
                             check_writable, get_device, help_with_range, run_main)
+from support.timing import (CLOCKS, cached_decoder, cpu_name, peak_rss_since, reset_peak_mark,
+                            rss_now, shared_copy, summarize, synchronizer, time_interleaved)
 from train import TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------- the arms
@@ -53,12 +51,6 @@ from train import TrainConfig, make_optimizer
 ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L")
 PAPER_LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
 TRAIN = TrainConfig()  # train.py's defaults: AdamW lr 2e-4, weight decay 0.01, clip 1.0
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares the parameter tensors: arms that only add modules
-    cost no second copy of the weights (deepcopy's memo maps each parameter to itself)."""
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0) -> GPT:
@@ -118,47 +110,12 @@ def extra_params(model: GPT, arm: str) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- timing harness
-
-
-def synchronizer(device: str):
-    """-> a function that waits for the kernels queued on device (a no-op off CUDA). Every
-    torch.cuda call here names the device: without it, it acts on the current GPU, which is
-    cuda:0 for --device cuda:1."""
-    if device.startswith("cuda"):
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+# ---------------------------------------------------------------- timing helpers
+# (the harness and the intervals are in support/timing.py)
 
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-
-
-# wall: latency as a user sees it. cpu: this process's CPU time, which other processes on a
-# shared machine inflate far less (with --threads 1 it is the compute time; with more threads it
-# sums them, so it is no longer a latency).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="",
-                     clock=time.perf_counter) -> dict:
-    """fns: name -> callable. Warm each up, then run every arm once per round, the order rotated
-    each round so none always runs first. Returns name -> seconds, one per round."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    sync()
-    times = {n: [] for n in names}
-    for r in tqdm(range(rounds), desc=desc, leave=False, disable=None):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            sync()
-            t0 = clock()
-            fns[name]()
-            sync()
-            times[name].append(clock() - t0)
-    return times
 
 
 def profile_ops(fn, device: str, top: int = 6) -> list:
@@ -173,54 +130,6 @@ def profile_ops(fn, device: str, top: int = 6) -> list:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
     return [dict(op=e.key, self_ms=getattr(e, key) / 1e3, calls=e.count) for e in rows]
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with df >= 1 degrees of freedom: a two-sided 95%
-    interval's half-width in standard errors. Exact for df 1 and 2 (closed forms); from df 3 the
-    expansion in powers of 1/df of Abramowitz & Stegun 26.7.5, within 0.2% of the exact value
-    (3.179 against 3.182 at df 3, closer above)."""
-    if df == 1:
-        return math.tan(math.pi * 0.475)
-    if df == 2:
-        return 0.95 / math.sqrt(2 * 0.975 * 0.025)
-    z = statistics.NormalDist().inv_cdf(0.975)
-    g = [(z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160]
-    return z + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
-
-
-def paired_ratio(ts, base_ts):
-    """Seconds per round of an arm and of the base, timed in alternation within each round ->
-    (geometric mean of the per-round ratios ts[i] / base_ts[i], their 95% interval [lo, hi]).
-
-    The interval is a Student t-interval on the log-ratios, exponentiated:
-    exp(mean ± t(0.975, n - 1) · sd / sqrt(n)). Paired, so a slow moment of the machine, which
-    hits both sides of a round's ratio, leaves it; in logs, because timing noise multiplies
-    and a ratio and its inverse are then symmetric. It assumes the rounds' log-ratios are
-    independent and about normal; a few outlying rounds widen it. With one round there is no
-    interval: None."""
-    logs = [math.log(t / b) for t, b in zip(ts, base_ts)]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), None
-    half = t_quantile_975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), [math.exp(mean - half), math.exp(mean + half)]
-
-
-def summarize(times: dict, base: str, per: int = 1) -> dict:
-    """times: arm -> seconds per round. -> per arm: mean, std and median in ms (per item:
-    per=tokens per call), and the ratio to base with its 95% interval (paired_ratio)."""
-    out = {}
-    for name, ts in times.items():
-        ms = [t * 1e3 / per for t in ts]
-        ratio, ci = paired_ratio(ts, times[base])
-        out[name] = dict(mean_ms=statistics.fmean(ms),
-                         std_ms=statistics.stdev(ms) if len(ms) > 1 else 0.0,
-                         median_ms=statistics.median(ms), ratio_to_base=ratio, ratio_ci95=ci,
-                         trials=len(ms))
-    return out
 
 
 # ---------------------------------------------------------------- machine peaks and FLOP counts
@@ -348,22 +257,14 @@ def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
 def bench_decode(arms: Arms, args) -> dict:
     """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
-    decoding.generate does; the cache is rewound to the prompt before each call."""
+    decoding.generate does; the cache is rewound to the end of the prefill before each call
+    (support.timing.cached_decoder)."""
     base, P, n = arms.base, args.decode_prompt, args.decode_tokens
     target = args.adapter_params or 11_000_000
-    dtype = base.wte.weight.dtype
     prompt = torch.randint(0, base.config.vocab_size, (1, P), device=args.device)
     tokens = torch.randint(0, base.config.vocab_size, (n, 1, 1), device=args.device)
-    models, fns = arms.get(target), {}
-    for a, m in models.items():
-        cache = KVCache(m.config, 1, P + n, args.device, dtype)
-        m(prompt, cache=cache)  # prefill
-
-        def run(m=m, cache=cache):
-            cache.length = P
-            for t in tokens:
-                m(t, cache=cache, last_only=True)
-        fns[a] = run
+    models = arms.get(target)
+    fns = {a: cached_decoder(m, prompt, tokens) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
                              "decode", CLOCKS[args.clock])
     out = summarize(times, "base", per=n)
@@ -418,24 +319,6 @@ def batch_for(args, config):
     return data[:, :-1], data[:, 1:]
 
 
-def _rss_bytes(field: str):
-    """VmRSS (resident now) or VmHWM (resident at peak) of this process in bytes, from Linux's
-    /proc; None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _max_rss_bytes() -> int:
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
-
-
 def peak_memory_child(args) -> dict:
     """Run in a fresh process (`bench.py --_child ARM`): the peak memory of a few training steps,
     weights included.
@@ -450,27 +333,20 @@ def peak_memory_child(args) -> dict:
     """
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    before = _rss_bytes("VmRSS") or _max_rss_bytes()
+    before = rss_now()
     model, opt = train_arm(args, args._child)
     idx, targets = batch_for(args, model.config)
-    method = "ru_maxrss - RSS before build"
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
         method = "cuda max_memory_allocated"
     else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
-            method = "VmHWM - VmRSS before build"
-        except OSError:
-            pass
+        method = reset_peak_mark()  # support.timing, as peak_training_memory does
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
         _train_step(model, opt, idx, targets)
     if cuda:
         peak = torch.cuda.max_memory_allocated(args.device)
-    elif method.startswith("VmHWM"):
-        peak = _rss_bytes("VmHWM") - before
     else:
-        peak = _max_rss_bytes() - before
+        peak = peak_rss_since(before, method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(peak_bytes=peak, trainable_params=trainable, memory_method=method)
 
@@ -656,16 +532,6 @@ def _arm_table(part: dict, row: str):
             f"{o['op']} {o['self_ms']:.2f} ms ({o['calls']}x)" for o in ops))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _load():
     """1-minute load average: how busy the machine was (other processes skew timings)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -831,7 +697,7 @@ def main(argv=None):
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(PAPER_LORA, targets=list(PAPER_LORA["targets"])),
                machine=dict(device=device_name(args.device),
-                            cpu=_cpu_name(),
+                            cpu=cpu_name(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                             matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,
                             gemv_bandwidth=args.gemv_bandwidth,
