@@ -1,19 +1,24 @@
 """Timing and memory measurement shared by bench.py and experiments/methods.py: models timed in
-alternation, paired ratios with 95% intervals, and the peak memory of a process.
+alternation, paired ratios with 95% intervals, and peak training memory in a fresh process.
 
     time_interleaved(fns, rounds, warmup, sync)   every callable once per round, order rotated
     paired_ratio(ts, base_ts), summarize(times)   geometric-mean ratio to a base, 95% interval
+    inference_ratios(models, "base")              forward and cached decoding of each model,
+                                                  timed interleaved, as ratios to the base
+    peak_training_memory(build, *args)            peak memory of a few training steps (CPU)
 
 Why interleaved and paired: a shared machine swings one timing by 5-10%; a slow moment hits
 every model of the same round, so a round's ratio to the base keeps little of it (bench.py's
 docstring and docs/bench.md say more).
 
-Reading order: the harness -> intervals -> cached decoding -> peak memory -> the machine's
-name.
+Reading order: the harness -> intervals -> inference latency of models -> peak memory -> the
+machine's name.
 """
 
+import concurrent.futures
 import copy
 import math
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -121,7 +126,34 @@ def summarize(times: dict, base: str, per: int = 1) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- cached decoding
+# ---------------------------------------------------------------- inference latency of models
+
+
+def context_positions(model) -> int:
+    """Positions of the model's context its method takes from every sequence: l_p + l_i for
+    prefix tuning (model.prefix, as support/prefix.py sets it; LoRA §3: prefix tuning "reserves
+    a part of the sequence length"), 0 for any other model (LoRA, adapters, the base)."""
+    prefix = getattr(model, "prefix", None)  # nn.Module's getattr: None when no such submodule
+    return prefix.n if prefix is not None else 0
+
+
+def end_with_separator(idx, models):
+    """idx (B, T) token ids -> idx with its last column set to the separator after which the
+    models' prefix tuning puts its infix (support/prefix.py: E2E's " ||",
+    support.prefix.SEPARATOR, unless the model was given another), so every row has one and
+    the infix finds its place; idx itself when no model has an infix. Every model gets this same
+    input: a fixed last token costs the others no time. models: a dict name -> model; models
+    whose separators differ are a ValueError (no one input fits both)."""
+    seps = {m.prefix.separator for m in models.values()
+            if getattr(m, "prefix", None) is not None and m.prefix.l_i > 0}
+    if len(seps) > 1:
+        raise ValueError(f"the prefix models' separators differ ({sorted(seps)}): one input "
+                         f"cannot end with all of them")
+    if not seps:
+        return idx
+    idx = idx.clone()
+    idx[:, -1] = seps.pop()
+    return idx
 
 
 def cached_decoder(model, prompt, tokens):
@@ -146,6 +178,68 @@ def cached_decoder(model, prompt, tokens):
             logits = model(t, cache=cache, last_only=True)  # (B, 1, vocab)
         return logits
     return run
+
+
+@torch.inference_mode()
+def inference_ratios(models: dict, base="base", *, seq=128, prompt=64, tokens=32, rounds=10,
+                     warmup=2, clock=time.perf_counter, device="cpu") -> dict:
+    """Inference latency of every model as a ratio to models[base], as bench.py measures it:
+
+    - forward: one forward pass of a batch 1 × seq of random tokens -> logits (1, seq, vocab);
+    - decode: after a prompt-token prefill (not timed), `tokens` tokens decoded one at a time
+      with the KV cache (cached_decoder), per decoded token.
+
+    Every model is timed interleaved with the others round after round (time_interleaved,
+    `warmup` untimed calls each first), and each ratio is a paired_ratio against the base: the
+    geometric mean over `rounds` rounds with its 95% interval (None from a single round). The
+    inputs are the same for every model, drawn from a fixed seed, with the last token of the
+    forward's sequence and of the prompt set to the prefix models' separator
+    (end_with_separator), so PreEmbed and PreLayer (support/prefix.py) find where their infix
+    goes. A prefix model then runs seq + l_p + l_i positions in the forward and attends to
+    l_p + l_i more cached ones when decoding: its cost grows with the prefix's length.
+
+    models: name -> a GPT (plain, LoRA merged or not, adapters, prefix tuning), on `device`,
+    sharing one vocabulary; each runs in eval mode here and is left in the mode it came in.
+    clock: time.perf_counter (wall) or time.process_time (this process's CPU time), CLOCKS.
+    -> name -> dict(forward_ratio, forward_ci95, decode_ratio, decode_ci95, forward_ms,
+    decode_ms_per_token): the ratios to the base (the base's are 1.0, its intervals [1.0, 1.0])
+    and the median over rounds of a forward in ms and of a decoded token in ms. Bad settings or
+    lengths that do not fit a model's block_size: ValueError, before anything runs."""
+    if base not in models:
+        raise ValueError(f"base {base!r} is not among the models {list(models)}")
+    for name, v, low in (("seq", seq, 1), ("prompt", prompt, 1), ("tokens", tokens, 1),
+                         ("rounds", rounds, 1), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    for name, m in models.items():
+        n, size = context_positions(m), m.config.block_size
+        if seq + n > size or prompt + n + tokens > size:
+            raise ValueError(f"{name}: seq {seq} or prompt {prompt} + tokens {tokens}, plus the "
+                             f"{n} positions its method takes, exceeds its block_size {size}")
+    vocab = models[base].config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    idx = end_with_separator(torch.randint(0, vocab, (1, seq), generator=g), models).to(device)
+    start = end_with_separator(torch.randint(0, vocab, (1, prompt), generator=g), models)
+    new = torch.randint(0, vocab, (tokens, 1, 1), generator=g).to(device)
+    modes = {name: m.training for name, m in models.items()}
+    sync = synchronizer(device)
+    try:
+        for m in models.values():
+            m.eval()  # dropout off: inference, as decoding.generate's callers run it
+        fwd = time_interleaved({name: (lambda m=m: m(idx)) for name, m in models.items()},
+                               rounds, warmup, sync, "forward", clock)
+        decoders = {name: cached_decoder(m, start.to(device), new) for name, m in models.items()}
+        dec = time_interleaved(decoders, rounds, warmup, sync, "decode", clock)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    fwd, dec = summarize(fwd, base), summarize(dec, base, per=tokens)
+    return {name: dict(forward_ratio=fwd[name]["ratio_to_base"],
+                       forward_ci95=fwd[name]["ratio_ci95"],
+                       decode_ratio=dec[name]["ratio_to_base"],
+                       decode_ci95=dec[name]["ratio_ci95"],
+                       forward_ms=fwd[name]["median_ms"],
+                       decode_ms_per_token=dec[name]["median_ms"]) for name in models}
 
 
 # ---------------------------------------------------------------- peak memory
@@ -193,6 +287,46 @@ def peak_rss_since(before: int, method: str) -> int:
     the model's own tensors included."""
     peak = _rss_bytes("VmHWM") if method.startswith("VmHWM") else _max_rss_bytes()
     return peak - before
+
+
+def peak_training_memory(build, *args, steps=2, threads=None) -> dict:
+    """Peak memory of `steps` training steps, measured in a fresh process -> dict(peak_bytes=int,
+    memory_method=str).
+
+    The process is started with multiprocessing's "spawn" (not fork), so nothing of this
+    process's memory is in it. There, `step = build(*args)` builds the model and its optimizer
+    and returns a zero-argument callable that runs one optimizer step; build must be a
+    module-level (picklable) function, and args picklable. The peak mark is reset after build
+    (reset_peak_mark), then step() runs `steps` times (Adam's state is allocated in the first);
+    peak_bytes is the peak resident set size less the resident size before build
+    (peak_rss_since), so it counts the model, the optimizer state, the activations and whatever
+    freed memory the allocator held, but neither the interpreter nor torch. With no swap every
+    tensor written is resident, so it is at least the peak of live tensors.
+
+    CPU only: a model on a GPU is not resident in this memory (bench.py reads
+    torch.cuda.max_memory_allocated for that). threads: torch threads in the child (None:
+    torch's default). An error in the child, or its death, is an OSError with its message."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(_peak_child, build, args, steps, threads).result()
+        except Exception as e:  # the child's error, re-raised here; BrokenProcessPool if it died
+            raise OSError(f"the memory probe failed in its process: {type(e).__name__}: {e}") \
+                from None
+
+
+def _peak_child(build, args, steps, threads) -> dict:
+    """peak_training_memory's work, in the fresh process."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    before = rss_now()
+    step = build(*args)
+    method = reset_peak_mark()
+    for _ in range(steps):
+        step()
+    return dict(peak_bytes=peak_rss_since(before, method), memory_method=method)
 
 
 # ---------------------------------------------------------------- the machine

@@ -1,13 +1,40 @@
 """support/timing.py: the intervals against known values, the interleaved harness's order and
-output (on a counting clock) and shared copies. No timing is asserted, only what the harness
-returns."""
+output (on a counting clock), shared copies, peak training memory in a fresh process, and
+inference_ratios and cached decoding on tiny models of every kind bench.py times (plain, LoRA
+merged, adapters, prefix tuning). No timing is asserted, only what the harness returns."""
 import itertools
 import math
 
 import pytest
 import torch
 
+from lora import apply_lora, merge_lora
 from support import timing
+from support.decoding import generate
+from support.methods import apply_method
+
+SEP = 7  # the tiny prefix models' separator (support.prefix.SEPARATOR is beyond 128 tokens)
+NBYTES = 64 * 2 ** 20  # what the memory probe's step allocates
+
+
+def tiny_models():
+    """A tiny base and its arms, sharing its weights as bench.py's do: name -> model (eval)."""
+    from conftest import tiny_gpt
+
+    base = tiny_gpt()
+    lora = apply_lora(timing.shared_copy(base))
+    with torch.no_grad():  # B = 0 at init: make the merge change the weights
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    merge_lora(lora)
+    prefix = dict(separator=SEP, init_tokens=[3, 4, 5])
+    return {"base": base, "lora_merged": lora.eval(),
+            "adapter_h": apply_method(timing.shared_copy(base), "adapter_h", bottleneck=4),
+            "pre_embed": apply_method(timing.shared_copy(base), "pre_embed", l_p=2, l_i=3,
+                                      **prefix),
+            "pre_layer": apply_method(timing.shared_copy(base), "pre_layer", l_p=3, l_i=2,
+                                      **prefix)}
 
 
 # ---------------------------------------------------------------- intervals
@@ -60,3 +87,84 @@ def test_shared_copy_shares_the_weights_not_the_modules():
     assert copy.h[0] is not model.h[0]
     copy.h[0].attn.extra = torch.nn.Linear(2, 2)  # a module added to the copy only
     assert not hasattr(model.h[0].attn, "extra")
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def _allocating_step(nbytes):
+    """peak_training_memory's build (module level: pickled to the fresh process): a step that
+    writes a tensor of nbytes, so that all of it is resident."""
+    def step():
+        return torch.ones(nbytes // 4).sum()
+    return step
+
+
+def _failing_build():
+    raise ValueError("no model to build here")
+
+
+def test_peak_training_memory_counts_what_the_step_allocates_and_nothing_of_this_process():
+    held = torch.ones(2 * NBYTES // 4)  # this process's: not in the fresh one  # noqa: F841
+    res = timing.peak_training_memory(_allocating_step, NBYTES, steps=2, threads=1)
+    assert set(res) == {"peak_bytes", "memory_method"}
+    assert NBYTES <= res["peak_bytes"] < 2 * NBYTES, res
+    assert res["memory_method"].endswith("before build")
+
+
+def test_an_error_in_the_memory_probe_is_an_oserror_with_its_message():
+    with pytest.raises(OSError, match="ValueError: no model to build here"):
+        timing.peak_training_memory(_failing_build)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        timing.peak_training_memory(_failing_build, steps=0)
+
+
+# ---------------------------------------------------------------- inference latency of models
+
+
+def test_inference_ratios_times_every_kind_of_model_against_the_base():
+    models = tiny_models()
+    models["adapter_h"].train()  # left as it came: in training mode
+    res = timing.inference_ratios(models, seq=16, prompt=8, tokens=3, rounds=2, warmup=1)
+    assert set(res) == set(models)
+    keys = {"forward_ratio", "forward_ci95", "decode_ratio", "decode_ci95", "forward_ms",
+            "decode_ms_per_token"}
+    for name, r in res.items():
+        assert set(r) == keys, name
+        assert r["forward_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["decode_ratio"] > 0
+        lo, hi = r["forward_ci95"]
+        assert lo <= r["forward_ratio"] <= hi, name
+    b = res["base"]
+    assert (b["forward_ratio"], b["decode_ratio"]) == (1.0, 1.0)
+    assert b["forward_ci95"] == b["decode_ci95"] == [1.0, 1.0]
+    assert models["adapter_h"].training and not models["pre_layer"].training
+
+
+def test_inference_ratios_needs_room_for_the_prefix_positions():
+    models = tiny_models()  # block_size 64; the prefix models take 5 positions
+    assert timing.context_positions(models["pre_embed"]) == 5
+    assert timing.context_positions(models["adapter_h"]) == 0
+    with pytest.raises(ValueError, match="pre_embed: seq 60 .* 5 positions .* block_size 64"):
+        timing.inference_ratios(models, seq=60, prompt=8, tokens=2, rounds=1)
+    with pytest.raises(ValueError, match="base 'none' is not among"):
+        timing.inference_ratios(models, "none")
+
+
+@torch.no_grad()
+def test_cached_decoding_of_a_prefix_model_equals_its_forward_without_cache():
+    """The timed decoding is real decoding: after the prefill, its last logits are those of one
+    forward over prompt + tokens, every call alike (the cache is rewound each time)."""
+    model = tiny_models()["pre_layer"]
+    model.prefix.activations.normal_()  # special tokens that matter
+    g = torch.Generator().manual_seed(1)
+    prompt = timing.end_with_separator(torch.randint(0, 128, (1, 10), generator=g),
+                                       {"m": model})
+    assert prompt[0, -1] == SEP
+    tokens = torch.randint(0, 128, (4, 1, 1), generator=g)
+    decode = timing.cached_decoder(model, prompt, tokens)
+    full = model(torch.cat([prompt, tokens.view(1, -1)], dim=1))  # (1, 14, vocab)
+    for _ in range(2):
+        torch.testing.assert_close(decode()[:, -1], full[:, -1])
+    # and greedy generation with the cache chooses what it chooses without one
+    torch.testing.assert_close(generate(model, prompt, 6, greedy=True),
+                               generate(model, prompt, 6, greedy=True, use_cache=False))
