@@ -1,9 +1,14 @@
 """Measure the paper's practical claims side by side, in one run, on this machine.
 
 1. Inference latency (LoRA Table 1, §3): one forward pass for the base model, LoRA merged
-   (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v), and
+   (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v),
    the two adapter baselines Table 1 compares against, Adapter^H (Houlsby et al. 2019) and
-   Adapter^L (Lin et al. 2020), built in support/baselines.py.
+   Adapter^L (Lin et al. 2020), built in support/baselines.py, and prefix tuning, PreEmbed and
+   PreLayer (§5.1, support/prefix.py) with --prefix-tokens N special tokens (N // 2 prefix, the
+   rest infix). Adapters add depth (§3: layers processed in sequence); prefixes reserve
+   sequence length instead: a prefix arm runs N more positions in every forward and attends to
+   N more cached ones in every decoded token, so its cost grows with N, and the report's
+   positions column says how many of the context's positions each arm takes.
 2. Decoding latency per token with the KV cache at batch size 1, same arms.
 3. Training (§4.2, "Practical Benefits and Limitations"): step time and peak memory of LoRA
    against full fine-tuning on the same model and batch, and the FLOP/s achieved as a share of
@@ -42,27 +47,47 @@ from model import GPT, PRETRAINED, GPTConfig
 from support.baselines import adapter_params, add_adapters, bottleneck_for
 from support.common import (DTYPES, ArgumentParser, HelpFormatter, atomic_write, check_flags,
                             check_writable, get_device, help_with_range, run_main)
-from support.timing import (CLOCKS, cached_decoder, cpu_name, peak_rss_since, reset_peak_mark,
-                            rss_now, shared_copy, summarize, synchronizer, time_interleaved)
+from support.methods import apply_method
+from support.prefix import INIT_TOKENS, SEPARATOR
+from support.timing import (CLOCKS, cached_decoder, context_positions, cpu_name,
+                            end_with_separator, peak_rss_since, reset_peak_mark, rss_now,
+                            shared_copy, summarize, synchronizer, time_interleaved)
 from train import TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------- the arms
 
-ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L")
+ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L", "pre_embed",
+        "pre_layer")
+PREFIX_ARMS = ("pre_embed", "pre_layer")  # prefix tuning, LoRA §5.1 (support/prefix.py)
 PAPER_LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
 TRAIN = TrainConfig()  # train.py's defaults: AdamW lr 2e-4, weight decay 0.01, clip 1.0
 
 
-def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0) -> GPT:
+def prefix_settings(config: GPTConfig, tokens: int) -> dict:
+    """apply_method's settings for a prefix arm of `tokens` special tokens: l_p = tokens // 2
+    prefix and l_i = tokens - l_p infix tokens, Li & Liang's prefix + infix (LoRA §5.1), with
+    support/prefix.py's separator and init words. Those are GPT-2's token ids: a smaller
+    vocabulary (--model tiny) takes them modulo its size, so that they exist there."""
+    V = config.vocab_size
+    return dict(l_p=tokens // 2, l_i=tokens - tokens // 2, separator=SEPARATOR % V,
+                init_tokens=[t % V for t in INIT_TOKENS])
+
+
+def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0,
+              prefix_tokens: int = 16) -> GPT:
     """One inference arm, in eval mode, sharing base's weight tensors.
 
     Every arm reads the very same weight memory: where a copy of the weights happened to be
     allocated moved decoding time by 1-2% here, more than the effects measured. So the merged
     arm merges W0 + BA into the shared weights, and from then on the base arm (and every other)
     runs with W0 + BA: the same shapes and bytes, so the same time as W0. The LoRA matrices get
-    random values (B = 0 at init would make merging a no-op in value, though not in time)."""
+    random values (B = 0 at init would make merging a no-op in value, though not in time).
+    The prefix arms (prefix_settings) take prefix_tokens positions of every sequence."""
     if arm == "base":
         return base.eval()
+    if arm in PREFIX_ARMS:
+        return apply_method(shared_copy(base), arm,
+                            **prefix_settings(base.config, prefix_tokens)).eval()
     if arm.startswith("adapter_"):
         kind = arm.removeprefix("adapter_")
         m = bottleneck_for(kind, base.config.n_layer, base.config.n_embd, adapter_target)
@@ -86,17 +111,20 @@ def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int =
 
 class Arms:
     """The inference arms over one base model, each built once and reused by every setting: the
-    LoRA arms once in all (the merged one merges once), the adapters once per parameter count."""
+    LoRA and prefix arms once in all (the merged one merges once), the adapters once per
+    parameter count."""
 
-    def __init__(self, base: GPT, names, seed: int = 0):
+    def __init__(self, base: GPT, names, seed: int = 0, prefix_tokens: int = 16):
         self.base, self.names, self.seed, self.built = base, list(names), seed, {}
+        self.prefix_tokens = prefix_tokens
 
     def get(self, adapter_target: int) -> dict:
         out = {}
         for a in self.names:
             key = (a, adapter_target if a.startswith("adapter_") else None)
             if key not in self.built:
-                self.built[key] = build_arm(self.base, a, adapter_target, self.seed)
+                self.built[key] = build_arm(self.base, a, adapter_target, self.seed,
+                                            self.prefix_tokens)
             out[a] = self.built[key]
         return out
 
@@ -105,7 +133,7 @@ def extra_params(model: GPT, arm: str) -> int:
     """Parameters an arm evaluates beyond the base model's at inference."""
     if arm.startswith("adapter_"):
         return adapter_params(model)
-    if arm == "lora_unmerged":
+    if arm == "lora_unmerged" or arm in PREFIX_ARMS:  # only the method's tensors are trainable
         return count_trainable(model)
     return 0
 
@@ -196,22 +224,25 @@ def flops_per_token(config: GPTConfig, n: int, T: int, kind: str) -> int:
 MODELS = {  # random weights in these shapes unless --init gives real ones
     "gpt2": PRETRAINED["gpt2"],
     "gpt2-medium": PRETRAINED["gpt2-medium"],
-    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=256, vocab_size=1024),  # tests
+    # for tests; block_size 512 leaves the CPU default --shapes 4x256 room for the prefix arms
+    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=512, vocab_size=1024),
 }
 
 
-def check_lengths(args, config, shapes, skip):
+def check_lengths(args, config, shapes, skip, positions: int = 0):
     """Every sequence the chosen parts run must fit the model: checked before the first
-    measurement, not when its part comes."""
+    measurement, not when its part comes. positions: those the prefix arms take from every
+    sequence (--prefix-tokens; 0 without them), which a forward and a decoding must leave."""
     n = config.block_size
+    plus = f" + {positions} positions of the prefix arms (--prefix-tokens)" if positions else ""
     for B, T in shapes if "forward" not in skip else ():
-        if T > n:
-            raise ValueError(f"--shapes {B}x{T}: sequence length {T} is longer than the "
+        if T + positions > n:
+            raise ValueError(f"--shapes {B}x{T}: sequence length {T}{plus} is longer than the "
                              f"model's {n}")
-    if "decode" not in skip and args.decode_prompt + args.decode_tokens > n:
-        raise ValueError(f"--decode-prompt + --decode-tokens = "
-                         f"{args.decode_prompt + args.decode_tokens} exceeds the model's "
-                         f"block_size {n}")
+    if "decode" not in skip and args.decode_prompt + args.decode_tokens + positions > n:
+        raise ValueError(f"--decode-prompt + --decode-tokens{plus} = "
+                         f"{args.decode_prompt + args.decode_tokens + positions} exceeds the "
+                         f"model's block_size {n}")
     if "train" not in skip and args.train_seq + 1 > n:
         raise ValueError(f"--train-seq {args.train_seq} is too long for the model's {n}")
 
@@ -230,17 +261,21 @@ def build_base(args) -> GPT:
 
 @torch.inference_mode()
 def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
-    """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1."""
+    """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1. Each row ends with the
+    prefix arms' separator (support.timing.end_with_separator), where their infix goes; a
+    prefix arm runs T + --prefix-tokens positions."""
     base = arms.base
     target = args.adapter_params or (500_000 if (B, T) == (32, 512) else 11_000_000)  # Table 1
     models = arms.get(target)
     idx = torch.randint(0, base.config.vocab_size, (B, T), device=args.device)
+    idx = end_with_separator(idx, models)
     fns = {a: (lambda m=m: m(idx)) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
                              f"forward {B}x{T}", CLOCKS[args.clock])
     out = summarize(times, "base")
     for a, m in models.items():
         out[a]["extra_params"] = extra_params(m, a)
+        out[a]["positions"] = context_positions(m)
     flops = B * T * flops_per_token(base.config, counted_params(base), T, "forward")
     achieved = flops / (out["base"]["median_ms"] / 1e3)
     res = dict(batch=B, seq=T, adapter_params_target=target, arms=out,
@@ -258,18 +293,21 @@ def bench_decode(arms: Arms, args) -> dict:
     """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
     decoding.generate does; the cache is rewound to the end of the prefill before each call
-    (support.timing.cached_decoder)."""
+    (support.timing.cached_decoder). The prompt ends with the prefix arms' separator; their
+    special tokens are cached with it, so they attend to --prefix-tokens more positions."""
     base, P, n = arms.base, args.decode_prompt, args.decode_tokens
     target = args.adapter_params or 11_000_000
     prompt = torch.randint(0, base.config.vocab_size, (1, P), device=args.device)
     tokens = torch.randint(0, base.config.vocab_size, (n, 1, 1), device=args.device)
     models = arms.get(target)
+    prompt = end_with_separator(prompt, models)
     fns = {a: cached_decoder(m, prompt, tokens) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
                              "decode", CLOCKS[args.clock])
     out = summarize(times, "base", per=n)
     for a, m in models.items():
         out[a]["extra_params"] = extra_params(m, a)
+        out[a]["positions"] = context_positions(m)
     # Each token reads every weight once: the cached KV (<= P + n positions) is left out.
     weight_bytes = counted_params(base) * base.wte.weight.element_size()
     bw = weight_bytes / (out["base"]["median_ms"] / 1e3)
@@ -488,7 +526,7 @@ def print_report(res: dict):
     print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
           f"{m['read_bandwidth'] / 1e9:.1f} GB/s (matrix-vector {m['gemv_bandwidth'] / 1e9:.1f} "
           f"GB/s){load}")
-    row = "{:<15} {:>12} {:>20} {:>22}"
+    row = "{:<15} {:>12} {:>9} {:>20} {:>22}"
     for f in res.get("forward", []):
         print(f"\nForward pass, batch {f['batch']} x seq {f['seq']} ({f['arms']['base']['trials']}"
               f" rounds; adapters sized for {f['adapter_params_target'] / 1e6:g}M parameters); "
@@ -523,9 +561,13 @@ def print_report(res: dict):
 
 
 def _arm_table(part: dict, row: str):
-    print(row.format("arm", "extra params", "mean ms ± std", "ratio [95% interval]"))
+    """The arms of a latency part, one row each. positions: those of the context an arm's method
+    takes from every sequence (the prefix arms' special tokens; 0 for the others)."""
+    print(row.format("arm", "extra params", "positions", "mean ms ± std",
+                     "ratio [95% interval]"))
     for a, s in part["arms"].items():
-        print(row.format(a, f"{s['extra_params']:,}", f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
+        print(row.format(a, f"{s['extra_params']:,}", s.get("positions", 0),
+                         f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
                          _with_ci(s["ratio_to_base"], s["ratio_ci95"])))
     for a, ops in part.get("profile", {}).items():
         print(f"  {a} spends one call in: " + ", ".join(
@@ -563,9 +605,9 @@ def parse_count(text: str) -> int:
 
 # The allowed values of every numeric flag (common.RANGES): in --help, checked before any work.
 _FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
-                "decode_tokens": ">= 1", "train_batch": ">= 1", "train_seq": ">= 1",
-                "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1",
-                "seed": "[0, 2**32)"}
+                "decode_tokens": ">= 1", "prefix_tokens": ">= 1", "train_batch": ">= 1",
+                "train_seq": ">= 1", "train_rounds": ">= 1", "mem_steps": ">= 1",
+                "threads": ">= 1", "seed": "[0, 2**32)"}
 
 
 def _ranged(text, name) -> str:
@@ -614,6 +656,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-tokens", type=int, default=None,
                    help=_ranged("tokens decoded per timed call", "decode_tokens")
                    + "; default 16, quick 8")
+    g.add_argument("--prefix-tokens", type=int, default=16,
+                   help=_ranged("special tokens of the prefix arms: N // 2 prefix, the rest "
+                                "infix (Li & Liang); they take N positions of the context",
+                                "prefix_tokens"))
     g.add_argument("--train-batch", type=int, default=None,
                    help=_ranged("sequences per training step", "train_batch")
                    + "; default 4, quick 2")
@@ -685,17 +731,20 @@ def main(argv=None):
     if args.json:
         check_writable(args.json, "--json")  # now, not after the whole benchmark
     base = build_base(args)
-    check_lengths(args, base.config, shapes, skip)  # before the machine's peaks are measured
+    positions = args.prefix_tokens if set(names) & set(PREFIX_ARMS) else 0
+    check_lengths(args, base.config, shapes, skip, positions)  # before the machine's peaks
     dtype = DTYPES[args.dtype]
     args.peak_flops = matmul_flops(args.device, dtype, clock=CLOCKS[args.clock])
     args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
     args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
     model_name = getattr(base, "name", args.model)
     print(plan_line(args, model_name, names, shapes, skip), flush=True)
-    arms = Arms(base, names, args.seed)
+    arms = Arms(base, names, args.seed, args.prefix_tokens)
+    prefix = prefix_settings(base.config, args.prefix_tokens)
     res = dict(model=model_name, params=base.num_params(),
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(PAPER_LORA, targets=list(PAPER_LORA["targets"])),
+               prefix=dict(tokens=args.prefix_tokens, l_p=prefix["l_p"], l_i=prefix["l_i"]),
                machine=dict(device=device_name(args.device),
                             cpu=cpu_name(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
