@@ -202,8 +202,9 @@ def inference_ratios(models: dict, base="base", *, seq=128, prompt=64, tokens=32
     sharing one vocabulary; each runs in eval mode here and is left in the mode it came in.
     clock: time.perf_counter (wall) or time.process_time (this process's CPU time), CLOCKS.
     -> name -> dict(forward_ratio, forward_ci95, decode_ratio, decode_ci95, forward_ms,
-    decode_ms_per_token): the ratios to the base (the base's are 1.0, its intervals [1.0, 1.0])
-    and the median over rounds of a forward in ms and of a decoded token in ms. Bad settings or
+    decode_ms_per_token): the ratios to the base (the base's are 1.0, and from two rounds on its
+    intervals [1.0, 1.0]) and the median over rounds of a forward in ms and of a decoded token
+    in ms. Bad settings or
     lengths that do not fit a model's block_size: ValueError, before anything runs."""
     if base not in models:
         raise ValueError(f"base {base!r} is not among the models {list(models)}")
