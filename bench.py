@@ -1,9 +1,14 @@
 """Measure the paper's practical claims side by side, in one run, on this machine.
 
 1. Inference latency (LoRA Table 1, §3): one forward pass for the base model, LoRA merged
-   (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v), and
+   (W = W0 + BA, §4.1: "no additional inference latency"), LoRA unmerged (r=4 on W_q, W_v),
    the two adapter baselines Table 1 compares against, Adapter^H (Houlsby et al. 2019) and
-   Adapter^L (Lin et al. 2020), built in support/baselines.py.
+   Adapter^L (Lin et al. 2020), built in support/baselines.py, and prefix tuning, PreEmbed and
+   PreLayer (§5.1, support/prefix.py) with --prefix-tokens N special tokens (N // 2 prefix, the
+   rest infix). Adapters add depth (§3: layers processed in sequence); prefixes reserve
+   sequence length instead: a prefix arm runs N more positions in every forward and attends to
+   N more cached ones in every decoded token, so its cost grows with N, and the report's
+   positions column says how many of the context's positions each arm takes.
 2. Decoding latency per token with the KV cache at batch size 1, same arms.
 3. Training (§4.2, "Practical Benefits and Limitations"): step time and peak memory of LoRA
    against full fine-tuning on the same model and batch, and the FLOP/s achieved as a share of
@@ -15,22 +20,20 @@
 Noise: a shared machine swings a single ratio by 5-10%. So the thread count is fixed, every arm
 is warmed up, and the arms run interleaved within each round (in a rotating order): each round
 gives a paired ratio arm / base, and the ratio reported is their geometric mean with a 95%
-interval (a t-interval on the log-ratios, see paired_ratio). A target is met, missed, or
-"within noise" when the interval straddles it (verdict). All inference arms read the same
+interval (a t-interval on the log-ratios, see support.timing.paired_ratio). A target is met,
+missed, or "within noise" when the interval straddles it (verdict). All inference arms read the same
 weight tensors (see build_arm). Where other processes compete for the cores, wall time counts
 their time too: --clock cpu times this process's CPU time instead, and with --threads 1 that is
 the compute time itself. Peak training memory is measured for each arm in its own process.
 
-Reading order: the arms -> timing harness and intervals -> machine peaks and FLOP counts -> the
-three benchmarks -> progress lines -> claims, report and main().
+Reading order: the arms -> timing helpers (the harness and the intervals are support/timing.py,
+shared with experiments/methods.py) -> machine peaks and FLOP counts -> the three benchmarks ->
+progress lines -> claims, report and main().
 """
 
 import argparse
-import copy
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,39 +41,53 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
 from lora import apply_lora, count_trainable, merge_lora
-from model import GPT, PRETRAINED, GPTConfig, KVCache
+from model import GPT, PRETRAINED, GPTConfig
 from support.baselines import adapter_params, add_adapters, bottleneck_for
 from support.common import (DTYPES, ArgumentParser, HelpFormatter, atomic_write, check_flags,
                             check_writable, get_device, help_with_range, run_main)
+from support.methods import apply_method
+from support.prefix import INIT_TOKENS, SEPARATOR
+from support.timing import (CLOCKS, cached_decoder, context_positions, cpu_name,
+                            end_with_separator, peak_rss_since, reset_peak_mark, rss_now,
+                            shared_copy, summarize, synchronizer, time_interleaved)
 from train import TrainConfig, make_optimizer
 
 # ---------------------------------------------------------------- the arms
 
-ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L")
+ARMS = ("base", "lora_merged", "lora_unmerged", "adapter_H", "adapter_L", "pre_embed",
+        "pre_layer")
+PREFIX_ARMS = ("pre_embed", "pre_layer")  # prefix tuning, LoRA §5.1 (support/prefix.py)
 PAPER_LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's GPT-2 setting (§4.2, §5.4)
 TRAIN = TrainConfig()  # train.py's defaults: AdamW lr 2e-4, weight decay 0.01, clip 1.0
 
 
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares the parameter tensors: arms that only add modules
-    cost no second copy of the weights (deepcopy's memo maps each parameter to itself)."""
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+def prefix_settings(config: GPTConfig, tokens: int) -> dict:
+    """apply_method's settings for a prefix arm of `tokens` special tokens: l_p = tokens // 2
+    prefix and l_i = tokens - l_p infix tokens, Li & Liang's prefix + infix (LoRA §5.1), with
+    support/prefix.py's separator and init words. Those are GPT-2's token ids: a smaller
+    vocabulary (--model tiny) takes them modulo its size, so that they exist there."""
+    V = config.vocab_size
+    return dict(l_p=tokens // 2, l_i=tokens - tokens // 2, separator=SEPARATOR % V,
+                init_tokens=[t % V for t in INIT_TOKENS])
 
 
-def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0) -> GPT:
+def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int = 0,
+              prefix_tokens: int = 16) -> GPT:
     """One inference arm, in eval mode, sharing base's weight tensors.
 
     Every arm reads the very same weight memory: where a copy of the weights happened to be
     allocated moved decoding time by 1-2% here, more than the effects measured. So the merged
     arm merges W0 + BA into the shared weights, and from then on the base arm (and every other)
     runs with W0 + BA: the same shapes and bytes, so the same time as W0. The LoRA matrices get
-    random values (B = 0 at init would make merging a no-op in value, though not in time)."""
+    random values (B = 0 at init would make merging a no-op in value, though not in time).
+    The prefix arms (prefix_settings) take prefix_tokens positions of every sequence."""
     if arm == "base":
         return base.eval()
+    if arm in PREFIX_ARMS:
+        return apply_method(shared_copy(base), arm,
+                            **prefix_settings(base.config, prefix_tokens)).eval()
     if arm.startswith("adapter_"):
         kind = arm.removeprefix("adapter_")
         m = bottleneck_for(kind, base.config.n_layer, base.config.n_embd, adapter_target)
@@ -94,17 +111,20 @@ def build_arm(base: GPT, arm: str, adapter_target: int = 11_000_000, seed: int =
 
 class Arms:
     """The inference arms over one base model, each built once and reused by every setting: the
-    LoRA arms once in all (the merged one merges once), the adapters once per parameter count."""
+    LoRA and prefix arms once in all (the merged one merges once), the adapters once per
+    parameter count."""
 
-    def __init__(self, base: GPT, names, seed: int = 0):
+    def __init__(self, base: GPT, names, seed: int = 0, prefix_tokens: int = 16):
         self.base, self.names, self.seed, self.built = base, list(names), seed, {}
+        self.prefix_tokens = prefix_tokens
 
     def get(self, adapter_target: int) -> dict:
         out = {}
         for a in self.names:
             key = (a, adapter_target if a.startswith("adapter_") else None)
             if key not in self.built:
-                self.built[key] = build_arm(self.base, a, adapter_target, self.seed)
+                self.built[key] = build_arm(self.base, a, adapter_target, self.seed,
+                                            self.prefix_tokens)
             out[a] = self.built[key]
         return out
 
@@ -113,52 +133,17 @@ def extra_params(model: GPT, arm: str) -> int:
     """Parameters an arm evaluates beyond the base model's at inference."""
     if arm.startswith("adapter_"):
         return adapter_params(model)
-    if arm == "lora_unmerged":
+    if arm == "lora_unmerged" or arm in PREFIX_ARMS:  # only the method's tensors are trainable
         return count_trainable(model)
     return 0
 
 
-# ---------------------------------------------------------------- timing harness
-
-
-def synchronizer(device: str):
-    """-> a function that waits for the kernels queued on device (a no-op off CUDA). Every
-    torch.cuda call here names the device: without it, it acts on the current GPU, which is
-    cuda:0 for --device cuda:1."""
-    if device.startswith("cuda"):
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+# ---------------------------------------------------------------- timing helpers
+# (the harness and the intervals are in support/timing.py)
 
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-
-
-# wall: latency as a user sees it. cpu: this process's CPU time, which other processes on a
-# shared machine inflate far less (with --threads 1 it is the compute time; with more threads it
-# sums them, so it is no longer a latency).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def time_interleaved(fns: dict, rounds: int, warmup: int, sync, desc="",
-                     clock=time.perf_counter) -> dict:
-    """fns: name -> callable. Warm each up, then run every arm once per round, the order rotated
-    each round so none always runs first. Returns name -> seconds, one per round."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    sync()
-    times = {n: [] for n in names}
-    for r in tqdm(range(rounds), desc=desc, leave=False, disable=None):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            sync()
-            t0 = clock()
-            fns[name]()
-            sync()
-            times[name].append(clock() - t0)
-    return times
 
 
 def profile_ops(fn, device: str, top: int = 6) -> list:
@@ -173,54 +158,6 @@ def profile_ops(fn, device: str, top: int = 6) -> list:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
     return [dict(op=e.key, self_ms=getattr(e, key) / 1e3, calls=e.count) for e in rows]
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with df >= 1 degrees of freedom: a two-sided 95%
-    interval's half-width in standard errors. Exact for df 1 and 2 (closed forms); from df 3 the
-    expansion in powers of 1/df of Abramowitz & Stegun 26.7.5, within 0.2% of the exact value
-    (3.179 against 3.182 at df 3, closer above)."""
-    if df == 1:
-        return math.tan(math.pi * 0.475)
-    if df == 2:
-        return 0.95 / math.sqrt(2 * 0.975 * 0.025)
-    z = statistics.NormalDist().inv_cdf(0.975)
-    g = [(z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160]
-    return z + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
-
-
-def paired_ratio(ts, base_ts):
-    """Seconds per round of an arm and of the base, timed in alternation within each round ->
-    (geometric mean of the per-round ratios ts[i] / base_ts[i], their 95% interval [lo, hi]).
-
-    The interval is a Student t-interval on the log-ratios, exponentiated:
-    exp(mean ± t(0.975, n - 1) · sd / sqrt(n)). Paired, so a slow moment of the machine, which
-    hits both sides of a round's ratio, leaves it; in logs, because timing noise multiplies
-    and a ratio and its inverse are then symmetric. It assumes the rounds' log-ratios are
-    independent and about normal; a few outlying rounds widen it. With one round there is no
-    interval: None."""
-    logs = [math.log(t / b) for t, b in zip(ts, base_ts)]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), None
-    half = t_quantile_975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), [math.exp(mean - half), math.exp(mean + half)]
-
-
-def summarize(times: dict, base: str, per: int = 1) -> dict:
-    """times: arm -> seconds per round. -> per arm: mean, std and median in ms (per item:
-    per=tokens per call), and the ratio to base with its 95% interval (paired_ratio)."""
-    out = {}
-    for name, ts in times.items():
-        ms = [t * 1e3 / per for t in ts]
-        ratio, ci = paired_ratio(ts, times[base])
-        out[name] = dict(mean_ms=statistics.fmean(ms),
-                         std_ms=statistics.stdev(ms) if len(ms) > 1 else 0.0,
-                         median_ms=statistics.median(ms), ratio_to_base=ratio, ratio_ci95=ci,
-                         trials=len(ms))
-    return out
 
 
 # ---------------------------------------------------------------- machine peaks and FLOP counts
@@ -287,22 +224,25 @@ def flops_per_token(config: GPTConfig, n: int, T: int, kind: str) -> int:
 MODELS = {  # random weights in these shapes unless --init gives real ones
     "gpt2": PRETRAINED["gpt2"],
     "gpt2-medium": PRETRAINED["gpt2-medium"],
-    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=256, vocab_size=1024),  # tests
+    # for tests; block_size 512 leaves the CPU default --shapes 4x256 room for the prefix arms
+    "tiny": dict(n_layer=2, n_head=4, n_embd=32, block_size=512, vocab_size=1024),
 }
 
 
-def check_lengths(args, config, shapes, skip):
+def check_lengths(args, config, shapes, skip, positions: int = 0):
     """Every sequence the chosen parts run must fit the model: checked before the first
-    measurement, not when its part comes."""
+    measurement, not when its part comes. positions: those the prefix arms take from every
+    sequence (--prefix-tokens; 0 without them), which a forward and a decoding must leave."""
     n = config.block_size
+    plus = f" + {positions} positions of the prefix arms (--prefix-tokens)" if positions else ""
     for B, T in shapes if "forward" not in skip else ():
-        if T > n:
-            raise ValueError(f"--shapes {B}x{T}: sequence length {T} is longer than the "
+        if T + positions > n:
+            raise ValueError(f"--shapes {B}x{T}: sequence length {T}{plus} is longer than the "
                              f"model's {n}")
-    if "decode" not in skip and args.decode_prompt + args.decode_tokens > n:
-        raise ValueError(f"--decode-prompt + --decode-tokens = "
-                         f"{args.decode_prompt + args.decode_tokens} exceeds the model's "
-                         f"block_size {n}")
+    if "decode" not in skip and args.decode_prompt + args.decode_tokens + positions > n:
+        raise ValueError(f"--decode-prompt + --decode-tokens{plus} = "
+                         f"{args.decode_prompt + args.decode_tokens + positions} exceeds the "
+                         f"model's block_size {n}")
     if "train" not in skip and args.train_seq + 1 > n:
         raise ValueError(f"--train-seq {args.train_seq} is too long for the model's {n}")
 
@@ -321,17 +261,21 @@ def build_base(args) -> GPT:
 
 @torch.inference_mode()
 def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
-    """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1."""
+    """One forward pass (B, T) -> logits (B, T, V) per call, as Table 1. Each row ends with the
+    prefix arms' separator (support.timing.end_with_separator), where their infix goes; a
+    prefix arm runs T + --prefix-tokens positions."""
     base = arms.base
     target = args.adapter_params or (500_000 if (B, T) == (32, 512) else 11_000_000)  # Table 1
     models = arms.get(target)
     idx = torch.randint(0, base.config.vocab_size, (B, T), device=args.device)
+    idx = end_with_separator(idx, models)
     fns = {a: (lambda m=m: m(idx)) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
                              f"forward {B}x{T}", CLOCKS[args.clock])
     out = summarize(times, "base")
     for a, m in models.items():
         out[a]["extra_params"] = extra_params(m, a)
+        out[a]["positions"] = context_positions(m)
     flops = B * T * flops_per_token(base.config, counted_params(base), T, "forward")
     achieved = flops / (out["base"]["median_ms"] / 1e3)
     res = dict(batch=B, seq=T, adapter_params_target=target, arms=out,
@@ -348,27 +292,22 @@ def bench_forward(arms: Arms, B: int, T: int, args) -> dict:
 def bench_decode(arms: Arms, args) -> dict:
     """Per-token latency of decoding at batch 1: a prompt of --decode-prompt tokens is cached once
     (not timed), then each call feeds --decode-tokens single tokens with last_only=True, as
-    decoding.generate does; the cache is rewound to the prompt before each call."""
+    decoding.generate does; the cache is rewound to the end of the prefill before each call
+    (support.timing.cached_decoder). The prompt ends with the prefix arms' separator; their
+    special tokens are cached with it, so they attend to --prefix-tokens more positions."""
     base, P, n = arms.base, args.decode_prompt, args.decode_tokens
     target = args.adapter_params or 11_000_000
-    dtype = base.wte.weight.dtype
     prompt = torch.randint(0, base.config.vocab_size, (1, P), device=args.device)
     tokens = torch.randint(0, base.config.vocab_size, (n, 1, 1), device=args.device)
-    models, fns = arms.get(target), {}
-    for a, m in models.items():
-        cache = KVCache(m.config, 1, P + n, args.device, dtype)
-        m(prompt, cache=cache)  # prefill
-
-        def run(m=m, cache=cache):
-            cache.length = P
-            for t in tokens:
-                m(t, cache=cache, last_only=True)
-        fns[a] = run
+    models = arms.get(target)
+    prompt = end_with_separator(prompt, models)
+    fns = {a: cached_decoder(m, prompt, tokens) for a, m in models.items()}
     times = time_interleaved(fns, args.rounds, args.warmup, synchronizer(args.device),
                              "decode", CLOCKS[args.clock])
     out = summarize(times, "base", per=n)
     for a, m in models.items():
         out[a]["extra_params"] = extra_params(m, a)
+        out[a]["positions"] = context_positions(m)
     # Each token reads every weight once: the cached KV (<= P + n positions) is left out.
     weight_bytes = counted_params(base) * base.wte.weight.element_size()
     bw = weight_bytes / (out["base"]["median_ms"] / 1e3)
@@ -418,24 +357,6 @@ def batch_for(args, config):
     return data[:, :-1], data[:, 1:]
 
 
-def _rss_bytes(field: str):
-    """VmRSS (resident now) or VmHWM (resident at peak) of this process in bytes, from Linux's
-    /proc; None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _max_rss_bytes() -> int:
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
-
-
 def peak_memory_child(args) -> dict:
     """Run in a fresh process (`bench.py --_child ARM`): the peak memory of a few training steps,
     weights included.
@@ -450,27 +371,20 @@ def peak_memory_child(args) -> dict:
     """
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    before = _rss_bytes("VmRSS") or _max_rss_bytes()
+    before = rss_now()
     model, opt = train_arm(args, args._child)
     idx, targets = batch_for(args, model.config)
-    method = "ru_maxrss - RSS before build"
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
         method = "cuda max_memory_allocated"
     else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
-            method = "VmHWM - VmRSS before build"
-        except OSError:
-            pass
+        method = reset_peak_mark()  # support.timing, as peak_training_memory does
     for _ in range(args.mem_steps):  # Adam's state is allocated in the first step
         _train_step(model, opt, idx, targets)
     if cuda:
         peak = torch.cuda.max_memory_allocated(args.device)
-    elif method.startswith("VmHWM"):
-        peak = _rss_bytes("VmHWM") - before
     else:
-        peak = _max_rss_bytes() - before
+        peak = peak_rss_since(before, method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(peak_bytes=peak, trainable_params=trainable, memory_method=method)
 
@@ -612,7 +526,7 @@ def print_report(res: dict):
     print(f"this machine: matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
           f"{m['read_bandwidth'] / 1e9:.1f} GB/s (matrix-vector {m['gemv_bandwidth'] / 1e9:.1f} "
           f"GB/s){load}")
-    row = "{:<15} {:>12} {:>20} {:>22}"
+    row = "{:<15} {:>12} {:>9} {:>20} {:>22}"
     for f in res.get("forward", []):
         print(f"\nForward pass, batch {f['batch']} x seq {f['seq']} ({f['arms']['base']['trials']}"
               f" rounds; adapters sized for {f['adapter_params_target'] / 1e6:g}M parameters); "
@@ -647,23 +561,17 @@ def print_report(res: dict):
 
 
 def _arm_table(part: dict, row: str):
-    print(row.format("arm", "extra params", "mean ms ± std", "ratio [95% interval]"))
+    """The arms of a latency part, one row each. positions: those of the context an arm's method
+    takes from every sequence (the prefix arms' special tokens; 0 for the others)."""
+    print(row.format("arm", "extra params", "positions", "mean ms ± std",
+                     "ratio [95% interval]"))
     for a, s in part["arms"].items():
-        print(row.format(a, f"{s['extra_params']:,}", f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
+        print(row.format(a, f"{s['extra_params']:,}", s.get("positions", 0),
+                         f"{s['mean_ms']:.2f} ± {s['std_ms']:.2f}",
                          _with_ci(s["ratio_to_base"], s["ratio_ci95"])))
     for a, ops in part.get("profile", {}).items():
         print(f"  {a} spends one call in: " + ", ".join(
             f"{o['op']} {o['self_ms']:.2f} ms ({o['calls']}x)" for o in ops))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load():
@@ -697,9 +605,9 @@ def parse_count(text: str) -> int:
 
 # The allowed values of every numeric flag (common.RANGES): in --help, checked before any work.
 _FLAG_RANGES = {"rounds": ">= 1", "warmup": ">= 0", "decode_prompt": ">= 1",
-                "decode_tokens": ">= 1", "train_batch": ">= 1", "train_seq": ">= 1",
-                "train_rounds": ">= 1", "mem_steps": ">= 1", "threads": ">= 1",
-                "seed": "[0, 2**32)"}
+                "decode_tokens": ">= 1", "prefix_tokens": ">= 1", "train_batch": ">= 1",
+                "train_seq": ">= 1", "train_rounds": ">= 1", "mem_steps": ">= 1",
+                "threads": ">= 1", "seed": "[0, 2**32)"}
 
 
 def _ranged(text, name) -> str:
@@ -748,6 +656,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-tokens", type=int, default=None,
                    help=_ranged("tokens decoded per timed call", "decode_tokens")
                    + "; default 16, quick 8")
+    g.add_argument("--prefix-tokens", type=int, default=16,
+                   help=_ranged("special tokens of the prefix arms: N // 2 prefix, the rest "
+                                "infix (Li & Liang); they take N positions of the context",
+                                "prefix_tokens"))
     g.add_argument("--train-batch", type=int, default=None,
                    help=_ranged("sequences per training step", "train_batch")
                    + "; default 4, quick 2")
@@ -819,19 +731,22 @@ def main(argv=None):
     if args.json:
         check_writable(args.json, "--json")  # now, not after the whole benchmark
     base = build_base(args)
-    check_lengths(args, base.config, shapes, skip)  # before the machine's peaks are measured
+    positions = args.prefix_tokens if set(names) & set(PREFIX_ARMS) else 0
+    check_lengths(args, base.config, shapes, skip, positions)  # before the machine's peaks
     dtype = DTYPES[args.dtype]
     args.peak_flops = matmul_flops(args.device, dtype, clock=CLOCKS[args.clock])
     args.peak_bandwidth = read_bandwidth(args.device, clock=CLOCKS[args.clock])
     args.gemv_bandwidth = gemv_bandwidth(args.device, dtype, clock=CLOCKS[args.clock])
     model_name = getattr(base, "name", args.model)
     print(plan_line(args, model_name, names, shapes, skip), flush=True)
-    arms = Arms(base, names, args.seed)
+    arms = Arms(base, names, args.seed, args.prefix_tokens)
+    prefix = prefix_settings(base.config, args.prefix_tokens)
     res = dict(model=model_name, params=base.num_params(),
                dtype=args.dtype, clock=args.clock, argv=argv,
                lora=dict(PAPER_LORA, targets=list(PAPER_LORA["targets"])),
+               prefix=dict(tokens=args.prefix_tokens, l_p=prefix["l_p"], l_i=prefix["l_i"]),
                machine=dict(device=device_name(args.device),
-                            cpu=_cpu_name(),
+                            cpu=cpu_name(),
                             cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                             matmul_flops=args.peak_flops, read_bandwidth=args.peak_bandwidth,
                             gemv_bandwidth=args.gemv_bandwidth,

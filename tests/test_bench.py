@@ -1,10 +1,10 @@
 """bench.py and support/baselines.py: the adapter baselines (parameter counts, identity at init,
-placement), every arm's forward, the FLOP count against torch's counter, the ratios' intervals
-and the verdicts on constructed rounds, the plan and progress lines, and the CLI end to end on a
-tiny model. No timing is asserted: timings are what bench.py reports, not what it must get."""
+placement), every arm's forward (the prefix arms' too), the FLOP count against torch's counter,
+the verdicts on constructed rounds, the plan and progress lines, and the CLI end to end on a
+tiny model. The timing harness and the intervals are tested in test_bench_timing.py. No timing
+is asserted: timings are what bench.py reports, not what it must get."""
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from model import GPT, GPTConfig, KVCache
-from support import baselines
+from support import baselines, timing
 
 ROOT = Path(bench.__file__).resolve().parent
 TINY = GPTConfig(**bench.MODELS["tiny"])
@@ -82,6 +82,7 @@ def test_adapters_sit_where_the_papers_put_them():
 def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
     base = tiny()
     idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    idx[:, -1] = bench.prefix_settings(TINY, 16)["separator"]  # where the prefix arms' infix goes
     unmerged = bench.build_arm(base, "lora_unmerged", seed=3)
     before_merge = unmerged(idx)
     assert (before_merge - base(idx)).abs().max() > 1e-4  # random A, B: not the identity
@@ -108,12 +109,28 @@ def test_every_arm_gives_base_shapes_and_adapters_start_as_identity():
             if isinstance(m, baselines.Adapter):
                 m.up.weight.normal_()
         assert (arms[a](idx) - ref).abs().max() > 1e-3, a
+    # the prefix arms: their special tokens are attended to, and take 16 positions
+    for a in bench.PREFIX_ARMS:
+        assert (arms[a](idx) - ref).abs().max() > 1e-3, a
+        assert timing.context_positions(arms[a]) == 16
+        assert arms[a].method_config["l_p"] == 8 and arms[a].method_config["l_i"] == 8
+
+
+def test_prefix_settings_split_prefix_and_infix_and_fit_the_vocabulary():
+    s = bench.prefix_settings(TINY, 5)
+    assert (s["l_p"], s["l_i"]) == (2, 3)
+    assert all(0 <= t < TINY.vocab_size for t in (s["separator"], *s["init_tokens"]))
+    from support.prefix import INIT_TOKENS, SEPARATOR
+    gpt2 = GPTConfig(**bench.MODELS["gpt2"])  # GPT-2's vocabulary: support/prefix.py's own ids
+    assert bench.prefix_settings(gpt2, 16)["separator"] == SEPARATOR
+    assert bench.prefix_settings(gpt2, 16)["init_tokens"] == list(INIT_TOKENS)
 
 
 def test_arms_are_built_once():
     arms = bench.Arms(tiny(), bench.ARMS)
     small, large = arms.get(2000), arms.get(3000)
-    assert all(small[a] is large[a] for a in ("base", "lora_merged", "lora_unmerged"))
+    assert all(small[a] is large[a] for a in ("base", "lora_merged", "lora_unmerged",
+                                              *bench.PREFIX_ARMS))
     assert all(small[a] is not large[a] for a in ("adapter_H", "adapter_L"))
     assert all(arms.get(2000)[a] is small[a] for a in bench.ARMS)
 
@@ -156,11 +173,13 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
     for part in (res["forward"][0], res["decode"]):  # --profile: where each arm's time went
         assert set(part["profile"]) == set(bench.ARMS)
         assert all(ops and ops[0]["op"].startswith("aten::") for ops in part["profile"].values())
-    keys = {"mean_ms", "std_ms", "ratio_to_base", "ratio_ci95", "extra_params"}
+    keys = {"mean_ms", "std_ms", "ratio_to_base", "ratio_ci95", "extra_params", "positions"}
     for part in (res["forward"][0], res["decode"]):
         assert set(part["arms"]) == set(bench.ARMS)
-        for s in part["arms"].values():
+        for a, s in part["arms"].items():
             assert keys <= set(s) and s["mean_ms"] > 0
+            # the prefix arms take --prefix-tokens (default 16) positions of the context
+            assert s["positions"] == (16 if a in bench.PREFIX_ARMS else 0), a
             lo, hi = s["ratio_ci95"]  # two rounds: an interval around the ratio
             assert lo <= s["ratio_to_base"] <= hi
         assert part["arms"]["base"]["ratio_to_base"] == 1.0
@@ -184,6 +203,14 @@ def test_quick_run_writes_every_arm_and_figure(tmp_path):
     assert f"decode 1 token: lora_merged / base: {merged['value']:.3f} [{lo:.3f}, {hi:.3f}]" \
         in r.stdout
     assert "lora_unmerged" in r.stdout and "MISS" not in r.stdout
+    assert res["prefix"] == dict(tokens=16, l_p=8, l_i=8)
+    # the report's arm tables have a positions column: 16 on the prefix arms' rows
+    tables = [line.split() for line in r.stdout.splitlines() if " spends one call in" not in line]
+    assert sum(row[:4] == ["arm", "extra", "params", "positions"] for row in tables) == 2
+    for a in bench.PREFIX_ARMS:
+        rows = [row for row in tables if row and row[0] == a]
+        assert len(rows) == 2 and all(row[2] == "16" for row in rows), a
+    assert all(row[2] == "0" for row in tables if row and row[0] == "adapter_H")
     # Before any measurement, one line with the plan; then a line as each measurement
     # completes, before the report.
     lines = r.stdout.splitlines()
@@ -220,7 +247,7 @@ def test_plan_line_says_what_runs_and_in_which_settings():
     shapes = [(1, 128)]
     line = bench.plan_line(plan_args(), "tiny", bench.ARMS, shapes, set())
     assert "forward 1x128" in line and "decode 8 tokens" in line and "train 2x128" in line
-    assert "2 threads, wall clock" in line and "5 arms x 10 rounds" in line
+    assert "2 threads, wall clock" in line and f"{len(bench.ARMS)} arms x 10 rounds" in line
     line = bench.plan_line(plan_args(clock="cpu", threads=1), "tiny", bench.ARMS, shapes,
                            {"decode", "train"})
     assert "1 threads, cpu clock" in line
@@ -278,12 +305,26 @@ def no_measuring(monkeypatch):
     (["--adapter-params", "inf"], ValueError, "--adapter-params 'inf': give a count"),
     (["--adapter-params", "-5"], ValueError, "--adapter-params '-5': give a count"),
     (["--shapes", "1x128,1x999"], ValueError, "--shapes 1x999: sequence length 999"),
-    (["--skip", "forward", "--decode-prompt", "250"], ValueError, "exceeds the model's"),
-    (["--train-seq", "256"], ValueError, "--train-seq 256 is too long"),
+    (["--skip", "forward", "--decode-prompt", "500"], ValueError, "exceeds the model's"),
+    (["--train-seq", "512"], ValueError, "--train-seq 512 is too long"),
+    (["--prefix-tokens", "0"], ValueError, "--prefix-tokens must be >= 1, got 0"),
+    # the prefix arms' positions must fit beside the sequences: 500 + 16 > 512
+    (["--shapes", "1x500"], ValueError, r"1x500: sequence length 500 \+ 16 positions of the "
+                                        r"prefix arms \(--prefix-tokens\) is longer than"),
+    (["--skip", "forward", "--decode-prompt", "490"], ValueError,
+     r"--decode-tokens \+ 16 positions of the prefix arms \(--prefix-tokens\) = 522 exceeds"),
 ])
 def test_bad_input_is_found_before_any_measurement(no_measuring, args, error, msg):
     with pytest.raises(error, match=msg):
         bench.main(["--model", "tiny", "--rounds", "1", *args])
+
+
+def test_without_prefix_arms_the_whole_context_is_the_sequences(no_measuring):
+    """--shapes 1x500 leaves too little room for the prefix arms' 16 positions (above), but is
+    fine without them: the checks pass and the first measurement is reached."""
+    with pytest.raises(AssertionError, match="a measurement ran"):
+        bench.main(["--model", "tiny", "--rounds", "1", "--arms", "base,lora_merged",
+                    "--shapes", "1x500"])
 
 
 def test_an_unusable_json_path_is_found_before_any_measurement(no_measuring, tmp_path):
@@ -318,21 +359,6 @@ def rounds_with_ratios(ratios, base_s=0.01):
     return {"base": base, "arm": [b * r for b, r in zip(base, ratios)]}
 
 
-def test_interval_is_a_t_interval_on_the_paired_log_ratios():
-    # log-ratios -0.1, 0, 0.1: mean 0, sd 0.1, 3 rounds -> exp(± t(0.975, 2) * 0.1 / sqrt(3))
-    times = rounds_with_ratios([math.exp(-0.1), 1.0, math.exp(0.1)])
-    s = bench.summarize(times, "base")["arm"]
-    half = 4.302653 * 0.1 / math.sqrt(3)
-    assert s["ratio_to_base"] == pytest.approx(1.0)
-    assert s["ratio_ci95"] == pytest.approx([math.exp(-half), math.exp(half)], rel=1e-6)
-    assert bench.summarize(times, "base")["base"]["ratio_ci95"] == [1.0, 1.0]
-    # one round: no interval
-    assert bench.summarize(rounds_with_ratios([1.2]), "base")["arm"]["ratio_ci95"] is None
-    # Student's t quantiles against the published table (df 1, 2, 3, 10, 30)
-    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (10, 2.228), (30, 2.042)):
-        assert bench.t_quantile_975(df) == pytest.approx(t, rel=2e-3), df
-
-
 @pytest.mark.parametrize("ratios, op, bound, want", [
     ([1.027 + 0.05 * d for d in (-1, 1, -0.5, 0.5, 0, -1, 1, 0.2, -0.2, 0)], "<=", 1.01,
      "within noise"),  # straddles the bound
@@ -344,7 +370,7 @@ def test_interval_is_a_t_interval_on_the_paired_log_ratios():
     ([0.61 + 0.1 * d for d in (-1, 1, 0)], ">=", 0.60, "within noise"),
 ])
 def test_verdict_on_constructed_rounds(ratios, op, bound, want):
-    s = bench.summarize(rounds_with_ratios(ratios), "base")["arm"]
+    s = timing.summarize(rounds_with_ratios(ratios), "base")["arm"]
     assert bench.verdict(s["ratio_to_base"], s["ratio_ci95"], bound, op) == want
 
 
@@ -362,7 +388,7 @@ def test_noise_around_a_target_is_not_reported_as_missed(capsys):
     base = rounds_with_ratios(noisy)["base"]
     times = {"base": base, "lora_merged": rounds_with_ratios(noisy)["arm"],
              "lora_unmerged": [b * r * 1.06 for b, r in zip(base, slow)]}
-    arms = bench.summarize(times, "base")
+    arms = timing.summarize(times, "base")
     for s in arms.values():
         s["extra_params"] = 0
     res = dict(model="tiny", params=1, dtype="float32", clock="cpu", seconds=1.0,

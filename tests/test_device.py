@@ -76,15 +76,14 @@ def test_training_runs_on_a_torch_without_torch_amp_grad_scaler(monkeypatch):
 # ---------------------------------------------------------------- 14. --device cuda:1 honoured
 
 def test_timing_waits_for_the_gpu_it_times(monkeypatch):
-    import bench
-    from support import metrics
+    from support import metrics, timing
     sync = Calls()
     monkeypatch.setattr(torch.cuda, "synchronize", sync)
-    bench.synchronizer("cuda:1")()
+    timing.synchronizer("cuda:1")()
     metrics.now(torch.device("cuda", 1))  # evaluate_e2e passes the model's device
     assert [torch.device(d) for d in sync] == [torch.device("cuda:1")] * 2
     sync.clear()
-    bench.synchronizer("cpu")()
+    timing.synchronizer("cpu")()
     metrics.now("cpu")
     assert sync == []
 
