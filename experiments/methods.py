@@ -29,7 +29,6 @@ inference cost at batch 1 on GPT-2 124M shapes and the training cost on the base
 import argparse
 import hashlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -524,15 +523,9 @@ def about(plan: Plan, stage: str) -> dict:
 
 
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    from support.timing import cpu_name
+
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def commit() -> str:
