@@ -89,11 +89,14 @@ TABLE = (Row("ft"), Row("ft_top2"), Row("bitfit"), Row("pre_embed", prefix(16)),
          Row("pre_layer", prefix(16)), Row("adapter_h", {"bottleneck": 4}),
          Row("adapter_l", {"bottleneck": 6}), Row("adapter_l", {"bottleneck": 64}),
          Row("lora", {"rank": 4}))
-# The learning-rate grid: four values about a factor 3 apart for every row (the paper tunes each
-# method's), from 3e-4 for the methods that train whole weight matrices, from 3e-3 for the rest.
-# Four, not three: with (3e-3, 1e-2, 3e-2) six of the nine rows chose the top value here.
+# The learning-rate grid: four rates of RATES for every row (the paper tunes each method's), from
+# 3e-4 for the methods that train whole weight matrices, from 3e-3 for the rest. Where the lowest
+# loss is at an end of the grid, the grid goes on that way, a rate at a time (EXTEND at most),
+# until it is not: every row's rate is then a measured optimum, not a bound of the grid.
+RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 GRID = {"ft": (3e-4, 1e-3, 3e-3, 1e-2), "ft_top2": (3e-4, 1e-3, 3e-3, 1e-2)}
 PEFT_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
+EXTEND = 3
 # Figure 2 in miniature: each family over sizes, at the learning rate its Table 3 row chose.
 SWEEP = {"lora": [{"rank": r} for r in (1, 2, 4, 8, 16, 32, 64)],
          "pre_embed": [prefix(n) for n in (4, 8, 16, 32, 40)],
@@ -245,30 +248,59 @@ def context(plan: Plan) -> int:
 
 
 def run_grid(plan: Plan) -> dict:
-    """Each Table 3 row at every learning rate of its grid, seed 0 -> grid.json: the validation
-    loss of each, and the chosen learning rate (the lowest loss)."""
+    """Each Table 3 row at every learning rate of its grid, seed 0, then, for a row whose lowest
+    validation loss is at an end of its grid, the next rate of RATES beyond it, until it is not
+    (at most EXTEND more; none with --quick) -> grid.json: each row's losses and the chosen
+    learning rate (the lowest loss), at_edge where it is still an end."""
     block = context(plan) - max(r.positions for r in TABLE)
-    runs = [(row, spec_of(plan, row, lr, 0, block)) for row in TABLE for lr in plan.lrs(row)]
-    records = iter(run_all(plan, runs))
+    losses = {row: {} for row in TABLE}
+
+    def run(pairs):
+        for (row, lr), rec in zip(pairs, run_all(plan, [(row, spec_of(plan, row, lr, 0, block))
+                                                        for row, lr in pairs])):
+            losses[row][lr] = rec["val_loss"]
+
+    run([(row, lr) for row in TABLE for lr in plan.lrs(row)])
+    for _ in range(0 if plan.quick else EXTEND):
+        more = [(row, lr) for row in TABLE if (lr := beyond(losses[row])) is not None]
+        if not more:
+            break
+        print("the lowest loss at an end of the grid: " + ", ".join(
+            f"{row.name} at {lr:g}" for row, lr in more))
+        run(more)
     rows = []
     for row in TABLE:
-        losses = {lr: next(records)["val_loss"] for lr in plan.lrs(row)}
-        best = min(losses, key=losses.get)
+        loss = dict(sorted(losses[row].items()))
+        best = min(loss, key=loss.get)
         rows.append(dict(method=row.method, settings=row.settings, name=row.name,
-                         val_loss={f"{lr:g}": v for lr, v in losses.items()}, lr=best,
-                         at_edge=best in (min(losses), max(losses))))
+                         val_loss={f"{lr:g}": v for lr, v in loss.items()}, lr=best,
+                         at_edge=best in (min(loss), max(loss))))
     grid = dict(about(plan, "grid"), block_size=block, rows=rows)
-    n = len(plan.lrs(TABLE[-1]))
     lines = [f"# Learning-rate grid: {grid['command']}", "", _machine_line(grid), "",
-             "Validation loss (learning rate) after each run; the chosen rate has the lowest.",
-             "", "| method | " + " | ".join(f"lr {i}" for i in range(1, n + 1)) + " | chosen |",
-             "|---|" + "---:|" * (n + 1)]
+             f"Validation loss after {plan.steps} steps, seed 0, at each learning rate; the "
+             "chosen rate (bold) has the lowest. Every row starts with four rates; a row whose "
+             "lowest loss was at an end of its grid went on beyond it.", "",
+             "| method | validation loss (learning rate) | chosen |", "|---|---|---:|"]
     for r in rows:
-        cells = [f"{v:.4f} ({lr})" for lr, v in r["val_loss"].items()]
-        edge = " (edge)" if r["at_edge"] else ""
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['lr']:g}{edge} |")
+        cells = ", ".join(("**{:.4f}** ({})" if float(lr) == r["lr"] else "{:.4f} ({})").format(
+            v, lr) for lr, v in r["val_loss"].items())
+        edge = " (an end)" if r["at_edge"] else ""
+        lines.append(f"| {r['name']} | {cells} | {r['lr']:g}{edge} |")
     _write(plan.out, {"grid.json": json.dumps(grid, indent=1), "grid.md": "\n".join(lines)})
+    print("\n".join(lines[6:]))
     return grid
+
+
+def beyond(loss: dict):
+    """{lr: validation loss} -> the next rate of RATES beyond its end where the lowest loss is
+    there, else None (an interior optimum, or the end of RATES)."""
+    best, rates = min(loss, key=loss.get), sorted(loss)
+    i = RATES.index(best)
+    if best == rates[-1] and i + 1 < len(RATES):
+        return RATES[i + 1]
+    if best == rates[0] and i > 0:
+        return RATES[i - 1]
+    return None
 
 
 def chosen_lrs(plan: Plan) -> dict:
@@ -338,7 +370,7 @@ def run_sweep(plan: Plan) -> dict:
     out = dict(about(plan, "sweep"), block_size=block, base_val_loss=records[0]["base_val_loss"],
                points=points)
     lines = [f"# Validation loss against |Θ|: {out['command']}", "", _machine_line(out), "",
-             "| method | |Θ| | positions | lr | val loss |", "|---|---:|---:|---:|---:|"]
+             "| method | \\|Θ\\| | positions | lr | val loss |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {p['name']} | {p['params']:,} | {p['positions']} | {p['lr']:g} | "
               f"{p['val_loss']:.4f} |" for p in points]
     _write(plan.out, {"sweep.json": json.dumps(out, indent=1), "sweep.md": "\n".join(lines),
@@ -467,7 +499,7 @@ def table_markdown(t: dict) -> str:
              f"seeds {', '.join(map(str, SEEDS))} (mean ± half the range); validation before "
              f"training {t['base_val_loss']:.4f}; test BLEU and ROUGE-L greedy, up to "
              f"{t['max_new_tokens']} new tokens. \"tie\": the seeds' ranges overlap.", "",
-             "| method | |Θ| (formula / counted) | positions | lr | val loss | BLEU | ROUGE-L "
+             "| method | \\|Θ\\| (formula / counted) | positions | lr | val loss | BLEU | ROUGE-L "
              "| vs LoRA (val, BLEU) | train step × LoRA | peak memory × LoRA | forward × base "
              "| decode × base |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]

@@ -144,3 +144,30 @@ def test_a_table_runs_file_scores_the_same_through_sample_py(quick_run, tiny_bas
                         "--out", str(out)]) == 0
     scores = json.loads(out.read_text())["metrics"]
     assert (scores["BLEU"], scores["ROUGE_L"]) == (rec["bleu"], rec["rouge_l"])
+
+
+def test_the_grid_goes_on_past_an_end_until_the_lowest_loss_is_inside(tiny_base, e2e_dir,
+                                                                        tmp_path, monkeypatch):
+    """A row whose lowest loss is at an end of its grid gets the next rates beyond it until the
+    lowest is inside (or RATES ends): the chosen rate is a measured optimum, not a bound."""
+    import math
+
+    best = {"bitfit": 10.0, "lora": 2e-3}  # beyond RATES; just below LoRA's grid; else inside
+
+    def fake_run(plan, row, spec, data):
+        target = best.get(row.method, 1e-3 if row.method.startswith("ft") else 1e-2)
+        loss = 2 + (math.log10(spec["lr"]) - math.log10(target)) ** 2
+        return dict(spec=spec, name=row.name, params=1, params_formula=1, base_val_loss=4.0,
+                    val_loss=loss, train_s=0.0, curve=[])
+
+    monkeypatch.setattr(M, "run_one", fake_run)
+    plan = M.Plan(init=str(tiny_base), data=str(e2e_dir), out=tmp_path, steps=2,
+                  base_id=M.base_id(tiny_base))
+    rows = {r["method"] + str(r["settings"]): r for r in M.run_grid(plan)["rows"]}
+    bitfit, lora = rows["bitfit{}"], rows["lora{'rank': 4}"]
+    assert [float(k) for k in bitfit["val_loss"]] == [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    assert bitfit["lr"] == 1.0 and bitfit["at_edge"]  # RATES ends there: said, not hidden
+    assert [float(k) for k in lora["val_loss"]] == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    assert lora["lr"] == 3e-3 and not lora["at_edge"]
+    others = [r for k, r in rows.items() if r is not bitfit and r is not lora]
+    assert all(len(r["val_loss"]) == 4 and not r["at_edge"] for r in others)
