@@ -29,6 +29,7 @@ inference cost at batch 1 on GPT-2 124M shapes and the training cost on the base
 import argparse
 import hashlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -191,9 +192,19 @@ def run_one(plan: Plan, row: Row, spec: dict, data) -> dict:
         result = evaluate_e2e(model.eval(), get_tokenizer(), split=e["split"],
                               raw_dir=plan.raw_dir, limit=e["mrs"],
                               max_new_tokens=e["max_new_tokens"])
+        outs = result["outputs"]
         rec.update(bleu=result["metrics"]["BLEU"], rouge_l=result["metrics"]["ROUGE_L"],
-                   outputs=[o["output"] for o in result["outputs"][:5]])
+                   distinct_outputs=len({o["output"] for o in outs}),
+                   names_place=statistics.fmean(names_place(o["mr"], o["output"]) for o in outs),
+                   outputs=[o["output"] for o in outs[:5]])
     return rec
+
+
+def names_place(mr: str, output: str) -> bool:
+    """Whether output names the restaurant of its meaning representation (its name[...] slot):
+    the plainest sign that a method reads the MR instead of reciting a memorized description."""
+    found = re.search(r"name\[([^\]]*)\]", mr)
+    return bool(found) and found.group(1) in output
 
 
 def save_trained(plan: Plan, row: Row, model, stem: str) -> Path:
@@ -335,7 +346,9 @@ def run_table(plan: Plan) -> dict:
                          params_formula=recs[0]["params_formula"], positions=row.positions,
                          **{k: v for key in ("val_loss", "bleu", "rouge_l")
                             for k, v in mean_runs(key, [r[key] for r in recs]).items()},
-                         seeds=list(SEEDS), loss_by_kind=[statistics.fmean(k) for k in zip(
+                         seeds=list(SEEDS), **{k: statistics.fmean(r[k] for r in recs) for k in
+                                               ("distinct_outputs", "names_place")},
+                         loss_by_kind=[statistics.fmean(k) for k in zip(
                              *(r["loss_by_kind"] for r in recs))], **costs[row], **infer[row]))
     lora = next(r for r in rows if r["method"] == "LoRA")
     for r in rows:
@@ -344,7 +357,7 @@ def run_table(plan: Plan) -> dict:
     val = load_data(plan.data, block, base.config.vocab_size)[1]
     base_kinds = loss_by_kind({"base": base}, val)["base"]
     table = dict(about(plan, "table"), block_size=block, max_new_tokens=max_new,
-                 base_val_loss=records[0]["base_val_loss"], kinds=list(KINDS),
+                 mrs=plan.eval_limit, base_val_loss=records[0]["base_val_loss"], kinds=list(KINDS),
                  kind_tokens=[n for _, n in base_kinds],
                  base_loss_by_kind=[v for v, _ in base_kinds], rows=rows)
     _write(plan.out, {"table.json": json.dumps(table, indent=1),
@@ -513,13 +526,15 @@ def table_markdown(t: dict) -> str:
                      f"{x(r, 'forward_ratio')} | {x(r, 'decode_ratio')} |")
     total = sum(t["kind_tokens"])
     lines += ["", "Where the validation loss is, by kind of target token "
-              "(support.metrics.token_kinds; mean of the seeds):", "",
-              "| method | " + " | ".join(f"{k} ({n / total:.0%} of tokens)" for k, n in zip(
-                  t["kinds"], t["kind_tokens"])) + " |", "|---|" + "---:|" * len(t["kinds"]),
+              "(support.metrics.token_kinds), and what the test outputs do (mean of the seeds):",
+              "", "| method | " + " | ".join(f"{k} ({n / total:.0%} of tokens)".replace(
+                  "|", "\\|") for k, n in zip(t["kinds"], t["kind_tokens"]))
+              + f" | distinct outputs (of {t['mrs']}) | outputs naming the MR's place |",
+              "|---|" + "---:|" * (len(t["kinds"]) + 2),
               "| base, untrained | " + " | ".join(f"{v:.3f}" for v in t["base_loss_by_kind"])
-              + " |"]
-    lines += [f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r["loss_by_kind"]) + " |"
-              for r in t["rows"]]
+              + " | - | - |"]
+    lines += [f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r["loss_by_kind"])
+              + f" | {r['distinct_outputs']:.1f} | {r['names_place']:.1%} |" for r in t["rows"]]
     return "\n".join(lines)
 
 

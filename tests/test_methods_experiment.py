@@ -17,7 +17,8 @@ from support.methods import apply_method
 QUICK_START = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=50257)
 TABLE_KEYS = {"method", "settings", "params", "params_formula", "val_loss", "bleu", "rouge_l",
               "train_step_ratio", "peak_memory_ratio", "forward_ratio", "decode_ratio",
-              "positions", "lr", "val_loss_runs", "bleu_runs", "vs_lora", "loss_by_kind"}
+              "positions", "lr", "val_loss_runs", "bleu_runs", "vs_lora", "loss_by_kind",
+              "distinct_outputs", "names_place"}
 
 
 @pytest.mark.parametrize("row", [*M.TABLE, *(M.Row(m, s) for m in M.SWEEP for s in M.SWEEP[m])],
@@ -50,6 +51,13 @@ def test_a_difference_within_the_seeds_range_is_a_tie():
     assert M.compare(far, lora) == {"val_loss": "worse", "bleu": "worse"}
 
 
+def test_an_output_names_the_place_of_its_mr():
+    mr = "name[The Vaults], eatType[pub], near[Café Adriatic]"
+    assert M.names_place(mr, "The Vaults is a pub near Café Adriatic.")
+    assert not M.names_place(mr, "The Eagle is a pub near Café Adriatic.")  # another place
+    assert not M.names_place("eatType[pub]", "The Vaults is a pub.")  # no name in the MR
+
+
 def quick_args(tiny_base, e2e_dir, out, stage="all"):
     return [stage, "--quick", "--init", str(tiny_base), "--data", str(e2e_dir),
             "--raw-dir", str(SHARED_DATA / "e2e"), "--out", str(out),
@@ -74,6 +82,7 @@ def test_quick_comparison_writes_every_promised_field(quick_run):
         assert 0 <= r["bleu"] <= 100 and 0 <= r["rouge_l"] <= 100
         assert r["forward_ratio"] > 0 and r["decode_ratio"] > 0 and r["peak_memory_ratio"] > 0
         assert len(r["loss_by_kind"]) == len(table["kinds"]) == 4
+        assert 1 <= r["distinct_outputs"] <= table["mrs"] and 0 <= r["names_place"] <= 1
     grid = json.loads((quick_run / "grid.json").read_text())
     by_name = {r["name"]: r for r in table["rows"]}
     for g in grid["rows"]:  # the table runs each row at the grid's lowest validation loss
