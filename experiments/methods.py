@@ -46,7 +46,7 @@ from support.common import (ArgumentParser, HelpFormatter, atomic_write, atomic_
                             check_flags, get_tokenizer, help_with_range, run_main, save_figure)
 from support.adapters import save_adapter
 from support.methods import apply_method, paper_params, save_method
-from support.metrics import KINDS, evaluate_e2e, loss_by_kind
+from support.metrics import KINDS, corpus_bleu, evaluate_e2e, loss_by_kind
 from train import TrainConfig, amp_setup, make_optimizer, train, train_step
 
 # The paper's names (§5.1) of the methods, by the names the code uses.
@@ -193,6 +193,9 @@ def run_one(plan: Plan, row: Row, spec: dict, data) -> dict:
                               raw_dir=plan.raw_dir, limit=e["mrs"],
                               max_new_tokens=e["max_new_tokens"])
         outs = result["outputs"]
+        bleu = corpus_bleu([o["output"] for o in outs], [o["references"] for o in outs])
+        rec.update(bleu_bp=bleu.bp, output_words=bleu.sys_len / len(outs),
+                   closest_reference_words=bleu.ref_len / len(outs))  # BLEU's brevity penalty
         rec.update(bleu=result["metrics"]["BLEU"], rouge_l=result["metrics"]["ROUGE_L"],
                    distinct_outputs=len({o["output"] for o in outs}),
                    names_place=statistics.fmean(names_place(o["mr"], o["output"]) for o in outs),
@@ -347,7 +350,8 @@ def run_table(plan: Plan) -> dict:
                          **{k: v for key in ("val_loss", "bleu", "rouge_l")
                             for k, v in mean_runs(key, [r[key] for r in recs]).items()},
                          seeds=list(SEEDS), **{k: statistics.fmean(r[k] for r in recs) for k in
-                                               ("distinct_outputs", "names_place")},
+                                               ("distinct_outputs", "names_place", "output_words",
+                                                "closest_reference_words", "bleu_bp")},
                          loss_by_kind=[statistics.fmean(k) for k in zip(
                              *(r["loss_by_kind"] for r in recs))], **costs[row], **infer[row]))
     lora = next(r for r in rows if r["method"] == "LoRA")
@@ -529,12 +533,15 @@ def table_markdown(t: dict) -> str:
               "(support.metrics.token_kinds), and what the test outputs do (mean of the seeds):",
               "", "| method | " + " | ".join(f"{k} ({n / total:.0%} of tokens)".replace(
                   "|", "\\|") for k, n in zip(t["kinds"], t["kind_tokens"]))
-              + f" | distinct outputs (of {t['mrs']}) | outputs naming the MR's place |",
-              "|---|" + "---:|" * (len(t["kinds"]) + 2),
+              + f" | distinct outputs (of {t['mrs']}) | outputs naming the MR's place | words "
+              "per output (closest reference) | BLEU's brevity penalty |",
+              "|---|" + "---:|" * (len(t["kinds"]) + 4),
               "| base, untrained | " + " | ".join(f"{v:.3f}" for v in t["base_loss_by_kind"])
-              + " | - | - |"]
+              + " | - | - | - | - |"]
     lines += [f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r["loss_by_kind"])
-              + f" | {r['distinct_outputs']:.1f} | {r['names_place']:.1%} |" for r in t["rows"]]
+              + f" | {r['distinct_outputs']:.1f} | {r['names_place']:.1%} | "
+              f"{r['output_words']:.1f} ({r['closest_reference_words']:.1f}) | "
+              f"{r['bleu_bp']:.3f} |" for r in t["rows"]]
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ QUICK_START = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_s
 TABLE_KEYS = {"method", "settings", "params", "params_formula", "val_loss", "bleu", "rouge_l",
               "train_step_ratio", "peak_memory_ratio", "forward_ratio", "decode_ratio",
               "positions", "lr", "val_loss_runs", "bleu_runs", "vs_lora", "loss_by_kind",
-              "distinct_outputs", "names_place"}
+              "distinct_outputs", "names_place",
+              "output_words", "bleu_bp"}
 
 
 @pytest.mark.parametrize("row", [*M.TABLE, *(M.Row(m, s) for m in M.SWEEP for s in M.SWEEP[m])],
@@ -83,6 +84,7 @@ def test_quick_comparison_writes_every_promised_field(quick_run):
         assert r["forward_ratio"] > 0 and r["decode_ratio"] > 0 and r["peak_memory_ratio"] > 0
         assert len(r["loss_by_kind"]) == len(table["kinds"]) == 4
         assert 1 <= r["distinct_outputs"] <= table["mrs"] and 0 <= r["names_place"] <= 1
+        assert r["output_words"] > 0 and 0 < r["bleu_bp"] <= 1
     grid = json.loads((quick_run / "grid.json").read_text())
     by_name = {r["name"]: r for r in table["rows"]}
     for g in grid["rows"]:  # the table runs each row at the grid's lowest validation loss
