@@ -2,6 +2,7 @@
 Table 3 and Figure 2 of Hu et al. (2021) in miniature.
 
     python -m experiments.methods grid    # each row's learning rate, chosen on validation loss
+                                          # (four rates, more beyond an end where it is lowest)
     python -m experiments.methods table   # Table 3: every row at its learning rate, 2 seeds
     python -m experiments.methods sweep   # Figure 2: validation loss against |Θ|
     python -m experiments.methods         # all three, in that order
@@ -22,8 +23,11 @@ decodes at most as many tokens: the methods see the same data and the same decod
 
 Files (--out, default results/methods): runs/*.json, one per finished run (a rerun skips them:
 Ctrl-C loses at most the run in progress); grid.json/.md; table.json/.md (Table 3, with the
-inference cost at batch 1 on GPT-2 124M shapes and the training cost on the base); sweep.json,
-.md and .png (Figure 2). Each stage's files are written together, at its end.
+inference cost at batch 1 on GPT-2 124M shapes, the training cost on the base, and what explains
+the scores: the validation loss by kind of token, and the test outputs' variety, whether they
+name the MR's place, their length and BLEU's brevity penalty); sweep.json, .md and .png
+(Figure 2). Each stage's files are written together, at its end. --save-dir (out/methods): each
+table run's trained tensors, for `sample.py --adapter FILE --eval e2e`. Reading: docs/comparison.md.
 """
 
 import argparse
@@ -626,8 +630,8 @@ STAGES = {"grid": run_grid, "table": run_table, "sweep": run_sweep}
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("stage", nargs="?", default="all", choices=(*STAGES, "all"),
-                   help="grid (about 40 min on a quiet 2-core CPU), table (about 35 min; needs "
-                        "grid's), sweep (about 30 min; needs grid's), or all three")
+                   help="grid (about 35 min on a 2-core CPU), table (about 17 min; needs "
+                        "grid's), sweep (about 15 min; needs grid's), or all three")
     p.add_argument("--init", default="out/train", help="the base: train.py's output "
                    "directory, or any GPT-2 that --init of finetune.py takes")
     p.add_argument("--data", default="e2e", help="the E2E set: its name or a prepared folder")
@@ -653,6 +657,9 @@ def main(argv=None):
     if args.quick:
         args.steps, args.eval_limit, args.rounds = 2, min(args.eval_limit, 3), 2
     check_flags(args, _FLAG_RANGES)
+    if args.init not in PRETRAINED and not Path(args.init).exists():
+        raise FileNotFoundError(f"--init {args.init}: no such model directory or file (the quick "
+                                f"start's base is `python train.py`'s out/train)")
     plan = Plan(init=args.init, data=args.data, out=Path(args.out), steps=args.steps,
                 warmup=0 if args.quick else min(30, args.steps), eval_limit=args.eval_limit,
                 rounds=args.rounds, quick=args.quick, raw_dir=args.raw_dir,

@@ -182,3 +182,10 @@ def test_the_grid_goes_on_past_an_end_until_the_lowest_loss_is_inside(tiny_base,
     assert lora["lr"] == 3e-3 and not lora["at_edge"]
     others = [r for k, r in rows.items() if r is not bitfit and r is not lora]
     assert all(len(r["val_loss"]) == 4 and not r["at_edge"] for r in others)
+
+
+def test_a_missing_base_is_one_error_line(tmp_path, capsys):
+    line = one_error_line(capsys, M.main, ["grid", "--init", str(tmp_path / "none"),
+                                            "--out", str(tmp_path)])
+    assert "--init" in line and "python train.py" in line
+    assert not list(tmp_path.iterdir())  # nothing written
