@@ -49,20 +49,16 @@ from model import GPT, PRETRAINED, GPTConfig
 from support.common import (ArgumentParser, HelpFormatter, atomic_write, atomic_write_set,
                             check_flags, get_tokenizer, help_with_range, run_main, save_figure)
 from support.adapters import save_adapter
-from support.methods import apply_method, paper_params, save_method
+from support.methods import PAPER_NAMES, apply_method, paper_params, save_method
 from support.metrics import KINDS, corpus_bleu, evaluate_e2e, loss_by_kind
 from train import TrainConfig, amp_setup, make_optimizer, train, train_step
 
-# The paper's names (§5.1) of the methods, by the names the code uses.
-NAMES = {"ft": "FT", "ft_top2": "FT^Top2", "bitfit": "BitFit", "pre_embed": "PreEmbed",
-         "pre_layer": "PreLayer", "adapter_h": "Adapter^H", "adapter_l": "Adapter^L",
-         "lora": "LoRA"}
 PEFT = ("bitfit", "pre_embed", "pre_layer", "adapter_h", "adapter_l", "lora")  # base frozen
 
 
 @dataclass(frozen=True)
 class Row:
-    """One method at one size: method (a key of NAMES) and its settings (apply_method's, or
+    """One method at one size: method (a key of PAPER_NAMES) and its settings (apply_method's, or
     apply_lora's for "lora": its defaults α = 32, dropout 0.1, W_q and W_v, Table 11)."""
     method: str
     settings: dict = field(default_factory=dict)
@@ -73,7 +69,7 @@ class Row:
     @property
     def name(self) -> str:
         text = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        return NAMES[self.method] + (f" ({text})" if text else "")
+        return PAPER_NAMES[self.method] + (f" ({text})" if text else "")
 
     @property
     def positions(self) -> int:
@@ -348,7 +344,7 @@ def run_table(plan: Plan) -> dict:
     rows = []
     for row in TABLE:
         recs = [r for r in records if Row(r["spec"]["method"], r["spec"]["settings"]) == row]
-        rows.append(dict(method=NAMES[row.method], name=row.name, settings=row.settings,
+        rows.append(dict(method=PAPER_NAMES[row.method], name=row.name, settings=row.settings,
                          lr=lrs[row], params=recs[0]["params"],
                          params_formula=recs[0]["params_formula"], positions=row.positions,
                          **{k: v for key in ("val_loss", "bleu", "rouge_l")
@@ -383,7 +379,7 @@ def run_sweep(plan: Plan) -> dict:
     runs = [(Row(m, s), spec_of(plan, Row(m, s), lrs[m], 0, block))
             for m in sweep for s in sweep[m]]
     records = run_all(plan, runs)
-    points = [dict(method=NAMES[r["spec"]["method"]], settings=r["spec"]["settings"],
+    points = [dict(method=PAPER_NAMES[r["spec"]["method"]], settings=r["spec"]["settings"],
                    name=r["name"], lr=r["spec"]["lr"], params=r["params"],
                    params_formula=r["params_formula"], positions=Row(
                        r["spec"]["method"], r["spec"]["settings"]).positions,

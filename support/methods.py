@@ -33,7 +33,7 @@ from support.prefix import pre_embed, pre_layer, prefix_params
 METHODS = {"ft_top2": ft_top2, "bitfit": bitfit, "adapter_h": adapter_h,
            "adapter_l": adapter_l, "pre_embed": pre_embed, "pre_layer": pre_layer}
 # Each method's name as §5.1 and Table 3 write it, for labels and reports.
-PAPER_NAMES = {"lora": "LoRA", "ft_top2": "FT^Top2", "bitfit": "BitFit",
+PAPER_NAMES = {"ft": "FT", "lora": "LoRA", "ft_top2": "FT^Top2", "bitfit": "BitFit",
                "adapter_h": "Adapter^H", "adapter_l": "Adapter^L", "pre_embed": "PreEmbed",
                "pre_layer": "PreLayer"}
 
