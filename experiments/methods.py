@@ -607,14 +607,18 @@ def _write(folder: Path, files: dict):
 
 
 def base_id(init) -> str:
-    """The base's identity for the run records: its weights' sha256 for a local checkpoint."""
+    """The base's identity for the run records: for a local checkpoint, the sha256 of its
+    tensors (names, dtypes, shapes and bytes, in name order), not of the file, whose metadata
+    safetensors writes in no fixed order (two saves of the same weights differ); else init."""
+    from safetensors.torch import load_file
+
     weights = Path(init) / "model.safetensors"
     if not weights.is_file():
         return str(init)
     h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for name, t in sorted(load_file(weights).items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -189,3 +189,20 @@ def test_a_missing_base_is_one_error_line(tmp_path, capsys):
                                             "--out", str(tmp_path)])
     assert "--init" in line and "python train.py" in line
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_base_is_identified_by_its_tensors_not_its_file(tmp_path):
+    """Two saves of the same weights can differ as files (safetensors writes the metadata in no
+    fixed order): the run records must still know them as one base, and a changed weight not."""
+    from safetensors.torch import save_file
+
+    weights = {"wte.weight": torch.arange(12.0).reshape(3, 4), "ln_f.bias": torch.zeros(4)}
+    for name, meta in (("a", {"format": "pt", "x": "1"}), ("b", {"format": "pt"})):
+        (tmp_path / name).mkdir()
+        save_file(weights, tmp_path / name / "model.safetensors", metadata=meta)
+    assert M.base_id(tmp_path / "a") == M.base_id(tmp_path / "b")
+    weights["ln_f.bias"][0] = 1e-6
+    (tmp_path / "c").mkdir()
+    save_file(weights, tmp_path / "c" / "model.safetensors")
+    assert M.base_id(tmp_path / "c") != M.base_id(tmp_path / "a")
+    assert M.base_id("gpt2") == "gpt2"  # a hub name is its own identity
