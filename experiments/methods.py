@@ -46,14 +46,14 @@ import torch
 from data.datasets import load_data
 from lora import apply_lora, count_trainable, merge_lora, paper_num_params
 from model import GPT, PRETRAINED, GPTConfig
+from support.adapters import save_adapter
 from support.common import (ArgumentParser, HelpFormatter, atomic_write, atomic_write_set,
                             check_flags, get_tokenizer, help_with_range, run_main, save_figure)
-from support.adapters import save_adapter
 from support.methods import PAPER_NAMES, apply_method, paper_params, save_method
 from support.metrics import KINDS, corpus_bleu, evaluate_e2e, loss_by_kind
+from support.prefix import special_positions
 from train import TrainConfig, amp_setup, make_optimizer, train, train_step
 
-PEFT = ("bitfit", "pre_embed", "pre_layer", "adapter_h", "adapter_l", "lora")  # base frozen
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Row:
     @property
     def positions(self) -> int:
         """Positions of the context the method takes (§3): its special tokens."""
-        return self.settings.get("l_p", 0) + self.settings.get("l_i", 0)
+        return special_positions({"method": self.method, **self.settings})
 
 
 def prefix(n: int) -> dict:
@@ -136,6 +136,12 @@ def build(init, row: Row, seed: int, device="cpu") -> GPT:
     method's random initialization (LoRA's A, the adapters' down projections)."""
     model = GPT.from_pretrained(init, device=device)
     torch.manual_seed(seed)
+    return apply_row(model, row)
+
+
+def apply_row(model: GPT, row: Row) -> GPT:
+    """row's method on model: LoRA by lora.apply_lora, FT by nothing (every weight trains), the
+    rest by support.methods.apply_method."""
     if row.method == "lora":
         apply_lora(model, **row.settings)
     elif row.method != "ft":
@@ -406,18 +412,11 @@ def training_costs(plan: Plan, block: int) -> dict:
     steps in a fresh process."""
     from support.timing import paired_ratio, peak_training_memory, time_interleaved
 
-    train_data, _ = load_data(plan.data, block, GPT.from_pretrained(plan.init).config.vocab_size)
-    batch = train_data.get_batch(plan.batch_size, 0, 0)
-    cfg = TrainConfig(lr=1e-3, amp="off")
-    autocast, scaler = amp_setup("off", "cpu")
-    steps = {}
-    for row in TABLE:
-        model = build(plan.init, row, 0).train()
-        opt = make_optimizer(model, cfg)
-        steps[row] = (lambda m=model, o=opt: train_step(m, m, o, scaler, [batch], cfg, autocast))
+    args = {row: (plan.init, row.method, row.settings, plan.data, block, plan.batch_size)
+            for row in TABLE}
+    steps = {row: training_step(*args[row]) for row in TABLE}
     times = time_interleaved(steps, plan.rounds, 2, lambda: None, "training steps")
-    memory = {row: peak_training_memory(_memory_probe, plan.init, row.method, row.settings,
-                                     plan.data, block, plan.batch_size)["peak_bytes"]
+    memory = {row: peak_training_memory(training_step, *args[row])["peak_bytes"]
               for row in TABLE}
     lora = next(r for r in TABLE if r.method == "lora")
     out = {}
@@ -430,9 +429,10 @@ def training_costs(plan: Plan, block: int) -> dict:
     return out
 
 
-def _memory_probe(init, method, settings, data, block, batch_size):
-    """What peak_training_memory measures, in its own process: the row built on the base, its
-    optimizer, a batch, and the training steps (returned for it to run)."""
+def training_step(init, method, settings, data, block, batch_size):
+    """One optimizer step (train.train_step) of the row (method, settings) built on the base,
+    on the first batch of the task, as a zero-argument function: what training_costs times, and
+    what support.timing.peak_training_memory runs in a fresh process (so: plain arguments)."""
     model = build(init, Row(method, settings), 0).train()
     train_data, _ = load_data(data, block, model.config.vocab_size)
     batch = train_data.get_batch(batch_size, 0, 0)
@@ -456,16 +456,13 @@ def inference_costs(plan: Plan) -> dict:
     base = GPT(GPTConfig(**shape)).eval()
     models = {"base": base}
     for row in TABLE:
-        model = shared_copy(base)
+        model = apply_row(shared_copy(base), row)
         if row.method == "lora":  # random A and B (B = 0 would merge nothing), then merged
-            apply_lora(model, **row.settings)
             with torch.no_grad():
                 for p in model.parameters():
                     if p.requires_grad:
                         p.normal_(0, 0.02)
             merge_lora(model)  # into the shared W0: every arm's weights are W0 + BA from now
-        elif row.method != "ft":
-            apply_method(model, row.method, **row.settings)
         models[row] = model.eval()
     res = inference_ratios(models, "base", seq=128, prompt=64, tokens=32, rounds=plan.rounds)
     return {row: {k: res[row][k] for k in ("forward_ratio", "forward_ci95", "decode_ratio",

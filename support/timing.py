@@ -30,6 +30,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from model import KVCache
+from support.prefix import special_positions
 
 # ---------------------------------------------------------------- the harness
 
@@ -132,9 +133,9 @@ def summarize(times: dict, base: str, per: int = 1) -> dict:
 def context_positions(model) -> int:
     """Positions of the model's context its method takes from every sequence: l_p + l_i for
     prefix tuning (model.prefix, as support/prefix.py sets it; LoRA §3: prefix tuning "reserves
-    a part of the sequence length"), 0 for any other model (LoRA, adapters, the base)."""
-    prefix = getattr(model, "prefix", None)  # nn.Module's getattr: None when no such submodule
-    return prefix.n if prefix is not None else 0
+    a part of the sequence length"), 0 for any other model (LoRA, adapters, the base): the
+    method's own count, support.prefix.special_positions, read off the model."""
+    return special_positions(getattr(model, "method_config", None))
 
 
 def end_with_separator(idx, models):
