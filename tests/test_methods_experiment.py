@@ -98,8 +98,7 @@ def test_quick_comparison_writes_every_promised_field(quick_run):
     assert table["block_size"] == 128 - 16  # every row's data: what the largest prefix leaves
     for name in ("table.md", "grid.md", "sweep.md", "sweep.png"):
         assert (quick_run / name).stat().st_size > 0
-    assert "AMD" in table["machine"] or "Intel" in table["machine"] or table["machine"]
-    assert table["commit"]
+    assert table["machine"] and table["commit"]  # provenance: named, whatever the machine
 
 
 def test_a_rerun_keeps_every_finished_run(quick_run, tiny_base, e2e_dir, capsys, monkeypatch):
